@@ -1,0 +1,452 @@
+//! Outbound HTTP for plugins: host allow-list from the install's grants,
+//! address checks against SSRF (at resolution time, so DNS cannot smuggle a
+//! private address past them), timeouts, a response-size cap and a
+//! concurrency cap. Redirects are never followed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+use super::{HostState, HttpCall};
+use crate::runtime::bindings::http::{Host, HttpError, Method, Request, Response};
+use crate::runtime::limits::Policy;
+
+/// Which kinds of addresses the operator lets plugins reach.
+#[derive(Clone, Copy, Debug)]
+pub struct AddressPolicy {
+    pub allow_loopback: bool,
+    pub allow_private: bool,
+    pub allow_link_local: bool,
+}
+
+impl AddressPolicy {
+    pub fn from_policy(policy: &Policy) -> Self {
+        AddressPolicy {
+            allow_loopback: policy.allow_loopback,
+            allow_private: policy.allow_private,
+            allow_link_local: policy.allow_link_local,
+        }
+    }
+
+    /// `Err` with the kind of address and the setting that would allow it.
+    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        let (kind, allowed, setting) = match ip {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                if v4.is_loopback() {
+                    ("loopback", self.allow_loopback, "allow_loopback")
+                } else if v4.is_link_local() {
+                    ("link-local", self.allow_link_local, "allow_link_local")
+                } else if v4.is_private() || (o[0] == 100 && (o[1] & 0xc0) == 64) {
+                    ("private", self.allow_private, "allow_private")
+                } else if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || o[0] == 0
+                {
+                    ("unroutable", false, "")
+                } else {
+                    return Ok(());
+                }
+            }
+            IpAddr::V6(v6) => {
+                let first = v6.segments()[0];
+                if v6.is_loopback() {
+                    ("loopback", self.allow_loopback, "allow_loopback")
+                } else if first & 0xffc0 == 0xfe80 {
+                    ("link-local", self.allow_link_local, "allow_link_local")
+                } else if first & 0xfe00 == 0xfc00 {
+                    ("private", self.allow_private, "allow_private")
+                } else if v6.is_unspecified() || v6.is_multicast() {
+                    ("unroutable", false, "")
+                } else {
+                    return Ok(());
+                }
+            }
+        };
+        if allowed {
+            Ok(())
+        } else if setting.is_empty() {
+            Err(format!("{ip} is an unroutable address"))
+        } else {
+            Err(format!(
+                "{ip} is a {kind} address, which the operator does not allow (policy setting {setting})"
+            ))
+        }
+    }
+}
+
+/// The error a resolver returns when every address of a host is refused,
+/// found again in reqwest's error chain to answer `denied`, not
+/// `connection`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct AddressDenied(String);
+
+struct PolicyResolver {
+    policy: AddressPolicy,
+}
+
+impl Resolve for PolicyResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.policy;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refusals = Vec::new();
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|addr| match policy.check(addr.ip()) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refusals.push(why);
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                let why = refusals
+                    .pop()
+                    .unwrap_or_else(|| "it has no addresses".into());
+                let err: Box<dyn std::error::Error + Send + Sync> =
+                    Box::new(AddressDenied(format!("host {host} resolves to {why}")));
+                return Err(err);
+            }
+            Ok(Box::new(allowed.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// The HTTP client of a runtime. Requests run on its own small I/O runtime,
+/// so a plugin call can wait for one from any thread, async or not.
+pub struct HttpClient {
+    client: reqwest::Client,
+    policy: AddressPolicy,
+    /// Always `Some` until drop.
+    io: Option<tokio::runtime::Runtime>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl HttpClient {
+    pub fn new(policy: &Policy) -> anyhow::Result<Self> {
+        let address_policy = AddressPolicy::from_policy(policy);
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Arc::new(PolicyResolver {
+                policy: address_policy,
+            }))
+            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let io = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sluice-plugin-http")
+            .enable_all()
+            .build()?;
+        Ok(HttpClient {
+            client,
+            policy: address_policy,
+            io: Some(io),
+            permits: Arc::new(tokio::sync::Semaphore::new(policy.http_concurrency.max(1))),
+        })
+    }
+
+    fn send(
+        &self,
+        request: reqwest::Request,
+        timeout: Duration,
+        max_body: u64,
+    ) -> Result<Response, HttpError> {
+        let client = self.client.clone();
+        let permits = self.permits.clone();
+        let task = async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let _permit = tokio::time::timeout_at(deadline, permits.acquire_owned())
+                .await
+                .map_err(|_| HttpError::Timeout)?
+                .map_err(|_| HttpError::Connection("the host is shutting down".into()))?;
+            let exchange = async {
+                let mut response = client.execute(request).await.map_err(classify)?;
+                let status = response.status().as_u16();
+                let headers = response
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect();
+                let mut body = Vec::new();
+                while let Some(chunk) = response.chunk().await.map_err(classify)? {
+                    if (body.len() + chunk.len()) as u64 > max_body {
+                        return Err(HttpError::TooLarge(format!(
+                            "responses are limited to {max_body} bytes"
+                        )));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(Response {
+                    status,
+                    headers,
+                    body,
+                })
+            };
+            tokio::time::timeout_at(deadline, exchange)
+                .await
+                .map_err(|_| HttpError::Timeout)?
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let io = self.io.as_ref().expect("I/O runtime lives until drop");
+        io.spawn(async move {
+            let _ = tx.send(task.await);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err(HttpError::Connection("the HTTP task was cancelled".into())))
+    }
+}
+
+impl Drop for HttpClient {
+    fn drop(&mut self) {
+        // A runtime may be dropped from async code, where a blocking
+        // shutdown would panic.
+        if let Some(io) = self.io.take() {
+            io.shutdown_background();
+        }
+    }
+}
+
+fn classify(err: reqwest::Error) -> HttpError {
+    if err.is_timeout() {
+        return HttpError::Timeout;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(cause) = source {
+        if let Some(denied) = cause.downcast_ref::<AddressDenied>() {
+            return HttpError::Denied(denied.0.clone());
+        }
+        source = cause.source();
+    }
+    let mut message = err.to_string();
+    let mut cause = std::error::Error::source(&err);
+    while let Some(inner) = cause {
+        message.push_str(": ");
+        message.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    HttpError::Connection(message)
+}
+
+/// Header names whose values are credentials, hidden in recorded calls.
+const SENSITIVE_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "api-key",
+];
+
+/// How much of a request body a recorded call keeps.
+const RECORDED_BODY_BYTES: usize = 4096;
+
+impl HostState {
+    fn build_request(&self, request: &Request) -> Result<(reqwest::Request, Duration), HttpError> {
+        let url = reqwest::Url::parse(&request.url).map_err(|err| {
+            HttpError::InvalidRequest(format!("`{}` is not a URL: {err}", request.url))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(HttpError::InvalidRequest(format!(
+                "only http and https URLs are allowed, got `{}`",
+                url.scheme()
+            )));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| HttpError::InvalidRequest(format!("`{}` has no host", request.url)))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let port = url.port_or_known_default().unwrap_or(443);
+        self.install
+            .grants
+            .check_http(&host, port)
+            .map_err(HttpError::Denied)?;
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            self.services.http.policy.check(ip).map_err(|why| {
+                HttpError::Denied(format!(
+                    "{} may not call {}: {why}",
+                    self.install.plugin, request.url
+                ))
+            })?;
+        }
+        let method = match request.method {
+            Method::Get => reqwest::Method::GET,
+            Method::Head => reqwest::Method::HEAD,
+            Method::Post => reqwest::Method::POST,
+            Method::Put => reqwest::Method::PUT,
+            Method::Patch => reqwest::Method::PATCH,
+            Method::Delete => reqwest::Method::DELETE,
+        };
+        let mut builder = self.services.http.client.request(method, url);
+        for (name, value) in &request.headers {
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                HttpError::InvalidRequest(format!("`{name}` is not a valid header name"))
+            })?;
+            let value = reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+                HttpError::InvalidRequest(format!("the value of header `{name}` is not valid"))
+            })?;
+            builder = builder.header(name, value);
+        }
+        if let Some(body) = &request.body {
+            builder = builder.body(body.clone());
+        }
+        let mut timeout = self.install.limits.http_timeout.min(self.remaining());
+        if let Some(ms) = request.timeout_ms {
+            timeout = timeout.min(Duration::from_millis(ms.into()));
+        }
+        let built = builder
+            .build()
+            .map_err(|err| HttpError::InvalidRequest(err.to_string()))?;
+        Ok((built, timeout))
+    }
+
+    fn record(
+        &mut self,
+        request: &Request,
+        started: Instant,
+        result: &Result<Response, HttpError>,
+    ) {
+        let request_headers = request
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                let sensitive = SENSITIVE_HEADERS
+                    .iter()
+                    .any(|s| name.eq_ignore_ascii_case(s));
+                (
+                    name.clone(),
+                    if sensitive {
+                        "[redacted]".into()
+                    } else {
+                        value.clone()
+                    },
+                )
+            })
+            .collect();
+        let request_body = request.body.as_ref().map(|body| {
+            let text =
+                String::from_utf8_lossy(&body[..body.len().min(RECORDED_BODY_BYTES)]).into_owned();
+            if body.len() > RECORDED_BODY_BYTES {
+                text + "… [cut]"
+            } else {
+                text
+            }
+        });
+        let (status, error) = match result {
+            Ok(response) => (Some(response.status), None),
+            Err(err) => (None, Some(describe(err))),
+        };
+        let call = HttpCall {
+            method: format!("{:?}", request.method).to_uppercase(),
+            url: request.url.clone(),
+            request_headers,
+            request_body,
+            status,
+            error,
+            duration_ms: started.elapsed().as_millis() as u64,
+        };
+        self.install
+            .activity
+            .lock()
+            .expect("activity lock")
+            .record_http(call);
+    }
+}
+
+/// Text of an `http-error`, for logs and recorded calls.
+pub fn describe(err: &HttpError) -> String {
+    match err {
+        HttpError::Denied(m) => format!("denied: {m}"),
+        HttpError::InvalidRequest(m) => format!("invalid request: {m}"),
+        HttpError::Timeout => "timed out".into(),
+        HttpError::TooLarge(m) => format!("response too large: {m}"),
+        HttpError::Connection(m) => format!("connection failed: {m}"),
+    }
+}
+
+impl Host for HostState {
+    fn fetch(&mut self, request: Request) -> wasmtime::Result<Result<Response, HttpError>> {
+        let started = Instant::now();
+        let result = self.build_request(&request).and_then(|(built, timeout)| {
+            let max_body = self.install.limits.max_http_response_bytes;
+            self.services.http.send(built, timeout, max_body)
+        });
+        self.record(&request, started, &result);
+        Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strict() -> AddressPolicy {
+        AddressPolicy {
+            allow_loopback: false,
+            allow_private: false,
+            allow_link_local: false,
+        }
+    }
+
+    #[test]
+    fn private_loopback_and_link_local_are_refused_by_default() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "172.20.0.1",
+            "169.254.169.254",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "100.64.0.1",
+            "0.0.0.0",
+        ] {
+            assert!(
+                strict().check(ip.parse().unwrap()).is_err(),
+                "{ip} should be refused"
+            );
+        }
+        for ip in ["93.184.216.34", "2606:4700::1111"] {
+            assert!(
+                strict().check(ip.parse().unwrap()).is_ok(),
+                "{ip} should be allowed"
+            );
+        }
+    }
+
+    #[test]
+    fn allowing_loopback_does_not_open_metadata_addresses() {
+        let policy = AddressPolicy {
+            allow_loopback: true,
+            ..strict()
+        };
+        assert!(policy.check("127.0.0.1".parse().unwrap()).is_ok());
+        let err = policy
+            .check("169.254.169.254".parse().unwrap())
+            .unwrap_err();
+        assert!(
+            err.contains("link-local") && err.contains("allow_link_local"),
+            "{err}"
+        );
+    }
+}

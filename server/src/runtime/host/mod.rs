@@ -1,0 +1,198 @@
+//! The host side of each WIT capability, one module per capability, and the
+//! per-store state they share. Every call checks the install's [`Grants`]
+//! and [`Limits`]; a policy refusal is a WIT error value, a limit overrun is
+//! a trap that discards the instance.
+
+pub mod http;
+pub mod kv;
+pub mod log;
+pub mod metrics;
+mod misc;
+mod stdio;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::capability::Grants;
+use super::error::{LimitExceeded, TrapReason};
+use super::limits::Limits;
+
+pub use log::{Activity, HttpCall, LogLevel, LogRecord};
+
+/// Services shared by every store of a runtime.
+pub struct HostServices {
+    pub http: http::HttpClient,
+    pub kv: Arc<dyn kv::KvStore>,
+    pub metrics: metrics::Metrics,
+}
+
+/// What one install (plugin version + project + config) carries into each of
+/// its stores.
+#[derive(Clone)]
+pub struct InstallContext {
+    /// `name@version`.
+    pub plugin: String,
+    /// Names the install in key-value namespaces and metrics.
+    pub install_id: String,
+    pub grants: Arc<Grants>,
+    pub limits: Limits,
+    pub activity: Arc<Mutex<Activity>>,
+}
+
+/// Bookkeeping for the call in progress.
+#[derive(Default)]
+pub struct CallState {
+    pub deadline: Option<Instant>,
+    pub output_bytes: u64,
+    pub output_events: u32,
+    pub created_events: u32,
+    pub input_uuid: String,
+    pub input_timestamp: String,
+}
+
+/// The data of one store: one live instance of one install.
+pub struct HostState {
+    pub install: InstallContext,
+    pub services: Arc<HostServices>,
+    pub table: ResourceTable,
+    pub call: CallState,
+    wasi: Option<WasiCtx>,
+    stdout: stdio::LogPipe,
+    stderr: stdio::LogPipe,
+}
+
+impl HostState {
+    pub fn new(install: InstallContext, services: Arc<HostServices>) -> Self {
+        let pipe_cap = install.limits.max_log_line_bytes as usize * 16;
+        HostState {
+            install,
+            services,
+            table: ResourceTable::new(),
+            call: CallState::default(),
+            wasi: None,
+            stdout: stdio::LogPipe::new(pipe_cap),
+            stderr: stdio::LogPipe::new(pipe_cap),
+        }
+    }
+
+    /// Starts a call: resets the per-call budgets.
+    pub fn begin_call(&mut self, deadline: Duration, input: Option<(&str, &str)>) {
+        let (uuid, timestamp) = input.unwrap_or_default();
+        self.call = CallState {
+            deadline: Some(Instant::now() + deadline),
+            input_uuid: uuid.to_string(),
+            input_timestamp: timestamp.to_string(),
+            ..CallState::default()
+        };
+    }
+
+    /// Ends a call: moves WASI stdout and stderr into the plugin log.
+    pub fn end_call(&mut self) {
+        if self.wasi.is_none() {
+            return; // only WASI components have stdio
+        }
+        let pipes = [
+            (self.stdout.clone(), LogLevel::Info),
+            (self.stderr.clone(), LogLevel::Warn),
+        ];
+        for (pipe, level) in pipes {
+            for line in pipe.take_lines() {
+                self.log(level, line, Vec::new());
+            }
+        }
+    }
+
+    /// Time left before the current call's deadline.
+    pub fn remaining(&self) -> Duration {
+        self.call
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Counts bytes a plugin writes into events; traps past the cap.
+    pub fn charge_output(&mut self, bytes: u64) -> wasmtime::Result<()> {
+        self.call.output_bytes += bytes;
+        let cap = self.install.limits.max_output_bytes;
+        if self.call.output_bytes > cap {
+            return Err(wasmtime::Error::new(LimitExceeded(
+                TrapReason::OutputLimit(format!(
+                    "it wrote more than its output limit of {cap} bytes into events in one call"
+                )),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Counts events a plugin creates; traps past the cap.
+    pub fn charge_event(&mut self) -> wasmtime::Result<()> {
+        self.call.output_events += 1;
+        let cap = self.install.limits.max_output_events;
+        if self.call.output_events > cap {
+            return Err(wasmtime::Error::new(LimitExceeded(
+                TrapReason::OutputLimit(format!(
+                    "it created more than its limit of {cap} events in one call"
+                )),
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let cap = self.install.limits.memory_bytes;
+        if desired as u64 > cap {
+            return Err(wasmtime::Error::new(LimitExceeded(TrapReason::Memory(cap))));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Tables hold function references; no honest plugin needs millions.
+        const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        let (stdout, stderr) = (self.stdout.clone(), self.stderr.clone());
+        let ctx = self
+            .wasi
+            .get_or_insert_with(|| deny_all_wasi(stdout, stderr));
+        WasiCtxView {
+            ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// WASI for components from other toolchains: no preopened directories, no
+/// environment, no arguments, no network, stdin empty, stdout and stderr into
+/// the plugin log. Clocks and randomness are the host's, as through WIT.
+fn deny_all_wasi(stdout: stdio::LogPipe, stderr: stdio::LogPipe) -> WasiCtx {
+    let mut builder = WasiCtx::builder();
+    builder
+        .stdout(stdout)
+        .stderr(stderr)
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .socket_addr_check(|_, _| Box::pin(async { false }));
+    builder.build()
+}

@@ -1,0 +1,538 @@
+//! The plugin sandbox: one wasmtime `Engine`, compiled components cached on
+//! disk, an `InstancePre` per plugin version and a store per install, with
+//! memory, CPU-time, output and log limits. Capabilities come from
+//! [`capability::Grants`]; a trapped instance is discarded and rebuilt on the
+//! next call.
+
+mod bindings;
+mod cache;
+pub mod capability;
+pub mod error;
+pub mod event;
+pub mod host;
+pub mod limits;
+pub mod manifest;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use wasmtime::component::{HasSelf, Linker, Resource};
+use wasmtime::{Engine, Store};
+
+pub use bindings::{ExportedEvent, RetryableError};
+pub use error::{LoadError, Phase, PluginError, TrapReason};
+pub use event::PluginEvent;
+pub use host::{HttpCall, LogLevel, LogRecord};
+pub use limits::{Limits, Policy};
+pub use manifest::{Hook, Manifest};
+
+use capability::Grants;
+use host::{Activity, HostServices, HostState, InstallContext};
+
+/// How often the engine's epoch advances: the resolution of every deadline.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Formats a time the way events carry it: RFC 3339, UTC, milliseconds.
+pub fn format_timestamp(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// How to build a [`Runtime`].
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    pub policy: Policy,
+    /// Where compiled components are cached; `None` compiles on every load.
+    pub cache_dir: Option<PathBuf>,
+    /// Instances the pooling allocator preallocates; 0 turns pooling off.
+    pub pool_size: u32,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            policy: Policy::default(),
+            cache_dir: cache::default_dir(),
+            pool_size: 100,
+        }
+    }
+}
+
+/// The plugin runtime. Cheap to clone; clones share the engine.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    policy: Policy,
+    cache: cache::ComponentCache,
+    services: Arc<HostServices>,
+    ticker_stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.ticker_stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Runtime> {
+        let policy = config.policy;
+        policy.host_rules().map_err(anyhow::Error::msg)?;
+        let mut wasm = wasmtime::Config::new();
+        wasm.wasm_component_model(true).epoch_interruption(true);
+        if config.pool_size > 0 {
+            let n = config.pool_size;
+            let mut pool = wasmtime::PoolingAllocationConfig::default();
+            pool.total_component_instances(n)
+                .total_core_instances(n * 4)
+                .total_memories(n * 2)
+                .total_tables(n * 4)
+                .total_stacks(n)
+                .max_memory_size(policy.limits.memory_bytes as usize);
+            wasm.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
+        let engine = Engine::new(&wasm)
+            .map_err(|err| anyhow::anyhow!("failed to create the wasm engine: {err}"))?;
+
+        let mut linker = Linker::new(&engine);
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| {
+            state
+        })
+        .map_err(|err| anyhow::anyhow!("failed to link host capabilities: {err}"))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|err| anyhow::anyhow!("failed to link WASI: {err}"))?;
+
+        let services = Arc::new(HostServices {
+            http: host::http::HttpClient::new(&policy)?,
+            kv: Arc::new(host::kv::MemoryKv::default()),
+            metrics: host::metrics::Metrics::default(),
+        });
+
+        let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let weak = engine.weak();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new()
+            .name("sluice-epoch".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                policy,
+                cache: cache::ComponentCache::new(config.cache_dir),
+                services,
+                ticker_stop,
+            }),
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// Counters reported by plugins, per install.
+    pub fn metrics(&self) -> &host::metrics::Metrics {
+        &self.inner.services.metrics
+    }
+
+    /// Loads a plugin from its `.wasm` bytes: reads and validates the
+    /// embedded manifest before compiling, then compiles (or takes the
+    /// compiled form from the cache) and type-checks it against the host.
+    pub fn load(&self, bytes: &[u8]) -> Result<Arc<LoadedPlugin>, LoadError> {
+        let manifest = read_manifest(bytes)?;
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let component = self
+            .inner
+            .cache
+            .component(&self.inner.engine, bytes, &sha256)
+            .map_err(|err| LoadError::Compile {
+                plugin: manifest.id(),
+                message: format!("{err:#}"),
+            })?;
+        let link_error = |err: wasmtime::Error| LoadError::Link {
+            plugin: manifest.id(),
+            message: format!("{err:#}"),
+        };
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(link_error)?;
+        let pre = bindings::PluginPre::new(pre).map_err(link_error)?;
+        Ok(Arc::new(LoadedPlugin {
+            manifest,
+            sha256,
+            pre,
+            runtime: self.clone(),
+        }))
+    }
+}
+
+/// Reads the manifest embedded in a component, without compiling it.
+pub fn read_manifest(bytes: &[u8]) -> Result<Manifest, LoadError> {
+    let mut is_component = false;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|err| LoadError::NotAComponent(err.to_string()))?;
+        match payload {
+            wasmparser::Payload::Version { encoding, .. } if !is_component => {
+                if encoding != wasmparser::Encoding::Component {
+                    return Err(LoadError::NotAComponent(
+                        "it is a core wasm module; `sluice plugin build` turns a module into a component".into(),
+                    ));
+                }
+                is_component = true;
+            }
+            wasmparser::Payload::CustomSection(section)
+                if section.name() == manifest::MANIFEST_SECTION =>
+            {
+                let text = std::str::from_utf8(section.data()).map_err(|_| {
+                    LoadError::BadManifest(manifest::Invalid {
+                        problems: vec!["it is not UTF-8".into()],
+                    })
+                })?;
+                return Manifest::parse(text).map_err(LoadError::BadManifest);
+            }
+            _ => {}
+        }
+    }
+    Err(LoadError::NoManifest {
+        section: manifest::MANIFEST_SECTION,
+    })
+}
+
+/// One compiled, type-checked plugin version, ready to instantiate.
+pub struct LoadedPlugin {
+    manifest: Manifest,
+    sha256: String,
+    pre: bindings::PluginPre<HostState>,
+    runtime: Runtime,
+}
+
+/// One install of a plugin: who it is for and with which config.
+#[derive(Clone, Debug, Default)]
+pub struct Install {
+    /// Unique per install; namespaces key-value data and metrics.
+    pub install_id: String,
+    /// The config as given; checked against the manifest's schema.
+    pub config: Value,
+    /// Limits asked for by the install; capped by the operator's policy.
+    pub limits: Option<Limits>,
+}
+
+impl LoadedPlugin {
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The sha256 of the `.wasm` file, hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// `name@version`.
+    pub fn id(&self) -> String {
+        self.manifest.id()
+    }
+
+    /// Validates the config, grants capabilities, instantiates the plugin
+    /// and runs its `setup`, so a bad config is refused here and not on the
+    /// first event.
+    pub fn install(self: &Arc<Self>, install: Install) -> Result<PluginInstance, PluginError> {
+        let plugin = self.id();
+        let config = self
+            .manifest
+            .validate_config(&install.config)
+            .map_err(|problems| PluginError::InvalidConfig {
+                plugin: plugin.clone(),
+                problems,
+            })?;
+        let policy = self.runtime.policy();
+        let grants = Grants::compute(&self.manifest, &config, policy).map_err(|message| {
+            PluginError::InvalidConfig {
+                plugin: plugin.clone(),
+                problems: manifest::Invalid {
+                    problems: vec![message],
+                },
+            }
+        })?;
+        let limits = install
+            .limits
+            .unwrap_or_else(|| policy.limits.clone())
+            .capped_by(&policy.limits);
+        let mut instance = PluginInstance {
+            plugin: self.clone(),
+            context: InstallContext {
+                plugin,
+                install_id: install.install_id,
+                grants: Arc::new(grants),
+                limits,
+                activity: Arc::new(Mutex::new(Activity::default())),
+            },
+            config_json: Value::Object(config).to_string(),
+            live: None,
+        };
+        instance.ensure_live()?;
+        Ok(instance)
+    }
+}
+
+/// A plugin install ready to be called. Calls are one at a time (`&mut`);
+/// keep one per worker for parallelism.
+pub struct PluginInstance {
+    plugin: Arc<LoadedPlugin>,
+    context: InstallContext,
+    config_json: String,
+    live: Option<Live>,
+}
+
+struct Live {
+    store: Store<HostState>,
+    bindings: bindings::Plugin,
+}
+
+/// Why an export batch was not delivered.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ExportFailure {
+    /// Worth retrying, after `retry_after` if the plugin gave one.
+    #[error("{plugin} could not deliver the batch (will retry): {message}")]
+    Retryable {
+        plugin: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// Retrying will not help.
+    #[error("{plugin} refused the batch: {message}")]
+    Permanent { plugin: String, message: String },
+    /// The plugin trapped or failed to start.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+}
+
+fn epoch_ticks(deadline: Duration) -> u64 {
+    // One extra tick: the current one may be about to end.
+    (deadline.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1
+}
+
+impl PluginInstance {
+    pub fn plugin(&self) -> &Arc<LoadedPlugin> {
+        &self.plugin
+    }
+
+    /// The limits this install runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.context.limits
+    }
+
+    /// Log lines and HTTP calls since the last call of this method.
+    pub fn take_activity(&mut self) -> (Vec<LogRecord>, Vec<HttpCall>) {
+        if let Some(live) = &mut self.live {
+            live.store.data_mut().flush_dropped();
+        }
+        self.context.activity.lock().expect("activity lock").take()
+    }
+
+    fn require(&self, hook: Hook) -> Result<(), PluginError> {
+        if self.plugin.manifest.has_hook(hook) {
+            return Ok(());
+        }
+        let hooks: Vec<String> = self
+            .plugin
+            .manifest
+            .hooks
+            .iter()
+            .map(|h| format!("\"{h}\""))
+            .collect();
+        Err(PluginError::NoHook {
+            plugin: self.context.plugin.clone(),
+            hook: hook.to_string(),
+            hooks: format!("[{}]", hooks.join(", ")),
+        })
+    }
+
+    /// Instantiates and sets up the plugin if the last instance was
+    /// discarded (or there never was one).
+    fn ensure_live(&mut self) -> Result<(), PluginError> {
+        if self.live.is_some() {
+            return Ok(());
+        }
+        let runtime = &self.plugin.runtime.inner;
+        let state = HostState::new(self.context.clone(), runtime.services.clone());
+        let mut store = Store::new(&runtime.engine, state);
+        store.limiter(|state| state);
+        store.epoch_deadline_trap();
+        let setup_deadline = self.context.limits.setup_deadline;
+        store.set_epoch_deadline(epoch_ticks(setup_deadline));
+        let bindings = self.plugin.pre.instantiate(&mut store).map_err(|err| {
+            let reason = error::trap_reason(&err, setup_deadline, None);
+            match reason {
+                TrapReason::Other(message) => PluginError::Instantiate {
+                    plugin: self.context.plugin.clone(),
+                    message,
+                },
+                reason => PluginError::Trapped {
+                    plugin: self.context.plugin.clone(),
+                    phase: Phase::Setup,
+                    reason,
+                },
+            }
+        })?;
+        self.live = Some(Live { store, bindings });
+        let config = self.config_json.clone();
+        self.run(Phase::Setup, setup_deadline, None, |live| {
+            live.bindings
+                .sluice_plugin_lifecycle()
+                .call_setup(&mut live.store, &config)
+        })
+        .inspect_err(|_| self.live = None)
+    }
+
+    /// Runs one hook on the live instance under a deadline. A trap discards
+    /// the instance; the plugin's own error is returned as `Failed`.
+    fn run<R>(
+        &mut self,
+        phase: Phase,
+        deadline: Duration,
+        input: Option<(&str, &str)>,
+        hook: impl FnOnce(&mut Live) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, PluginError> {
+        let live = self.live.as_mut().expect("run needs a live instance");
+        live.store.data_mut().begin_call(deadline, input);
+        live.store.set_epoch_deadline(epoch_ticks(deadline));
+        let result = hook(live);
+        live.store.data_mut().end_call();
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(message)) => Err(PluginError::Failed {
+                plugin: self.context.plugin.clone(),
+                phase,
+                message,
+            }),
+            Err(err) => {
+                let panic = self
+                    .context
+                    .activity
+                    .lock()
+                    .expect("activity lock")
+                    .panic
+                    .take();
+                self.live = None;
+                let reason = error::trap_reason(&err, deadline, panic);
+                tracing::warn!(plugin = %self.context.plugin, %phase, "plugin trapped: {reason}");
+                Err(PluginError::Trapped {
+                    plugin: self.context.plugin.clone(),
+                    phase,
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Runs `transform` on one event. Returns the events that go on: the
+    /// changed event, none if dropped, or its replacements.
+    pub fn transform(&mut self, event: PluginEvent) -> Result<Vec<PluginEvent>, PluginError> {
+        self.require(Hook::Transform)?;
+        self.ensure_live()?;
+        let deadline = self.context.limits.transform_deadline;
+        let (uuid, timestamp) = (event.uuid.clone(), event.timestamp.clone());
+        self.run(
+            Phase::Transform,
+            deadline,
+            Some((&uuid, &timestamp)),
+            |live| {
+                let handle = live.store.data_mut().table.push(event)?;
+                let lent = Resource::<PluginEvent>::new_borrow(handle.rep());
+                let outcome = live
+                    .bindings
+                    .sluice_plugin_transform()
+                    .call_transform(&mut live.store, lent)?;
+                let state = live.store.data_mut();
+                let input = state.table.delete(handle)?;
+                Ok(match outcome {
+                    Ok(bindings::Outcome::Keep) => Ok(vec![input]),
+                    Ok(bindings::Outcome::Drop) => Ok(Vec::new()),
+                    Ok(bindings::Outcome::Replace(handles)) => {
+                        let mut seen = HashSet::new();
+                        let mut events = Vec::with_capacity(handles.len());
+                        for handle in handles {
+                            let mut event = state.table.delete(handle)?;
+                            // Two duplicates of one event must not share a uuid.
+                            if !seen.insert(event.uuid.clone()) {
+                                let n = state.call.created_events;
+                                state.call.created_events += 1;
+                                event.uuid = event::derived_uuid(&input.uuid, n);
+                                seen.insert(event.uuid.clone());
+                            }
+                            events.push(event);
+                        }
+                        Ok(events)
+                    }
+                    Err(message) => Err(message),
+                })
+            },
+        )
+    }
+
+    /// Runs `export-batch` on stored events.
+    pub fn export(&mut self, events: Vec<ExportedEvent>) -> Result<(), ExportFailure> {
+        self.require(Hook::Export)?;
+        self.ensure_live()?;
+        let deadline = self.context.limits.export_deadline;
+        let result = self.run(Phase::Export, deadline, None, |live| {
+            let result = live
+                .bindings
+                .sluice_plugin_destination()
+                .call_export_batch(&mut live.store, &events)?;
+            Ok(Ok(result))
+        })?;
+        let plugin = self.context.plugin.clone();
+        result.map_err(|err| match err {
+            bindings::ExportError::Retryable(RetryableError {
+                message,
+                retry_after_ms,
+            }) => ExportFailure::Retryable {
+                plugin,
+                message,
+                retry_after: retry_after_ms.map(Duration::from_millis),
+            },
+            bindings::ExportError::Permanent(message) => {
+                ExportFailure::Permanent { plugin, message }
+            }
+        })
+    }
+
+    /// Runs the scheduled task `name`.
+    pub fn run_task(&mut self, name: &str) -> Result<(), PluginError> {
+        if !self.plugin.manifest.schedule.iter().any(|s| s.name == name) {
+            return Err(PluginError::Failed {
+                plugin: self.context.plugin.clone(),
+                phase: Phase::Task,
+                message: format!("its plugin.toml declares no [[schedule]] named `{name}`"),
+            });
+        }
+        self.ensure_live()?;
+        let deadline = self.context.limits.setup_deadline;
+        self.run(Phase::Task, deadline, None, |live| {
+            live.bindings
+                .sluice_plugin_lifecycle()
+                .call_run_task(&mut live.store, name)
+        })
+    }
+}

@@ -1,0 +1,29 @@
+//! Produces far more output than any event should: the host's output caps
+//! must stop it. The event's `mode` property picks how: `big` writes one
+//! 16 MiB property, `many` emits 100,000 events.
+
+use sluice_plugin_sdk::{Event, EventRef, Outcome, Plugin, Result, Value, register_plugin};
+
+struct HugeOutput;
+
+impl Plugin for HugeOutput {
+    type Config = Value;
+
+    fn new(_config: Value) -> Result<Self> {
+        Ok(HugeOutput)
+    }
+
+    fn transform(&mut self, event: &mut EventRef<'_>) -> Result<Outcome> {
+        let mode: Option<String> = event.property("mode")?;
+        if mode.as_deref() == Some("many") {
+            let events = (0..100_000)
+                .map(|i| Event::new(format!("copy {i}"), "x"))
+                .collect();
+            return Ok(Outcome::Replace(events));
+        }
+        event.set_property("blob", "x".repeat(16 << 20))?;
+        Ok(Outcome::Keep)
+    }
+}
+
+register_plugin!(HugeOutput);
