@@ -16,6 +16,10 @@ pub enum TrapReason {
     Memory(u64),
     #[error("it overflowed its stack (unbounded recursion?)")]
     StackOverflow,
+    /// Rust and C keep a shadow stack in linear memory; overflowing it ends
+    /// here rather than in `StackOverflow`.
+    #[error("it accessed memory out of bounds (a bug, or its in-memory stack overflowed)")]
+    OutOfBounds,
     #[error("it panicked: {0}")]
     Panic(String),
     #[error("{0}")]
@@ -116,6 +120,7 @@ pub fn trap_reason(err: &wasmtime::Error, deadline: Duration, panic: Option<Stri
     match err.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => TrapReason::Deadline(deadline),
         Some(wasmtime::Trap::StackOverflow) => TrapReason::StackOverflow,
+        Some(wasmtime::Trap::MemoryOutOfBounds) => TrapReason::OutOfBounds,
         Some(wasmtime::Trap::UnreachableCodeReached) if panic.is_some() => {
             TrapReason::Panic(panic.unwrap_or_default())
         }

@@ -287,14 +287,8 @@ impl HostState {
                 ))
             })?;
         }
-        let method = match request.method {
-            Method::Get => reqwest::Method::GET,
-            Method::Head => reqwest::Method::HEAD,
-            Method::Post => reqwest::Method::POST,
-            Method::Put => reqwest::Method::PUT,
-            Method::Patch => reqwest::Method::PATCH,
-            Method::Delete => reqwest::Method::DELETE,
-        };
+        let method = reqwest::Method::from_bytes(method_name(request.method).as_bytes())
+            .expect("standard method");
         let mut builder = self.services.http.client.request(method, url);
         for (name, value) in &request.headers {
             let name = reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
@@ -355,7 +349,7 @@ impl HostState {
             Err(err) => (None, Some(describe(err))),
         };
         let call = HttpCall {
-            method: format!("{:?}", request.method).to_uppercase(),
+            method: method_name(request.method).into(),
             url: request.url.clone(),
             request_headers,
             request_body,
@@ -368,6 +362,17 @@ impl HostState {
             .lock()
             .expect("activity lock")
             .record_http(call);
+    }
+}
+
+fn method_name(method: Method) -> &'static str {
+    match method {
+        Method::Get => "GET",
+        Method::Head => "HEAD",
+        Method::Post => "POST",
+        Method::Put => "PUT",
+        Method::Patch => "PATCH",
+        Method::Delete => "DELETE",
     }
 }
 

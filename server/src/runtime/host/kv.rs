@@ -31,16 +31,19 @@ pub trait KvStore: Send + Sync {
     ) -> Result<i64, KvError>;
 }
 
+/// Entries by (namespace, key): the value and when it expires.
+type Entries = HashMap<(String, String), (Vec<u8>, Option<Instant>)>;
+
 /// An in-process store with TTLs, for `sluice plugin test` and single-process
 /// use. Contents do not survive a restart.
 #[derive(Default)]
 pub struct MemoryKv {
-    entries: Mutex<HashMap<(String, String), (Vec<u8>, Option<Instant>)>>,
+    entries: Mutex<Entries>,
 }
 
 impl MemoryKv {
     fn live<'a>(
-        entries: &'a mut HashMap<(String, String), (Vec<u8>, Option<Instant>)>,
+        entries: &'a mut Entries,
         id: &(String, String),
     ) -> Option<&'a mut (Vec<u8>, Option<Instant>)> {
         let expired = entries

@@ -1,6 +1,6 @@
 //! Produces far more output than any event should: the host's output caps
 //! must stop it. The event's `mode` property picks how: `big` writes one
-//! 16 MiB property, `many` emits 100,000 events.
+//! 4 MiB property (within memory, over the output cap), `many` emits 100,000 events.
 
 use sluice_plugin_sdk::{Event, EventRef, Outcome, Plugin, Result, Value, register_plugin};
 
@@ -21,7 +21,7 @@ impl Plugin for HugeOutput {
                 .collect();
             return Ok(Outcome::Replace(events));
         }
-        event.set_property("blob", "x".repeat(16 << 20))?;
+        event.set_property("blob", "x".repeat(4 << 20))?;
         Ok(Outcome::Keep)
     }
 }

@@ -15,8 +15,9 @@ impl Plugin for MemoryBomb {
 
     fn transform(&mut self, _event: &mut EventRef<'_>) -> Result<Outcome> {
         loop {
-            // Touch every page so the allocation is real.
-            self.hoard.push(vec![1u8; 1 << 20]);
+            // Each reservation grows linear memory; the host must refuse the
+            // growth that crosses its limit.
+            self.hoard.push(Vec::with_capacity(8 << 20));
             std::hint::black_box(&self.hoard);
         }
     }

@@ -1,0 +1,243 @@
+//! The `sluice plugin` commands, run as a user runs them.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+fn sluice(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("sluice runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn fixture(name: &str) -> String {
+    common::workspace_root()
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn plugin_test_prints_the_transformed_event_logs_and_http_calls_as_json() {
+    let wasm = common::wasm_path("pii-scrubber");
+    let out = sluice(
+        &[
+            "plugin",
+            "test",
+            &wasm.display().to_string(),
+            "--event",
+            &fixture("pageview.json"),
+            "--config",
+            r#"{"drop": ["email"]}"#,
+        ],
+        &common::workspace_root(),
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(report["plugin"]["name"], json!("pii-scrubber"));
+    assert_eq!(report["hook"], json!("transform"));
+    let event = &report["events"][0];
+    assert_eq!(event["uuid"], json!("01890000-0000-7000-8000-000000000001"));
+    assert_eq!(event["properties"]["note"], json!("call me at [redacted]"));
+    assert_eq!(event["properties"]["$set"], json!({"name": "Ann"}));
+    assert!(event["properties"].get("email").is_none());
+    assert_eq!(report["logs"], json!([]));
+    assert_eq!(report["http_calls"], json!([]));
+}
+
+#[test]
+fn plugin_test_reports_http_calls_of_a_destination() {
+    let addr =
+        common::serve(axum::Router::new().route("/hook", axum::routing::post(|| async { "ok" })));
+    let wasm = common::wasm_path("webhook");
+    let config = format!(
+        r#"{{"url": "http://127.0.0.1:{}/hook", "secret": "k"}}"#,
+        addr.port()
+    );
+    let out = sluice(
+        &[
+            "plugin",
+            "test",
+            &wasm.display().to_string(),
+            "--event",
+            &fixture("pageview.json"),
+            "--config",
+            &config,
+            "--allow-loopback",
+        ],
+        &common::workspace_root(),
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["hook"], json!("export"));
+    let call = &report["http_calls"][0];
+    assert_eq!(call["method"], json!("POST"));
+    assert_eq!(call["status"], json!(200));
+    assert!(call["request_body"].as_str().unwrap().contains("$pageview"));
+}
+
+#[test]
+fn plugin_test_refuses_bad_events_configs_and_files_with_a_clear_message() {
+    let root = common::workspace_root();
+    let wasm = common::wasm_path("pii-scrubber").display().to_string();
+
+    let out = sluice(
+        &["plugin", "test", &wasm, "--event", r#"{"event": "x"}"#],
+        &root,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("event #1 is invalid: `distinct_id` is missing"),
+        "{stderr}"
+    );
+
+    let out = sluice(
+        &[
+            "plugin",
+            "test",
+            &wasm,
+            "--event",
+            &fixture("pageview.json"),
+            "--config",
+            r#"{"drop": 5}"#,
+        ],
+        &root,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("pii-scrubber@0.1.0 failed in setup: invalid config"),
+        "{stderr}"
+    );
+
+    let out = sluice(
+        &[
+            "plugin",
+            "test",
+            &fixture("pageview.json"),
+            "--event",
+            &fixture("pageview.json"),
+        ],
+        &root,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("is not a WebAssembly component"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn plugin_test_exits_nonzero_when_the_plugin_is_stopped() {
+    let wasm = common::wasm_path("spin-forever").display().to_string();
+    let out = sluice(
+        &[
+            "plugin",
+            "test",
+            &wasm,
+            "--event",
+            &fixture("pageview.json"),
+        ],
+        &common::workspace_root(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr
+            .contains("spin-forever@0.1.0 was stopped during transform: it ran past its deadline"),
+        "{stderr}"
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("the report is still printed");
+    assert!(report["error"].as_str().unwrap().contains("deadline"));
+}
+
+#[test]
+fn a_new_plugin_scaffold_builds_tests_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice(&["plugin", "new", "demo"], dir.path());
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let demo = dir.path().join("demo");
+
+    // The scaffold's own native tests pass.
+    let test = Command::new("cargo")
+        .arg("test")
+        .current_dir(&demo)
+        .output()
+        .unwrap();
+    assert!(
+        test.status.success(),
+        "cargo test failed: {}",
+        text(&test.stderr)
+    );
+
+    let build = sluice(&["plugin", "build"], &demo);
+    assert!(
+        build.status.success(),
+        "build failed: {}",
+        text(&build.stderr)
+    );
+    assert!(text(&build.stdout).contains("built demo@0.1.0"));
+
+    let run = sluice(
+        &["plugin", "test", "demo.wasm", "--event", "sample.json"],
+        &demo,
+    );
+    assert!(run.status.success(), "stderr: {}", text(&run.stderr));
+    let report: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["events"][0]["event"], json!("$pageview"));
+    assert_eq!(
+        report["events"][0]["properties"]["processed_by_demo"],
+        json!(true)
+    );
+
+    let dropped = sluice(
+        &[
+            "plugin",
+            "test",
+            "demo.wasm",
+            "--event",
+            "sample.json",
+            "--config",
+            r#"{"drop_event": "$pageview"}"#,
+        ],
+        &demo,
+    );
+    let report: Value = serde_json::from_slice(&dropped.stdout).unwrap();
+    assert_eq!(report["events"], json!([]));
+    assert_eq!(report["dropped"], json!(1));
+}
+
+#[test]
+fn plugin_new_refuses_bad_names_and_existing_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice(&["plugin", "new", "Bad_Name"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("must be lowercase letters"));
+    std::fs::create_dir(dir.path().join("taken")).unwrap();
+    let out = sluice(&["plugin", "new", "taken"], dir.path());
+    assert!(text(&out.stderr).contains("already exists"));
+}
+
+#[test]
+fn plugin_build_explains_a_missing_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice(&["plugin", "build", "."], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("plugin.toml") && stderr.contains("sluice plugin new"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,134 @@
+//! Shared by the integration tests: built plugins, runtimes and local HTTP
+//! servers.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use sluice::author::build::{BuildOptions, build};
+use sluice::runtime::{Install, PluginEvent, Policy, Runtime, RuntimeConfig};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("server/ has a parent")
+        .to_path_buf()
+}
+
+/// Where `scripts/test.sh` puts the built plugins.
+pub fn plugins_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("plugins")
+}
+
+/// Every plugin crate of the repository: first-party and test plugins.
+pub fn plugin_crates() -> Vec<PathBuf> {
+    let root = workspace_root();
+    let mut crates = Vec::new();
+    for parent in ["plugins", "tests/plugins"] {
+        for entry in std::fs::read_dir(root.join(parent)).expect("plugin folder exists") {
+            let path = entry.expect("readable entry").path();
+            if path.join("plugin.toml").exists() {
+                crates.push(path);
+            }
+        }
+    }
+    crates.sort();
+    crates
+}
+
+/// Builds the plugins if any `.wasm` is missing. `scripts/test.sh` builds
+/// them before the tests, so this only matters for a bare `cargo test`; a
+/// file lock keeps parallel test processes from building at once.
+fn ensure_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = plugins_dir();
+        let missing = |dir: &Path| {
+            plugin_crates().iter().any(|krate| {
+                let name = krate.file_name().unwrap().to_string_lossy().to_string();
+                !dir.join(format!("{name}.wasm")).exists()
+            })
+        };
+        if !missing(&dir) {
+            return;
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = std::fs::File::create(dir.join(".build.lock")).unwrap();
+        lock.lock().unwrap();
+        if missing(&dir) {
+            build(&BuildOptions {
+                paths: plugin_crates(),
+                out_dir: Some(dir.clone()),
+                toolchain: None,
+            })
+            .expect("building the plugins failed; run scripts/test.sh to see why");
+        }
+    });
+}
+
+/// The bytes of a built plugin from `plugins/` or `tests/plugins/`.
+pub fn wasm(name: &str) -> Vec<u8> {
+    ensure_built();
+    let path = plugins_dir().join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|err| panic!("failed to read {}: {err}", path.display()))
+}
+
+pub fn wasm_path(name: &str) -> PathBuf {
+    ensure_built();
+    plugins_dir().join(format!("{name}.wasm"))
+}
+
+/// A runtime with the shared on-disk cache, as the server has.
+pub fn runtime(policy: Policy) -> Runtime {
+    Runtime::new(RuntimeConfig {
+        policy,
+        pool_size: 10,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime starts")
+}
+
+pub fn install(install_id: &str, config: Value) -> Install {
+    Install {
+        install_id: install_id.into(),
+        config,
+        limits: None,
+    }
+}
+
+pub fn event(name: &str, properties: Value) -> PluginEvent {
+    PluginEvent {
+        uuid: "01890000-0000-7000-8000-000000000001".into(),
+        name: name.into(),
+        distinct_id: "user-1".into(),
+        timestamp: "2024-05-01T12:00:00.000Z".into(),
+        properties: match properties {
+            Value::Object(map) => map,
+            _ => json!({}).as_object().unwrap().clone(),
+        },
+    }
+}
+
+/// Serves `router` on an ephemeral loopback port from a thread of its own,
+/// for as long as the test process lives.
+pub fn serve(router: axum::Router) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            axum::serve(listener, router).await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
