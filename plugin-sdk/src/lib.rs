@@ -39,6 +39,8 @@
 //! native targets they talk to the [`testing::MockHost`], so a plugin's own
 //! `cargo test` runs without WebAssembly.
 
+#![warn(missing_docs)]
+
 extern crate self as sluice_plugin_sdk;
 
 mod destination;

@@ -24,7 +24,8 @@ pub struct PluginEvent {
 }
 
 impl PluginEvent {
-    /// The event's size in bytes as JSON, for output caps.
+    /// Bytes of the scalar fields, charged to the output budget when a plugin
+    /// creates an event (properties are charged as they are set).
     fn approx_len(&self) -> u64 {
         let fields =
             self.uuid.len() + self.name.len() + self.distinct_id.len() + self.timestamp.len();
