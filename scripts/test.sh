@@ -25,13 +25,17 @@ if ! has_rustup_wasm_target && ! has_offline_fallback; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq rustc-web cargo-web rust-web-src lld
 fi
 
-cargo build -p sluice
+# Build the tests first: it builds the `sluice` binary with the same features
+# the tests use, so nothing is compiled twice.
+if cargo nextest --version >/dev/null 2>&1; then
+  run_tests() { cargo nextest run --workspace --no-fail-fast "$@"; }
+else
+  run_tests() { cargo test --workspace --no-fail-fast --lib --bins --tests "$@"; }
+fi
+run_tests --no-run
+
 plugins=(plugins/*/ tests/plugins/*/)
 ./target/debug/sluice plugin build "${plugins[@]}" --out-dir target/plugins
 
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast
-else
-  cargo test --workspace --no-fail-fast --lib --bins --tests
-fi
+run_tests
 cargo test --workspace --doc

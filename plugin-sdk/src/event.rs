@@ -284,6 +284,7 @@ impl<'a> EventRef<'a> {
     }
 
     /// Writes every field of `event` but the uuid into this handle.
+    #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
     pub(crate) fn overwrite(&mut self, event: Event) -> Result<()> {
         self.set_name(&event.name)?;
         self.set_distinct_id(&event.distinct_id)?;
@@ -291,6 +292,31 @@ impl<'a> EventRef<'a> {
             self.set_timestamp(&event.timestamp)?;
         }
         self.set_properties(&event.properties)
+    }
+
+    /// Writes into this handle the fields of `changed` that differ from
+    /// `original`, the event this handle held before.
+    pub(crate) fn apply_changes(&mut self, original: &Event, changed: Event) -> Result<()> {
+        if changed.name != original.name {
+            self.set_name(&changed.name)?;
+        }
+        if changed.distinct_id != original.distinct_id {
+            self.set_distinct_id(&changed.distinct_id)?;
+        }
+        if !changed.timestamp.is_empty() && changed.timestamp != original.timestamp {
+            self.set_timestamp(&changed.timestamp)?;
+        }
+        for key in original.properties.keys() {
+            if !changed.properties.contains_key(key) {
+                self.remove_property(key);
+            }
+        }
+        for (key, value) in &changed.properties {
+            if original.properties.get(key) != Some(value) {
+                self.set_property(key, value)?;
+            }
+        }
+        Ok(())
     }
 
     /// Turns an [`Event`] returned in [`Outcome::Replace`] into a host event:

@@ -89,19 +89,20 @@ pub trait Plugin: Sized + 'static {
     /// This is the fast path: read and write only the fields you need, and
     /// the host never re-serialises the rest of the event. The default
     /// converts the whole event to an [`Event`], calls
-    /// [`Plugin::transform_event`] and writes the result back, which is
-    /// simpler to write and costs a full copy of the event each way.
+    /// [`Plugin::transform_event`] and writes back the fields that changed,
+    /// which is simpler to write and costs a full copy of the event in.
     ///
     /// An error applies the install's failure policy: by default the event
     /// goes on unchanged and the error is logged with the event's uuid.
     fn transform(&mut self, event: &mut EventRef<'_>) -> Result<Outcome> {
         let input = event.to_event()?;
-        let uuid = input.uuid.clone();
+        let original = input.clone();
         let mut output = self.transform_event(input)?;
         match output.len() {
             0 => Ok(Outcome::Drop),
-            1 if output[0].uuid == uuid => {
-                event.overwrite(output.pop().expect("one event"))?;
+            1 if output[0].uuid == original.uuid => {
+                // Only changed fields cross back to the host.
+                event.apply_changes(&original, output.pop().expect("one event"))?;
                 Ok(Outcome::Keep)
             }
             _ => Ok(Outcome::Replace(output)),

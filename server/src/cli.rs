@@ -1,13 +1,16 @@
 //! The `sluice` command line. `main.rs` parses it and dispatches here.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::author::build::{self, BuildOptions, Toolchain};
 use crate::author::scaffold::{self, SdkSource};
 use crate::author::test_run::{self, TestOptions};
+use crate::server::{ServeConfig, open_store};
+use crate::store::StoreConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,9 +25,52 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the server: capture API, pipeline worker, query API.
+    Serve(ServeArgs),
+    /// Manage projects.
+    #[command(subcommand)]
+    Project(ProjectCommand),
     /// Write, build and try plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+}
+
+/// Where the data lives.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Directory of the embedded SQLite database.
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "sluice-data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Largest accepted request body in bytes, before and after decompression.
+    #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 20 << 20)]
+    pub max_body_bytes: usize,
+    /// Queued events at which capture starts answering 503.
+    #[arg(long, env = "SLUICE_MAX_QUEUE_DEPTH", default_value_t = 1_000_000)]
+    pub max_queue_depth: i64,
+    /// Do not record the client address as `$ip`.
+    #[arg(long, env = "SLUICE_NO_IP")]
+    pub no_ip: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectCommand {
+    /// Create a project; prints {"project_id", "capture_token", "api_key"}.
+    Create {
+        /// Project name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,14 +127,69 @@ pub enum ToolchainArg {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
-    match cli.command {
-        Command::Plugin(command) => match plugin(command) {
-            Ok(code) => code,
-            Err(err) => {
-                eprintln!("error: {err:#}");
-                ExitCode::FAILURE
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Project(command) => project(command),
+        Command::Plugin(command) => plugin(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = ServeConfig {
+        max_body_bytes: args.max_body_bytes,
+        max_queue_depth: args.max_queue_depth,
+        record_ip: !args.no_ip,
+        ..ServeConfig::with_data_dir(args.store.data_dir)
+    };
+    tokio_runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|err| anyhow::anyhow!("failed to listen on {}: {err}", args.listen))?;
+        eprintln!("sluice listening on http://{}", listener.local_addr()?);
+        crate::server::serve(config, listener, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn project(command: ProjectCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ProjectCommand::Create { name, store } => tokio_runtime()?.block_on(async move {
+            if name.trim().is_empty() {
+                anyhow::bail!("--name must not be empty");
             }
-        },
+            let store = open_store(&StoreConfig::Sqlite {
+                data_dir: store.data_dir,
+            })
+            .await?;
+            let created = store.create_project(name.trim()).await?;
+            store.close().await;
+            println!("{}", serde_json::to_string(&created)?);
+            Ok(ExitCode::SUCCESS)
+        }),
     }
 }
 

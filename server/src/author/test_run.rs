@@ -143,6 +143,7 @@ pub fn run(wasm: &Path, options: &TestOptions) -> anyhow::Result<Report> {
             ..Policy::default()
         },
         pool_size: 0,
+        record_http_details: true,
         ..RuntimeConfig::default()
     })?;
     let plugin = runtime

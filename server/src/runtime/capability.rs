@@ -50,7 +50,7 @@ impl Grants {
                     })?;
                     let host = parsed
                         .host_str()
-                        .ok_or_else(|| format!("config field `{field}` has no host: {url}"))?;
+                        .ok_or_else(|| format!("config field `{field}` is a URL without a host"))?;
                     manifest_hosts.push(HostRule::Exact {
                         host: host
                             .trim_start_matches('[')

@@ -15,7 +15,8 @@ use super::manifest::HostRule;
 pub struct Limits {
     /// Linear memory per instance.
     pub memory_bytes: u64,
-    /// CPU deadline for one `transform` call.
+    /// Time limit for one `transform` call, enforced by epoch interruption
+    /// (wall-clock time, HTTP waits included).
     #[serde(with = "millis", rename = "transform_deadline_ms")]
     pub transform_deadline: Duration,
     /// Deadline for one `export-batch` call, HTTP waits included.

@@ -339,7 +339,7 @@ fn json_kind(value: &Value) -> String {
 fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(span) => {
-            let line = text[..span.start.min(text.len())].lines().count().max(1);
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
             format!(" (plugin.toml line {line})")
         }
         None => String::new(),

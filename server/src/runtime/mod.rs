@@ -1,6 +1,6 @@
 //! The plugin sandbox: one wasmtime `Engine`, compiled components cached on
 //! disk, an `InstancePre` per plugin version and a store per install, with
-//! memory, CPU-time, output and log limits. Capabilities come from
+//! memory, time, output and log limits. Capabilities come from
 //! [`capability::Grants`]; a trapped instance is discarded and rebuilt on the
 //! next call.
 
@@ -49,6 +49,10 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Instances the pooling allocator preallocates; 0 turns pooling off.
     pub pool_size: u32,
+    /// Keep full URLs and request bodies in recorded HTTP calls (they may
+    /// carry credentials). Otherwise query values are redacted and bodies
+    /// left out.
+    pub record_http_details: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -57,6 +61,7 @@ impl Default for RuntimeConfig {
             policy: Policy::default(),
             cache_dir: cache::default_dir(),
             pool_size: 100,
+            record_http_details: false,
         }
     }
 }
@@ -115,6 +120,7 @@ impl Runtime {
             http: host::http::HttpClient::new(&policy)?,
             kv: Arc::new(host::kv::MemoryKv::default()),
             metrics: host::metrics::Metrics::default(),
+            record_http_details: config.record_http_details,
         });
 
         let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

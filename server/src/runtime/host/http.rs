@@ -115,8 +115,9 @@ impl Resolve for PolicyResolver {
                 let why = refusals
                     .pop()
                     .unwrap_or_else(|| "it has no addresses".into());
-                let err: Box<dyn std::error::Error + Send + Sync> =
-                    Box::new(AddressDenied(format!("host {host} resolves to {why}")));
+                let err: Box<dyn std::error::Error + Send + Sync> = Box::new(AddressDenied(
+                    format!("host {host} resolves only to refused addresses: {why}"),
+                ));
                 return Err(err);
             }
             Ok(Box::new(allowed.into_iter()) as Addrs)
@@ -335,7 +336,8 @@ impl HostState {
                 )
             })
             .collect();
-        let request_body = request.body.as_ref().map(|body| {
+        let details = self.services.record_http_details;
+        let request_body = request.body.as_ref().filter(|_| details).map(|body| {
             let text =
                 String::from_utf8_lossy(&body[..body.len().min(RECORDED_BODY_BYTES)]).into_owned();
             if body.len() > RECORDED_BODY_BYTES {
@@ -350,7 +352,11 @@ impl HostState {
         };
         let call = HttpCall {
             method: method_name(request.method).into(),
-            url: request.url.clone(),
+            url: if details {
+                request.url.clone()
+            } else {
+                redact_query(&request.url)
+            },
             request_headers,
             request_body,
             status,
@@ -363,6 +369,22 @@ impl HostState {
             .expect("activity lock")
             .record_http(call);
     }
+}
+
+/// The URL with every query value replaced, since tokens often travel there.
+fn redact_query(url: &str) -> String {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return "[unparseable URL]".into();
+    };
+    if parsed.query().is_some() {
+        let names: Vec<String> = parsed.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        parsed.query_pairs_mut().clear();
+        for name in names {
+            parsed.query_pairs_mut().append_pair(&name, "[redacted]");
+        }
+    }
+    parsed.set_password(None).ok();
+    parsed.to_string()
 }
 
 fn method_name(method: Method) -> &'static str {
@@ -437,6 +459,14 @@ mod tests {
                 "{ip} should be allowed"
             );
         }
+    }
+
+    #[test]
+    fn recorded_urls_hide_query_values_and_passwords() {
+        assert_eq!(
+            redact_query("https://u:pw@hooks.example.com/x?token=abc&v=1"),
+            "https://u@hooks.example.com/x?token=%5Bredacted%5D&v=%5Bredacted%5D"
+        );
     }
 
     #[test]

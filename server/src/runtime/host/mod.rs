@@ -28,6 +28,9 @@ pub struct HostServices {
     pub http: http::HttpClient,
     pub kv: Arc<dyn kv::KvStore>,
     pub metrics: metrics::Metrics,
+    /// Keep full URLs and request bodies in recorded HTTP calls. Off in the
+    /// server, where they may carry credentials; on for `sluice plugin test`.
+    pub record_http_details: bool,
 }
 
 /// What one install (plugin version + project + config) carries into each of

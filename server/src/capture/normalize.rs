@@ -1,0 +1,263 @@
+//! Turns a client's events into the queue's form: a uuid on every event, a
+//! timestamp corrected for client clock skew, `received_at`, and `$ip`.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use super::CaptureError;
+use crate::runtime::format_timestamp;
+use crate::store::QueuedEvent;
+
+/// Events as a client sent them, with the batch-level token and `sent_at`.
+#[derive(Debug, Default)]
+pub struct RawBatch {
+    pub token: Option<String>,
+    pub sent_at: Option<String>,
+    pub events: Vec<Map<String, Value>>,
+}
+
+/// Per-request context for normalisation.
+pub struct Normalizer {
+    pub now: DateTime<Utc>,
+    /// The client address, recorded as `$ip` unless the event has one.
+    pub ip: Option<String>,
+}
+
+fn string_field(map: &Map<String, Value>, key: &str) -> Option<String> {
+    match map.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.to_utc())
+        .ok()
+        .or_else(|| {
+            // Some SDKs send naive ISO times; they mean UTC.
+            chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+                .ok()
+                .map(|t| t.and_utc())
+        })
+}
+
+impl RawBatch {
+    /// The capture token: the batch's, else the first event's `api_key`,
+    /// `token` or `properties.token`.
+    pub fn token(&self) -> Option<String> {
+        self.token.clone().or_else(|| {
+            self.events.iter().find_map(|event| {
+                string_field(event, "api_key")
+                    .or_else(|| string_field(event, "token"))
+                    .or_else(|| {
+                        event
+                            .get("properties")
+                            .and_then(Value::as_object)
+                            .and_then(|p| string_field(p, "token"))
+                    })
+            })
+        })
+    }
+}
+
+impl Normalizer {
+    /// Normalises every event of the batch, or refuses the whole batch
+    /// naming the first bad event.
+    pub fn normalize(&self, batch: RawBatch) -> Result<Vec<QueuedEvent>, CaptureError> {
+        if batch.events.is_empty() {
+            return Err(CaptureError::Invalid("the request holds no events".into()));
+        }
+        let sent_at = match &batch.sent_at {
+            Some(text) => Some(parse_time(text).ok_or_else(|| {
+                CaptureError::Invalid(format!("`sent_at` {text} is not an ISO 8601 time"))
+            })?),
+            None => None,
+        };
+        let many = batch.events.len() > 1;
+        batch
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| {
+                self.event(event, sent_at).map_err(|message| {
+                    CaptureError::Invalid(if many {
+                        format!("event #{}: {message}", i + 1)
+                    } else {
+                        message
+                    })
+                })
+            })
+            .collect()
+    }
+
+    fn event(
+        &self,
+        mut raw: Map<String, Value>,
+        batch_sent_at: Option<DateTime<Utc>>,
+    ) -> Result<QueuedEvent, String> {
+        let event =
+            string_field(&raw, "event").ok_or("`event` (the event name) is missing or empty")?;
+        let mut properties = match raw.remove("properties") {
+            Some(Value::Object(map)) => map,
+            None | Some(Value::Null) => Map::new(),
+            Some(_) => return Err("`properties` must be a JSON object".into()),
+        };
+        let distinct_id = string_field(&raw, "distinct_id")
+            .or_else(|| string_field(&raw, "$distinct_id"))
+            .or_else(|| string_field(&properties, "distinct_id"))
+            .or_else(|| string_field(&properties, "$distinct_id"))
+            .ok_or("`distinct_id` is missing or empty")?;
+        let uuid = match string_field(&raw, "uuid") {
+            Some(text) => uuid::Uuid::parse_str(&text)
+                .map_err(|_| format!("`uuid` {text} is not a UUID"))?
+                .to_string(),
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        let timestamp = self.timestamp(&raw, batch_sent_at)?;
+        // Some SDKs send person updates beside the properties.
+        for key in ["$set", "$set_once"] {
+            if let Some(value) = raw.remove(key)
+                && !properties.contains_key(key)
+            {
+                properties.insert(key.into(), value);
+            }
+        }
+        properties.remove("token");
+        if let Some(ip) = &self.ip
+            && !properties.contains_key("$ip")
+        {
+            properties.insert("$ip".into(), Value::String(ip.clone()));
+        }
+        Ok(QueuedEvent {
+            uuid,
+            event,
+            distinct_id,
+            timestamp: format_timestamp(timestamp),
+            received_at: format_timestamp(self.now),
+            properties,
+        })
+    }
+
+    /// The client's time for the event, moved by how far the client's clock
+    /// is from ours: `offset` (ms before sending) wins, then `timestamp`
+    /// shifted by `now - sent_at`, then `timestamp` as is, then now.
+    fn timestamp(
+        &self,
+        raw: &Map<String, Value>,
+        batch_sent_at: Option<DateTime<Utc>>,
+    ) -> Result<DateTime<Utc>, String> {
+        if let Some(offset) = raw.get("offset").and_then(Value::as_i64) {
+            return Ok(self.now - chrono::Duration::milliseconds(offset));
+        }
+        let Some(text) = string_field(raw, "timestamp") else {
+            return Ok(self.now);
+        };
+        let timestamp = parse_time(&text)
+            .ok_or_else(|| format!("`timestamp` {text} is not an ISO 8601 time"))?;
+        let sent_at = match string_field(raw, "sent_at") {
+            Some(own) => Some(
+                parse_time(&own)
+                    .ok_or_else(|| format!("`sent_at` {own} is not an ISO 8601 time"))?,
+            ),
+            None => batch_sent_at,
+        };
+        Ok(match sent_at {
+            Some(sent_at) => timestamp + (self.now - sent_at),
+            None => timestamp,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn normalizer() -> Normalizer {
+        Normalizer {
+            now: DateTime::parse_from_rfc3339("2024-05-01T12:00:10Z")
+                .unwrap()
+                .to_utc(),
+            ip: Some("203.0.113.9".into()),
+        }
+    }
+
+    fn batch(events: Value, sent_at: Option<&str>) -> RawBatch {
+        RawBatch {
+            token: None,
+            sent_at: sent_at.map(str::to_string),
+            events: events
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e.as_object().unwrap().clone())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn corrects_timestamps_for_client_clock_skew() {
+        // The client's clock is 1 h behind: it sent at 11:00:10 our 12:00:10.
+        let out = normalizer()
+            .normalize(batch(
+                json!([{"event": "e", "distinct_id": "d", "timestamp": "2024-05-01T11:00:05Z"}]),
+                Some("2024-05-01T11:00:10Z"),
+            ))
+            .unwrap();
+        assert_eq!(out[0].timestamp, "2024-05-01T12:00:05.000Z");
+        assert_eq!(out[0].received_at, "2024-05-01T12:00:10.000Z");
+    }
+
+    #[test]
+    fn offset_means_milliseconds_before_receipt() {
+        let out = normalizer()
+            .normalize(batch(
+                json!([{"event": "e", "distinct_id": "d", "offset": 2500}]),
+                None,
+            ))
+            .unwrap();
+        assert_eq!(out[0].timestamp, "2024-05-01T12:00:07.500Z");
+    }
+
+    #[test]
+    fn keeps_client_uuids_and_adds_ip_and_uuids() {
+        let out = normalizer()
+            .normalize(batch(
+                json!([
+                    {"event": "e", "distinct_id": "d", "uuid": "0190A0A0-0000-7000-8000-000000000001"},
+                    {"event": "e", "properties": {"distinct_id": 7, "$ip": "1.2.3.4", "token": "phc_x"}}
+                ]),
+                None,
+            ))
+            .unwrap();
+        assert_eq!(out[0].uuid, "0190a0a0-0000-7000-8000-000000000001");
+        assert_eq!(out[0].properties["$ip"], json!("203.0.113.9"));
+        assert_eq!(out[1].distinct_id, "7");
+        assert_eq!(out[1].properties["$ip"], json!("1.2.3.4"));
+        assert!(!out[1].properties.contains_key("token"));
+        assert_ne!(out[1].uuid, out[0].uuid);
+    }
+
+    #[test]
+    fn one_bad_event_refuses_the_batch_and_names_it() {
+        let err = normalizer()
+            .normalize(batch(
+                json!([{"event": "e", "distinct_id": "d"}, {"event": "e"}]),
+                None,
+            ))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "event #2: `distinct_id` is missing or empty"
+        );
+        let err = normalizer()
+            .normalize(batch(
+                json!([{"event": "e", "distinct_id": "d", "uuid": "nope"}]),
+                None,
+            ))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "`uuid` nope is not a UUID");
+    }
+}

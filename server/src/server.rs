@@ -1,0 +1,100 @@
+//! `serve(config, listener, shutdown)`: the whole server. It opens the store,
+//! starts the pipeline worker and serves the HTTP API until `shutdown`
+//! resolves, then stops accepting, lets the worker finish its batch and
+//! gives back its leases.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use axum::Router;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::store::{SqliteStore, StoreConfig};
+use crate::{api, capture, pipeline};
+
+/// Everything `sluice serve` is configured with.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub store: StoreConfig,
+    /// Largest request body, compressed or not.
+    pub max_body_bytes: usize,
+    /// Capture answers 503 once this many events wait in the queue.
+    pub max_queue_depth: i64,
+    /// Record the client address as `$ip`.
+    pub record_ip: bool,
+}
+
+impl ServeConfig {
+    pub fn with_data_dir(data_dir: PathBuf) -> Self {
+        ServeConfig {
+            store: StoreConfig::Sqlite { data_dir },
+            max_body_bytes: 20 << 20,
+            max_queue_depth: 1_000_000,
+            record_ip: true,
+        }
+    }
+}
+
+/// Shared by the handlers and the worker. Small on purpose.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: SqliteStore,
+    pub config: Arc<ServeConfig>,
+    /// Events waiting in the queue, as last counted plus what capture added
+    /// since: cheap enough to check on every request.
+    pub queue_depth: Arc<AtomicI64>,
+    pub wake_worker: Arc<Notify>,
+}
+
+/// Opens the store named by `config`, running migrations.
+pub async fn open_store(config: &StoreConfig) -> anyhow::Result<SqliteStore> {
+    match config {
+        StoreConfig::Sqlite { data_dir } => SqliteStore::open(data_dir).await,
+    }
+}
+
+pub async fn serve(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = open_store(&config.store).await?;
+    let depth = store.queue_depth().await?;
+    let state = AppState {
+        store: store.clone(),
+        config: Arc::new(config),
+        queue_depth: Arc::new(AtomicI64::new(depth)),
+        wake_worker: Arc::new(Notify::new()),
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(pipeline::run_worker(state.clone(), stop_rx));
+
+    let app = Router::new()
+        .route("/_health", get(|| async { "ok" }))
+        .merge(capture::router())
+        .merge(api::router())
+        .with_state(state.clone());
+    tracing::info!(addr = %listener.local_addr()?, "sluice is serving");
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
+
+    let _ = stop_tx.send(true);
+    state.wake_worker.notify_one();
+    worker.await??;
+    tracing::info!(
+        queued = state.queue_depth.load(Ordering::Relaxed),
+        "sluice stopped"
+    );
+    store.close().await;
+    Ok(())
+}

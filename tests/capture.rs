@@ -1,0 +1,396 @@
+//! The real server on an ephemeral port: PostHog capture in all its
+//! encodings, errors that store nothing, de-duplication, and the events API.
+
+use std::io::Write;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+use sluice::server::{ServeConfig, open_store, serve};
+use sluice::store::CreatedProject;
+
+struct TestServer {
+    base: String,
+    project: CreatedProject,
+    other: CreatedProject,
+    client: reqwest::Client,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_with(config: impl FnOnce(ServeConfig) -> ServeConfig) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(ServeConfig::with_data_dir(dir.path().to_path_buf()));
+    let store = open_store(&config.store).await.unwrap();
+    let project = store.create_project("test").await.unwrap();
+    let other = store.create_project("other").await.unwrap();
+    store.close().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        serve(config, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    TestServer {
+        base,
+        project,
+        other,
+        client: reqwest::Client::new(),
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+async fn start() -> TestServer {
+    start_with(|c| c).await
+}
+
+impl TestServer {
+    async fn post(&self, path: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut request = self.client.post(format!("{}{path}", self.base)).body(body);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        self.post(
+            path,
+            serde_json::to_vec(&body).unwrap(),
+            &[("content-type", "application/json")],
+        )
+        .await
+    }
+
+    async fn events(&self, query: &str) -> Value {
+        let url = format!(
+            "{}/api/projects/{}/events?{query}",
+            self.base, self.project.project_id
+        );
+        let response = self
+            .client
+            .get(url)
+            .bearer_auth(&self.project.api_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        serde_json::from_str(&response.text().await.unwrap()).unwrap()
+    }
+
+    /// Waits until the events API shows `n` events (the worker stores them
+    /// shortly after capture answers).
+    async fn wait_for(&self, n: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let results = self.events("limit=1000").await["results"]
+                .as_array()
+                .unwrap()
+                .clone();
+            if results.len() >= n {
+                return results;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("fewer than {n} events were stored");
+    }
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_posthog_endpoint_and_encoding_is_accepted_and_stored() {
+    let server = start().await;
+    let token = server.project.capture_token.clone();
+    let single = |n: u32| json!({"api_key": token, "event": "single", "distinct_id": format!("u{n}"), "properties": {"n": n}});
+
+    for (i, path) in ["/capture", "/capture/", "/e", "/e/", "/batch/", "/i/v0/e/"]
+        .iter()
+        .enumerate()
+    {
+        let (status, body) = server.post_json(path, single(i as u32)).await;
+        assert_eq!((status, body), (200, json!({"status": 1})), "{path}");
+    }
+    // A batch, as posthog-python and posthog-node send it.
+    let (status, _) = server
+        .post_json(
+            "/batch/",
+            json!({"api_key": token, "sent_at": chrono::Utc::now().to_rfc3339(), "batch": [
+                {"event": "batched", "distinct_id": "b1", "properties": {}},
+                {"event": "batched", "distinct_id": "b2", "properties": {}}
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // gzip by header, and by posthog-js's query parameter with the token in
+    // each event's properties.
+    let js = serde_json::to_vec(
+        &json!([{"event": "$pageview", "properties": {"token": token, "distinct_id": "js"}}]),
+    )
+    .unwrap();
+    let (status, _) = server
+        .post(
+            "/e/?compression=gzip-js&ver=1.130.0",
+            gzip(&js),
+            &[("content-type", "text/plain")],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let body = serde_json::to_vec(&single(100)).unwrap();
+    let (status, _) = server
+        .post("/capture/", gzip(&body), &[("content-encoding", "gzip")])
+        .await;
+    assert_eq!(status, 200);
+    // A form with base64 JSON in `data`.
+    let data =
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&single(200)).unwrap());
+    let form = format!(
+        "data={}",
+        form_urlencoded::byte_serialize(data.as_bytes()).collect::<String>()
+    );
+    let (status, _) = server
+        .post(
+            "/e/",
+            form.into_bytes(),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // 6 single events, a batch of 2, posthog-js, gzip, form.
+    let stored = server.wait_for(11).await;
+    assert_eq!(stored.len(), 11);
+    let js_event = stored
+        .iter()
+        .find(|e| e["distinct_id"] == json!("js"))
+        .unwrap();
+    assert_eq!(js_event["event"], json!("$pageview"));
+    assert!(
+        js_event["properties"].get("token").is_none(),
+        "the token is not stored as a property"
+    );
+    assert_eq!(js_event["properties"]["$ip"], json!("127.0.0.1"));
+    for event in &stored {
+        for field in [
+            "uuid",
+            "event",
+            "distinct_id",
+            "person_id",
+            "timestamp",
+            "properties",
+        ] {
+            assert!(event.get(field).is_some(), "{field} missing in {event}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_clear_json_errors_and_store_nothing() {
+    let server = start_with(|c| ServeConfig {
+        max_body_bytes: 4096,
+        ..c
+    })
+    .await;
+    let token = server.project.capture_token.clone();
+
+    let (status, body) = server.post("/capture/", b"{not json".to_vec(), &[]).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body is not valid JSON"),
+        "{body}"
+    );
+
+    let (status, body) = server
+        .post_json("/capture/", json!({"event": "e", "distinct_id": "d"}))
+        .await;
+    assert_eq!(status, 401);
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no capture token"),
+        "{body}"
+    );
+
+    let (status, body) = server
+        .post_json(
+            "/capture/",
+            json!({"api_key": "phc_nope", "event": "e", "distinct_id": "d"}),
+        )
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        body["detail"],
+        json!("unknown capture token: check the project's token")
+    );
+
+    let (status, body) = server
+        .post_json(
+            "/batch/",
+            json!({"api_key": token, "batch": [{"event": "ok", "distinct_id": "d"}, {"event": "no id"}]}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["detail"],
+        json!("event #2: `distinct_id` is missing or empty")
+    );
+
+    let big = json!({"api_key": token, "event": "e", "distinct_id": "d", "properties": {"blob": "x".repeat(5000)}});
+    let (status, body) = server.post_json("/capture/", big).await;
+    assert_eq!(status, 413);
+    assert!(
+        body["detail"].as_str().unwrap().contains("4096 bytes"),
+        "{body}"
+    );
+
+    // A gzip bomb is cut off at the limit too.
+    let bomb = gzip(&vec![b' '; 1 << 20]);
+    let (status, _) = server
+        .post("/capture/", bomb, &[("content-encoding", "gzip")])
+        .await;
+    assert_eq!(status, 413);
+
+    // Nothing of the refused requests was stored; a good one still is.
+    let (status, _) = server
+        .post_json(
+            "/capture/",
+            json!({"api_key": token, "event": "ok", "distinct_id": "d"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let stored = server.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stored_later = server.events("").await["results"].as_array().unwrap().len();
+    assert_eq!((stored.len(), stored_later), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_uuid_is_stored_once() {
+    let server = start().await;
+    let event = json!({
+        "api_key": server.project.capture_token,
+        "event": "paid",
+        "distinct_id": "d",
+        "uuid": "0190a0a0-0000-7000-8000-0000000000aa",
+    });
+    for _ in 0..3 {
+        assert_eq!(server.post_json("/capture/", event.clone()).await.0, 200);
+    }
+    server.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stored = server.events("").await["results"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0]["uuid"],
+        json!("0190a0a0-0000-7000-8000-0000000000aa")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_events_api_filters_orders_and_checks_the_key() {
+    let server = start().await;
+    let token = server.project.capture_token.clone();
+    let batch: Vec<Value> = (0..5)
+        .map(|i| {
+            json!({"event": if i % 2 == 0 { "even" } else { "odd" }, "distinct_id": format!("u{}", i % 2),
+                   "timestamp": format!("2024-05-01T12:00:0{i}Z")})
+        })
+        .collect();
+    assert_eq!(
+        server
+            .post_json("/batch/", json!({"api_key": token, "batch": batch}))
+            .await
+            .0,
+        200
+    );
+    server.wait_for(5).await;
+
+    let all = server.events("").await["results"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let times: Vec<&str> = all
+        .iter()
+        .map(|e| e["timestamp"].as_str().unwrap())
+        .collect();
+    assert_eq!(times[0], "2024-05-01T12:00:04.000Z", "newest first");
+    assert_eq!(times[4], "2024-05-01T12:00:00.000Z");
+    assert_eq!(
+        server.events("event=odd").await["results"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        server.events("distinct_id=u0").await["results"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        server.events("limit=2").await["results"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let window = server
+        .events("after=2024-05-01T12:00:01Z&before=2024-05-01T12:00:04Z")
+        .await;
+    assert_eq!(window["results"].as_array().unwrap().len(), 2);
+
+    let url = format!(
+        "{}/api/projects/{}/events",
+        server.base, server.project.project_id
+    );
+    let response = server.client.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    let response = server
+        .client
+        .get(&url)
+        .bearer_auth(&server.other.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        403,
+        "another project's key reads nothing"
+    );
+    let response = server
+        .client
+        .get(format!("{url}?limit=0"))
+        .bearer_auth(&server.project.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("`limit`"),
+        "{body}"
+    );
+}
