@@ -11,6 +11,6 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use exports::sluice::plugin::destination::{ExportError, ExportedEvent, RetryableError};
-pub use exports::sluice::plugin::transform::Outcome;
-pub use sluice::plugin::{clock, event, http, kv, log, metrics, random};
+pub use self::exports::sluice::plugin::destination::{ExportError, ExportedEvent, RetryableError};
+pub use self::exports::sluice::plugin::transform::Outcome;
+pub use self::sluice::plugin::{clock, event, http, kv, log, metrics, random};
