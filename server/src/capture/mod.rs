@@ -5,14 +5,64 @@
 
 mod normalize;
 mod posthog;
+mod segment;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use base64::Engine;
+use serde_json::Value;
+
+use crate::server::AppState;
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
+
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 pub use normalize::{Normalizer, RawBatch};
-pub use posthog::router;
+
+/// The PostHog- and Segment-compatible capture routes.
+pub fn router() -> Router<AppState> {
+    posthog::router().merge(segment::router())
+}
+
+/// Stores a decoded request: checks the token and the queue bound,
+/// normalises every event, and writes them all to the queue in one
+/// transaction.
+pub(crate) async fn accept(
+    state: &AppState,
+    token: &str,
+    batch: RawBatch,
+    ip: Option<String>,
+) -> Result<usize, CaptureError> {
+    let project_id = state
+        .store
+        .project_for_token(token)
+        .await?
+        .ok_or(CaptureError::UnknownToken)?;
+    if state.queue_depth.load(Ordering::Relaxed) >= state.config.max_queue_depth {
+        return Err(CaptureError::Overloaded {
+            retry_after_secs: 5,
+        });
+    }
+    let normalizer = Normalizer {
+        now: chrono::Utc::now(),
+        ip,
+    };
+    let events = normalizer.normalize(batch)?;
+    state.store.enqueue(&project_id, &events).await?;
+    state
+        .queue_depth
+        .fetch_add(events.len() as i64, Ordering::Relaxed);
+    state.wake_worker.notify_one();
+    Ok(events.len())
+}
 
 /// Why a capture request was refused. Grouped by status code in
 /// `IntoResponse`.
@@ -64,4 +114,62 @@ impl IntoResponse for CaptureError {
         }
         response
     }
+}
+
+fn is_gzip(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0x1f, 0x8b])
+}
+
+fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, CaptureError> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|err| CaptureError::Invalid(format!("the body is not valid gzip: {err}")))?;
+    if out.len() > limit {
+        return Err(CaptureError::TooLarge { limit });
+    }
+    Ok(out)
+}
+
+pub(crate) fn decode(
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    bytes: &Bytes,
+    limit: usize,
+) -> Result<Value, CaptureError> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let compression = query.get("compression").map(String::as_str).unwrap_or("");
+    let mut bytes =
+        if encoding.contains("gzip") || compression.starts_with("gzip") || is_gzip(bytes) {
+            gunzip(bytes, limit)?
+        } else {
+            bytes.to_vec()
+        };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with("application/x-www-form-urlencoded") || bytes.starts_with(b"data=")
+    {
+        let fields: HashMap<String, String> = form_urlencoded::parse(&bytes).into_owned().collect();
+        let data = fields.get("data").ok_or_else(|| {
+            CaptureError::Invalid("a form body needs a `data` field holding base64 JSON".into())
+        })?;
+        let trimmed = data.trim().trim_end_matches('=');
+        bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(trimmed)
+            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed))
+            .map_err(|err| {
+                CaptureError::Invalid(format!("the form field `data` is not base64: {err}"))
+            })?;
+        if is_gzip(&bytes) {
+            bytes = gunzip(&bytes, limit)?;
+        }
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|err| CaptureError::Invalid(format!("the body is not valid JSON: {err}")))
 }

@@ -5,20 +5,17 @@
 //! `data` field is base64 JSON.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::routing::post;
-use base64::Engine;
 use serde_json::{Map, Value, json};
 
-use super::{CaptureError, Normalizer, RawBatch};
+use super::{CaptureError, RawBatch, decode};
 use crate::server::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -45,31 +42,13 @@ async fn capture(
     let value = decode(&headers, &query, &bytes, limit)?;
     let batch = raw_batch(value)?;
     let token = batch.token().ok_or(CaptureError::MissingToken)?;
-    let project_id = state
-        .store
-        .project_for_token(&token)
-        .await?
-        .ok_or(CaptureError::UnknownToken)?;
-    if state.queue_depth.load(Ordering::Relaxed) >= state.config.max_queue_depth {
-        return Err(CaptureError::Overloaded {
-            retry_after_secs: 5,
-        });
-    }
-    let normalizer = Normalizer {
-        now: chrono::Utc::now(),
-        ip: state.config.record_ip.then(|| client_ip(&headers, peer)),
-    };
-    let events = normalizer.normalize(batch)?;
-    state.store.enqueue(&project_id, &events).await?;
-    state
-        .queue_depth
-        .fetch_add(events.len() as i64, Ordering::Relaxed);
-    state.wake_worker.notify_one();
+    let ip = state.config.record_ip.then(|| client_ip(&headers, peer));
+    super::accept(&state, &token, batch, ip).await?;
     Ok(Json(json!({"status": 1})))
 }
 
 /// The first `X-Forwarded-For` address when a proxy sets it, else the peer.
-fn client_ip(headers: &HeaderMap, peer: SocketAddr) -> String {
+pub(super) fn client_ip(headers: &HeaderMap, peer: SocketAddr) -> String {
     headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
@@ -77,64 +56,6 @@ fn client_ip(headers: &HeaderMap, peer: SocketAddr) -> String {
         .map(|ip| ip.trim().to_string())
         .filter(|ip| !ip.is_empty())
         .unwrap_or_else(|| peer.ip().to_string())
-}
-
-fn is_gzip(bytes: &[u8]) -> bool {
-    bytes.starts_with(&[0x1f, 0x8b])
-}
-
-fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, CaptureError> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|err| CaptureError::Invalid(format!("the body is not valid gzip: {err}")))?;
-    if out.len() > limit {
-        return Err(CaptureError::TooLarge { limit });
-    }
-    Ok(out)
-}
-
-fn decode(
-    headers: &HeaderMap,
-    query: &HashMap<String, String>,
-    bytes: &Bytes,
-    limit: usize,
-) -> Result<Value, CaptureError> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let compression = query.get("compression").map(String::as_str).unwrap_or("");
-    let mut bytes =
-        if encoding.contains("gzip") || compression.starts_with("gzip") || is_gzip(bytes) {
-            gunzip(bytes, limit)?
-        } else {
-            bytes.to_vec()
-        };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if content_type.starts_with("application/x-www-form-urlencoded") || bytes.starts_with(b"data=")
-    {
-        let fields: HashMap<String, String> = form_urlencoded::parse(&bytes).into_owned().collect();
-        let data = fields.get("data").ok_or_else(|| {
-            CaptureError::Invalid("a form body needs a `data` field holding base64 JSON".into())
-        })?;
-        let trimmed = data.trim().trim_end_matches('=');
-        bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(trimmed)
-            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed))
-            .map_err(|err| {
-                CaptureError::Invalid(format!("the form field `data` is not base64: {err}"))
-            })?;
-        if is_gzip(&bytes) {
-            bytes = gunzip(&bytes, limit)?;
-        }
-    }
-    serde_json::from_slice(&bytes)
-        .map_err(|err| CaptureError::Invalid(format!("the body is not valid JSON: {err}")))
 }
 
 fn objects(items: Vec<Value>) -> Result<Vec<Map<String, Value>>, CaptureError> {

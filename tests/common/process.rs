@@ -1,0 +1,113 @@
+//! `sluice serve` as a real process, for tests that kill and restart it or
+//! drive it with official client libraries.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct ServerProcess {
+    pub child: Child,
+    pub base: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn sluice_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
+}
+
+impl ServerProcess {
+    /// Starts `sluice serve --data-dir DIR` and waits until `/_health`
+    /// answers.
+    pub async fn start(data_dir: &Path) -> ServerProcess {
+        let port = free_port();
+        let child = Command::new(sluice_bin())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("sluice serve starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::new();
+        loop {
+            let health = client.get(format!("{base}/_health")).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sluice serve did not become healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ServerProcess { child, base }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `sluice project create`, as a user runs it.
+pub fn create_project(data_dir: &Path) -> Value {
+    let out = Command::new(sluice_bin())
+        .args(["project", "create", "--name", "test", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("project create prints JSON")
+}
+
+/// Every stored event of the project, newest first, once at least `n` are
+/// there (the worker stores them shortly after capture answers).
+pub async fn wait_for_events(base: &str, project: &Value, n: usize) -> Vec<Value> {
+    let url = format!(
+        "{base}/api/projects/{}/events?limit=1000",
+        project["project_id"].as_str().unwrap()
+    );
+    let key = project["api_key"].as_str().unwrap();
+    let client = reqwest::Client::new();
+    let mut last = Vec::new();
+    for _ in 0..400 {
+        let response = client.get(&url).bearer_auth(key).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        last = body["results"].as_array().unwrap().clone();
+        if last.len() >= n {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("only {} of {n} events were stored", last.len());
+}
