@@ -19,6 +19,8 @@ struct TestServer {
 }
 
 async fn start_with(config: impl FnOnce(ServeConfig) -> ServeConfig) -> TestServer {
+    // Server logs show up under failing tests.
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let dir = tempfile::tempdir().unwrap();
     let config = config(ServeConfig::with_data_dir(dir.path().to_path_buf()));
     let store = open_store(&config.store).await.unwrap();
@@ -393,4 +395,78 @@ async fn the_events_api_filters_orders_and_checks_the_key() {
         body["detail"].as_str().unwrap().contains("`limit`"),
         "{body}"
     );
+}
+
+impl TestServer {
+    async fn person(&self, distinct_id: &str) -> Value {
+        let url = format!(
+            "{}/api/projects/{}/persons?distinct_id={distinct_id}",
+            self.base, self.project.project_id
+        );
+        let response = self
+            .client
+            .get(url)
+            .bearer_auth(&self.project.api_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        body["results"][0].clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identify_and_alias_merge_persons_and_old_events_follow_the_merge() {
+    let server = start().await;
+    let token = server.project.capture_token.clone();
+    let send =
+        |batch: Value| server.post_json("/batch/", json!({"api_key": token, "batch": batch}));
+
+    assert_eq!(
+        send(json!([
+            {"event": "$pageview", "distinct_id": "anon-1", "properties": {"$set_once": {"first_url": "/a"}}},
+            {"event": "$pageview", "distinct_id": "anon-2"},
+        ]))
+        .await
+        .0,
+        200
+    );
+    server.wait_for(2).await;
+    let anon_person = server.person("anon-1").await["id"].clone();
+
+    assert_eq!(
+        send(json!([
+            {"event": "$identify", "distinct_id": "user-1",
+             "properties": {"$anon_distinct_id": "anon-1", "$set": {"email": "ann@example.com", "plan": "free"}}},
+            {"event": "$create_alias", "distinct_id": "user-1", "properties": {"alias": "anon-2"}},
+            {"event": "upgraded", "distinct_id": "user-1",
+             "properties": {"$set": {"plan": "pro"}, "$set_once": {"first_url": "/ignored"}, "$unset": ["email"]}},
+        ]))
+        .await
+        .0,
+        200
+    );
+    let stored = server.wait_for(5).await;
+
+    let person = server.person("anon-2").await;
+    let person_id = person["id"].clone();
+    assert_eq!(
+        person["distinct_ids"],
+        json!(["anon-1", "anon-2", "user-1"])
+    );
+    assert_eq!(
+        person["properties"],
+        json!({"first_url": "/a", "plan": "pro"})
+    );
+    for event in &stored {
+        assert_eq!(
+            event["person_id"], person_id,
+            "{} should resolve to the merged person",
+            event["distinct_id"]
+        );
+    }
+    // The anonymous person's id lives on: it was the first person, so the
+    // identified user joined it.
+    assert_eq!(person_id, anon_person);
 }

@@ -15,7 +15,9 @@ use crate::server::AppState;
 use crate::store::EventFilter;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/projects/{project_id}/events", get(list_events))
+    Router::new()
+        .route("/api/projects/{project_id}/events", get(list_events))
+        .route("/api/projects/{project_id}/persons", get(find_person))
 }
 
 /// Why an API request failed, grouped by status code.
@@ -118,4 +120,33 @@ async fn list_events(
     };
     let results = state.store.list_events(&project_id, &filter).await?;
     Ok(Json(json!({"results": results})))
+}
+
+#[derive(Debug, Deserialize)]
+struct PersonQuery {
+    distinct_id: Option<String>,
+}
+
+/// `GET /api/projects/{id}/persons?distinct_id=X`: the person X belongs to.
+async fn find_person(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    Query(query): Query<PersonQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    let distinct_id = query
+        .distinct_id
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| ApiError::Invalid("`distinct_id` is required".into()))?;
+    Ok(
+        match state
+            .store
+            .person_by_distinct_id(&project_id, &distinct_id)
+            .await?
+        {
+            Some(person) => Json(json!({"results": [person]})).into_response(),
+            None => Json(json!({"results": []})).into_response(),
+        },
+    )
 }

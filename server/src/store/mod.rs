@@ -2,6 +2,7 @@
 //! SQLite (WAL) is the embedded default. Every write that capture
 //! acknowledges is committed before the 200.
 
+mod persons;
 mod sqlite;
 
 use std::path::PathBuf;
@@ -58,6 +59,14 @@ pub struct StoredEvent {
     pub distinct_id: String,
     pub person_id: Option<String>,
     pub timestamp: String,
+    pub properties: Value,
+}
+
+/// A person: the distinct ids that resolve to it and its properties.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Person {
+    pub id: String,
+    pub distinct_ids: Vec<String>,
     pub properties: Value,
 }
 

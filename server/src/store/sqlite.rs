@@ -10,9 +10,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row};
 
+use super::persons;
 use super::{
-    Claimed, CreatedProject, EventFilter, QueuedEvent, Result, StoredEvent, hash_key, now_rfc3339,
-    random_token,
+    Claimed, CreatedProject, EventFilter, Person, QueuedEvent, Result, StoredEvent, hash_key,
+    now_rfc3339, random_token,
 };
 
 #[derive(Clone)]
@@ -50,6 +51,13 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    /// A write transaction that takes SQLite's write lock at once. A
+    /// deferred one that reads first cannot upgrade after another writer
+    /// committed, and would fail with "database is locked".
+    async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
     pub async fn create_project(&self, name: &str) -> Result<CreatedProject> {
         let created = CreatedProject {
             project_id: uuid::Uuid::now_v7().to_string(),
@@ -57,7 +65,7 @@ impl SqliteStore {
             api_key: random_token("phx_"),
         };
         let now = now_rfc3339();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO projects (id, name, capture_token, created_at) VALUES (?, ?, ?, ?)",
         )
@@ -97,7 +105,7 @@ impl SqliteStore {
     /// Writes accepted events to the queue in one transaction: all or none.
     pub async fn enqueue(&self, project_id: &str, events: &[QueuedEvent]) -> Result<()> {
         let now = now_rfc3339();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         for event in events {
             let payload = serde_json::to_string(event).expect("events serialise");
             sqlx::query(
@@ -150,25 +158,37 @@ impl SqliteStore {
         Ok(claimed)
     }
 
-    /// Stores the events made from claimed rows and removes those rows, in
-    /// one transaction. An event already stored under its (project, uuid) is
-    /// left as it is, so a replay stores nothing twice.
+    /// Stores the events made from claimed rows, applying their person
+    /// changes in order, and removes those rows, in one transaction. An event
+    /// already stored under its (project, uuid) is left as it is, so a replay
+    /// stores nothing twice.
     pub async fn complete(
         &self,
         owner: &str,
         ids: &[i64],
         events: &[(String, QueuedEvent)],
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         for (project_id, event) in events {
+            let stored: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM events WHERE project_id = ? AND uuid = ?")
+                    .bind(project_id)
+                    .bind(&event.uuid)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if stored.is_some() {
+                continue; // a replay: its person changes were applied the first time
+            }
+            let person_id = persons::apply(&mut tx, project_id, event).await?;
             sqlx::query(
-                "INSERT INTO events (project_id, uuid, event, distinct_id, timestamp, received_at, properties)
-                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, uuid) DO NOTHING",
+                "INSERT INTO events (project_id, uuid, event, distinct_id, person_id, timestamp, received_at, properties)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(project_id)
             .bind(&event.uuid)
             .bind(&event.event)
             .bind(&event.distinct_id)
+            .bind(&person_id)
             .bind(&event.timestamp)
             .bind(&event.received_at)
             .bind(serde_json::to_string(&event.properties).expect("properties serialise"))
@@ -202,21 +222,27 @@ impl SqliteStore {
         project_id: &str,
         filter: &EventFilter,
     ) -> Result<Vec<StoredEvent>> {
+        // The person is looked up at read time, so events sent before an
+        // identify or alias show the person they were merged into.
         let mut query = QueryBuilder::new(
-            "SELECT uuid, event, distinct_id, timestamp, properties FROM events WHERE project_id = ",
+            "SELECT e.uuid, e.event, e.distinct_id, e.timestamp, e.properties,
+                    COALESCE(p.person_id, e.person_id) AS person_id
+             FROM events e
+             LEFT JOIN person_distinct_ids p ON p.project_id = e.project_id AND p.distinct_id = e.distinct_id
+             WHERE e.project_id = ",
         );
         query.push_bind(project_id);
         if let Some(event) = &filter.event {
-            query.push(" AND event = ").push_bind(event);
+            query.push(" AND e.event = ").push_bind(event);
         }
         if let Some(distinct_id) = &filter.distinct_id {
-            query.push(" AND distinct_id = ").push_bind(distinct_id);
+            query.push(" AND e.distinct_id = ").push_bind(distinct_id);
         }
         if let Some(after) = &filter.after {
-            query.push(" AND timestamp > ").push_bind(after);
+            query.push(" AND e.timestamp > ").push_bind(after);
         }
         if let Some(before) = &filter.before {
-            query.push(" AND timestamp < ").push_bind(before);
+            query.push(" AND e.timestamp < ").push_bind(before);
         }
         query
             .push(" ORDER BY timestamp DESC, uuid DESC LIMIT ")
@@ -230,13 +256,52 @@ impl SqliteStore {
                     uuid: row.get("uuid"),
                     event: row.get("event"),
                     distinct_id: row.get("distinct_id"),
-                    person_id: None,
+                    person_id: row.get("person_id"),
                     timestamp: row.get("timestamp"),
                     properties: serde_json::from_str(&properties)
                         .unwrap_or(serde_json::Value::Null),
                 }
             })
             .collect())
+    }
+
+    /// The person a distinct id belongs to now, with all its distinct ids.
+    pub async fn person_by_distinct_id(
+        &self,
+        project_id: &str,
+        distinct_id: &str,
+    ) -> Result<Option<Person>> {
+        let mut conn = self.pool.acquire().await?;
+        let Some(id): Option<String> = sqlx::query_scalar(
+            "SELECT person_id FROM person_distinct_ids WHERE project_id = ? AND distinct_id = ?",
+        )
+        .bind(project_id)
+        .bind(distinct_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let properties: Option<String> =
+            sqlx::query_scalar("SELECT properties FROM persons WHERE project_id = ? AND id = ?")
+                .bind(project_id)
+                .bind(&id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let distinct_ids: Vec<String> = sqlx::query_scalar(
+            "SELECT distinct_id FROM person_distinct_ids WHERE project_id = ? AND person_id = ? ORDER BY distinct_id",
+        )
+        .bind(project_id)
+        .bind(&id)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(Some(Person {
+            id,
+            distinct_ids,
+            properties: properties
+                .and_then(|p| serde_json::from_str(&p).ok())
+                .unwrap_or(serde_json::Value::Object(Default::default())),
+        }))
     }
 
     pub async fn close(&self) {
