@@ -14,6 +14,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use crate::runtime::{Policy, Runtime, RuntimeConfig};
 use crate::store::{SqliteStore, StoreConfig};
 use crate::{api, capture, pipeline};
 
@@ -27,6 +28,8 @@ pub struct ServeConfig {
     pub max_queue_depth: i64,
     /// Record the client address as `$ip`.
     pub record_ip: bool,
+    /// What plugins may do; see `runtime::Policy`.
+    pub policy: Policy,
 }
 
 impl ServeConfig {
@@ -36,6 +39,7 @@ impl ServeConfig {
             max_body_bytes: 20 << 20,
             max_queue_depth: 1_000_000,
             record_ip: true,
+            policy: Policy::default(),
         }
     }
 }
@@ -49,6 +53,7 @@ pub struct AppState {
     /// since: cheap enough to check on every request.
     pub queue_depth: Arc<AtomicI64>,
     pub wake_worker: Arc<Notify>,
+    pub runtime: Runtime,
 }
 
 /// Opens the store named by `config`, running migrations.
@@ -65,11 +70,16 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let store = open_store(&config.store).await?;
     let depth = store.queue_depth().await?;
+    let runtime = Runtime::new(RuntimeConfig {
+        policy: config.policy.clone(),
+        ..RuntimeConfig::default()
+    })?;
     let state = AppState {
         store: store.clone(),
         config: Arc::new(config),
         queue_depth: Arc::new(AtomicI64::new(depth)),
         wake_worker: Arc::new(Notify::new()),
+        runtime,
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

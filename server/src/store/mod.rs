@@ -3,6 +3,7 @@
 //! acknowledges is committed before the 200.
 
 mod persons;
+mod plugins;
 mod sqlite;
 
 use std::path::PathBuf;
@@ -12,7 +13,20 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub use plugins::{DeadLetter, PluginConfig, PluginConfigPatch, PluginHealth, PluginLog};
 pub use sqlite::SqliteStore;
+
+/// Everything the pipeline made of a claimed batch, written in one
+/// transaction with the removal of the batch from the queue.
+#[derive(Debug, Default)]
+pub struct ProcessedBatch {
+    /// Events to store, by project.
+    pub events: Vec<(String, QueuedEvent)>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Plugin log lines, by plugin config id.
+    pub logs: Vec<(String, crate::runtime::LogRecord)>,
+    pub health: Vec<PluginHealth>,
+}
 
 /// Where data lives.
 #[derive(Clone, Debug)]

@@ -12,13 +12,13 @@ use sqlx::{QueryBuilder, Row};
 
 use super::persons;
 use super::{
-    Claimed, CreatedProject, EventFilter, Person, QueuedEvent, Result, StoredEvent, hash_key,
-    now_rfc3339, random_token,
+    Claimed, CreatedProject, EventFilter, Person, ProcessedBatch, QueuedEvent, Result, StoredEvent,
+    hash_key, now_rfc3339, random_token,
 };
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
 }
 
 impl SqliteStore {
@@ -54,7 +54,7 @@ impl SqliteStore {
     /// A write transaction that takes SQLite's write lock at once. A
     /// deferred one that reads first cannot upgrade after another writer
     /// committed, and would fail with "database is locked".
-    async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+    pub(super) async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         self.pool.begin_with("BEGIN IMMEDIATE").await
     }
 
@@ -162,14 +162,49 @@ impl SqliteStore {
     /// changes in order, and removes those rows, in one transaction. An event
     /// already stored under its (project, uuid) is left as it is, so a replay
     /// stores nothing twice.
-    pub async fn complete(
-        &self,
-        owner: &str,
-        ids: &[i64],
-        events: &[(String, QueuedEvent)],
-    ) -> Result<()> {
+    pub async fn complete(&self, owner: &str, ids: &[i64], batch: &ProcessedBatch) -> Result<()> {
         let mut tx = self.write().await?;
-        for (project_id, event) in events {
+        let now = now_rfc3339();
+        for letter in &batch.dead_letters {
+            sqlx::query(
+                "INSERT INTO dead_letters (project_id, plugin_config_id, event, error, created_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&letter.project_id)
+            .bind(&letter.plugin_config_id)
+            .bind(letter.event.to_string())
+            .bind(&letter.error)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (config_id, record) in &batch.logs {
+            sqlx::query("INSERT INTO plugin_logs (plugin_config_id, at, level, message, event_uuid) VALUES (?, ?, ?, ?, ?)")
+                .bind(config_id)
+                .bind(&record.at)
+                .bind(serde_json::to_value(record.level).ok().and_then(|v| v.as_str().map(str::to_string)))
+                .bind(&record.message)
+                .bind(&record.event_uuid)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for health in &batch.health {
+            sqlx::query(
+                "UPDATE plugin_configs SET consecutive_failures = ?,
+                     enabled = CASE WHEN ? IS NULL THEN enabled ELSE 0 END,
+                     disabled_reason = COALESCE(?, disabled_reason),
+                     updated_at = CASE WHEN ? IS NULL THEN updated_at ELSE ? END
+                 WHERE id = ?",
+            )
+            .bind(health.consecutive_failures)
+            .bind(&health.disabled_reason)
+            .bind(&health.disabled_reason)
+            .bind(&health.disabled_reason)
+            .bind(&now)
+            .bind(&health.plugin_config_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (project_id, event) in &batch.events {
             let stored: Option<i64> =
                 sqlx::query_scalar("SELECT 1 FROM events WHERE project_id = ? AND uuid = ?")
                     .bind(project_id)

@@ -1,5 +1,8 @@
 //! The real server on an ephemeral port: PostHog capture in all its
-//! encodings, errors that store nothing, de-duplication, and the events API.
+//! encodings, errors that store nothing, de-duplication, persons, the
+//! events API, and transformation plugins installed through the API.
+
+mod common;
 
 use std::io::Write;
 use std::time::Duration;
@@ -469,4 +472,260 @@ async fn identify_and_alias_merge_persons_and_old_events_follow_the_merge() {
     // The anonymous person's id lives on: it was the first person, so the
     // identified user joined it.
     assert_eq!(person_id, anon_person);
+}
+
+impl TestServer {
+    async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
+        let url = format!(
+            "{}/api/projects/{}{path}",
+            self.base, self.project.project_id
+        );
+        let mut request = self
+            .client
+            .request(method, url)
+            .bearer_auth(&self.project.api_key);
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Uploads a built plugin and attaches it with `config` and `policy`.
+    async fn install(&self, plugin: &str, config: Value, policy: &str) -> Value {
+        let url = format!(
+            "{}/api/projects/{}/plugins",
+            self.base, self.project.project_id
+        );
+        let response = self
+            .client
+            .post(url)
+            .bearer_auth(&self.project.api_key)
+            .header("content-type", "application/wasm")
+            .body(common::wasm(plugin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let uploaded: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        let body = json!({"plugin_sha256": uploaded["sha256"], "config": config, "failure_policy": policy});
+        let (status, created) = self
+            .api(
+                reqwest::Method::POST,
+                "/plugin-configs",
+                Some(serde_json::to_vec(&body).unwrap()),
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+        created
+    }
+
+    async fn capture(&self, events: Value) {
+        let body = json!({"api_key": self.project.capture_token, "batch": events});
+        assert_eq!(self.post_json("/batch/", body).await.0, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_installed_pii_scrubber_changes_stored_events() {
+    let server = start().await;
+    server
+        .install("pii-scrubber", json!({"drop": ["email"]}), "open")
+        .await;
+    server
+        .capture(json!([{"event": "signed up", "distinct_id": "d",
+                         "properties": {"email": "ann@example.com", "note": "call +1 415 555 2671", "plan": "pro"}}]))
+        .await;
+    let stored = server.wait_for(1).await;
+    let properties = &stored[0]["properties"];
+    assert!(properties.get("email").is_none(), "{properties}");
+    assert_eq!(properties["note"], json!("call [redacted]"));
+    assert_eq!(properties["plan"], json!("pro"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_fail_open_plugin_passes_events_on_and_logs_the_uuid() {
+    let server = start().await;
+    let config = server.install("wasi-file-read", json!({}), "open").await;
+    let uuid = "0190a0a0-0000-7000-8000-0000000000f1";
+    server
+        .capture(json!([{"event": "e", "distinct_id": "d", "uuid": uuid, "properties": {"a": 1}}]))
+        .await;
+    let stored = server.wait_for(1).await;
+    assert_eq!(stored[0]["uuid"], json!(uuid));
+    assert_eq!(stored[0]["properties"]["a"], json!(1));
+    let (_, logs) = server
+        .api(
+            reqwest::Method::GET,
+            &format!("/plugin-configs/{}/logs", config["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    let logs = logs["results"].as_array().unwrap();
+    let failure = logs
+        .iter()
+        .find(|l| l["level"] == json!("error"))
+        .expect("the failure is logged");
+    assert_eq!(failure["event_uuid"], json!(uuid));
+    assert!(
+        failure["message"]
+            .as_str()
+            .unwrap()
+            .contains("wasi-file-read@0.1.0 failed in transform"),
+        "{failure}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_fail_closed_plugin_sends_events_to_dead_letters() {
+    let server = start().await;
+    server.install("wasi-file-read", json!({}), "closed").await;
+    let uuid = "0190a0a0-0000-7000-8000-0000000000f2";
+    server
+        .capture(json!([{"event": "e", "distinct_id": "d", "uuid": uuid}]))
+        .await;
+    let mut letters = Vec::new();
+    for _ in 0..200 {
+        letters = server
+            .api(reqwest::Method::GET, "/dead-letters", None)
+            .await
+            .1["results"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["event"]["uuid"], json!(uuid));
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no preopened directories")
+    );
+    assert!(
+        server.events("").await["results"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "nothing is stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_that_keeps_failing_is_disabled_with_its_reason_and_can_be_re_enabled() {
+    let server = start().await;
+    let config = server.install("wasi-file-read", json!({}), "open").await;
+    let batch: Vec<Value> = (0..12)
+        .map(|i| json!({"event": "e", "distinct_id": format!("d{i}")}))
+        .collect();
+    server.capture(Value::Array(batch)).await;
+    server.wait_for(12).await;
+    let (_, configs) = server
+        .api(reqwest::Method::GET, "/plugin-configs", None)
+        .await;
+    let state = &configs["results"][0];
+    assert_eq!(state["enabled"], json!(false));
+    let reason = state["disabled_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("disabled after 10 consecutive failed events"),
+        "{reason}"
+    );
+
+    let path = format!("/plugin-configs/{}", config["id"].as_str().unwrap());
+    let (status, enabled) = server
+        .api(
+            reqwest::Method::PATCH,
+            &path,
+            Some(br#"{"enabled": true}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            enabled["enabled"].clone(),
+            enabled["disabled_reason"].clone()
+        ),
+        (json!(true), Value::Null)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_back() {
+    let server = start().await;
+    let url = format!(
+        "{}/api/projects/{}/plugins",
+        server.base, server.project.project_id
+    );
+    let response = server
+        .client
+        .post(&url)
+        .bearer_auth(&server.project.api_key)
+        .body(common::wasm("webhook"))
+        .send()
+        .await
+        .unwrap();
+    let uploaded: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    let sha = uploaded["sha256"].clone();
+
+    let bad = json!({"plugin_sha256": sha, "config": {"method": "GET"}});
+    let (status, body) = server
+        .api(
+            reqwest::Method::POST,
+            "/plugin-configs",
+            Some(serde_json::to_vec(&bad).unwrap()),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("`url` is required")
+            && detail.contains("`method` must be one of POST, PUT, PATCH"),
+        "{detail}"
+    );
+
+    let good = json!({"plugin_sha256": sha, "config": {"url": "https://hooks.example.com/x", "secret": "s3cret"}});
+    let (status, created) = server
+        .api(
+            reqwest::Method::POST,
+            "/plugin-configs",
+            Some(serde_json::to_vec(&good).unwrap()),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert!(created["config"].get("secret").is_none(), "{created}");
+    assert_eq!(created["secrets_set"], json!(["secret"]));
+    assert!(!created.to_string().contains("s3cret"));
+    let (_, listed) = server
+        .api(reqwest::Method::GET, "/plugin-configs", None)
+        .await;
+    assert!(!listed.to_string().contains("s3cret"));
+
+    let other = format!(
+        "{}/api/projects/{}/plugin-configs",
+        server.base, server.project.project_id
+    );
+    let response = server
+        .client
+        .get(other)
+        .bearer_auth(&server.other.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403, "another project's key sees nothing");
 }

@@ -1,6 +1,8 @@
 //! The management and query API under `/api`, authorised by a personal API
 //! key (`Authorization: Bearer KEY`) that belongs to the project in the path.
 
+mod plugins;
+
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -18,6 +20,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/projects/{project_id}/events", get(list_events))
         .route("/api/projects/{project_id}/persons", get(find_person))
+        .merge(plugins::router())
 }
 
 /// Why an API request failed, grouped by status code.
@@ -29,6 +32,8 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
     #[error("internal error")]
     Store(#[from] sqlx::Error),
 }
@@ -39,6 +44,7 @@ impl IntoResponse for ApiError {
             ApiError::MissingKey => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Store(err) => {
                 tracing::error!("API request failed: {err}");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -50,7 +56,7 @@ impl IntoResponse for ApiError {
 
 /// Checks the bearer key against the project in the path. A key of another
 /// project gets the same answer as a wrong key.
-async fn authorise(
+pub(crate) async fn authorise(
     state: &AppState,
     headers: &HeaderMap,
     project_id: &str,

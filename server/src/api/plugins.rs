@@ -1,0 +1,292 @@
+//! Plugins of a project: upload a `.wasm`, attach it with a config checked
+//! against its manifest, enable, disable and reorder it, read its log and the
+//! dead letters. Secret config values are never returned.
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, patch, post};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::{ApiError, authorise};
+use crate::runtime::Install;
+use crate::runtime::manifest::FieldType;
+use crate::server::AppState;
+use crate::store::{PluginConfig, PluginConfigPatch};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/projects/{project_id}/plugins", post(upload_plugin))
+        .route(
+            "/api/projects/{project_id}/plugin-configs",
+            post(create_plugin_config).get(list_plugin_configs),
+        )
+        .route(
+            "/api/projects/{project_id}/plugin-configs/{config_id}",
+            patch(update_plugin_config),
+        )
+        .route(
+            "/api/projects/{project_id}/plugin-configs/{config_id}/logs",
+            get(plugin_logs),
+        )
+        .route("/api/projects/{project_id}/dead-letters", get(dead_letters))
+}
+
+/// Largest plugin a project may upload.
+pub const MAX_PLUGIN_BYTES: usize = 50 << 20;
+
+/// `POST /api/projects/{id}/plugins` with the `.wasm` as the body: checks
+/// the embedded manifest, compiles it, and stores it under its sha256.
+async fn upload_plugin(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    if body.len() > MAX_PLUGIN_BYTES {
+        return Err(ApiError::Invalid(format!(
+            "plugins are limited to {MAX_PLUGIN_BYTES} bytes"
+        )));
+    }
+    let runtime = state.runtime.clone();
+    let wasm = body.to_vec();
+    let (plugin, wasm) =
+        tokio::task::spawn_blocking(move || runtime.load(&wasm).map(|plugin| (plugin, wasm)))
+            .await
+            .map_err(|err| ApiError::Invalid(format!("failed to load the plugin: {err}")))?
+            .map_err(|err| ApiError::Invalid(format!("this is not a usable plugin: {err}")))?;
+    state
+        .store
+        .save_plugin(plugin.sha256(), plugin.manifest(), &wasm)
+        .await?;
+    let manifest = plugin.manifest();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "sha256": plugin.sha256(),
+            "name": manifest.name,
+            "version": manifest.version.to_string(),
+            "description": manifest.description,
+            "hooks": manifest.hooks,
+            "config_schema": manifest.config,
+        })),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewPluginConfig {
+    plugin_sha256: String,
+    #[serde(default)]
+    config: Value,
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+    position: Option<i64>,
+    #[serde(default = "fail_open")]
+    failure_policy: String,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+fn fail_open() -> String {
+    "open".into()
+}
+
+fn check_policy(policy: &str) -> Result<(), ApiError> {
+    match policy {
+        "open" | "closed" => Ok(()),
+        other => Err(ApiError::Invalid(format!(
+            "`failure_policy` must be \"open\" or \"closed\", got \"{other}\""
+        ))),
+    }
+}
+
+/// Starts the plugin with `config` (running its setup), so a config the
+/// plugin cannot use is refused now rather than on the first event.
+async fn try_install(
+    state: &AppState,
+    sha256: &str,
+    config: &Value,
+) -> Result<Map<String, Value>, ApiError> {
+    let wasm = state.store.plugin_wasm(sha256).await?.ok_or_else(|| {
+        ApiError::Invalid(format!(
+            "no plugin with sha256 {sha256} is installed; upload it first"
+        ))
+    })?;
+    let runtime = state.runtime.clone();
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let plugin = runtime
+            .load(&wasm)
+            .map_err(|err| ApiError::Invalid(format!("failed to load the plugin: {err}")))?;
+        let validated = plugin.manifest().validate_config(&config).map_err(|err| {
+            ApiError::Invalid(format!("{} cannot use this config: {err}", plugin.id()))
+        })?;
+        plugin
+            .install(Install {
+                install_id: "api-check".into(),
+                config: Value::Object(validated.clone()),
+                limits: None,
+            })
+            .map_err(|err| ApiError::Invalid(err.to_string()))?;
+        Ok(validated)
+    })
+    .await
+    .map_err(|err| ApiError::Invalid(format!("failed to start the plugin: {err}")))?
+}
+
+/// The config without secret values, which the API never returns; the names
+/// of the secrets that are set are listed instead.
+fn public_view(config: &PluginConfig) -> Value {
+    let mut view = serde_json::to_value(config).unwrap_or(Value::Null);
+    let secrets: Vec<String> = config
+        .manifest
+        .as_ref()
+        .map(|m| {
+            m.config
+                .iter()
+                .filter(|(_, field)| field.kind == FieldType::Secret)
+                .map(|(name, _)| name.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut set = Vec::new();
+    if let Some(values) = view.get_mut("config").and_then(Value::as_object_mut) {
+        for name in &secrets {
+            if values.remove(name).is_some() {
+                set.push(name.clone());
+            }
+        }
+    }
+    view["secrets_set"] = json!(set);
+    view
+}
+
+async fn create_plugin_config(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<NewPluginConfig>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    check_policy(&body.failure_policy)?;
+    let validated = try_install(&state, &body.plugin_sha256, &body.config).await?;
+    let created = state
+        .store
+        .create_plugin_config(
+            &project_id,
+            &body.plugin_sha256,
+            &Value::Object(validated),
+            body.enabled,
+            body.position,
+            &body.failure_policy,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(public_view(&created))))
+}
+
+async fn list_plugin_configs(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    let configs = state.store.plugin_configs(&project_id).await?;
+    Ok(Json(
+        json!({"results": configs.iter().map(public_view).collect::<Vec<_>>()}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginConfigChanges {
+    config: Option<Value>,
+    enabled: Option<bool>,
+    position: Option<i64>,
+    failure_policy: Option<String>,
+}
+
+/// `PATCH`: a new config is checked like a new install; secrets left out of
+/// it keep their stored values, since the API never returned them.
+async fn update_plugin_config(
+    State(state): State<AppState>,
+    Path((project_id, config_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<PluginConfigChanges>,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    let current = state
+        .store
+        .plugin_config(&project_id, &config_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("plugin config {config_id}")))?;
+    if let Some(policy) = &body.failure_policy {
+        check_policy(policy)?;
+    }
+    let config = match body.config {
+        Some(Value::Object(mut given)) => {
+            if let (Some(manifest), Some(stored)) = (&current.manifest, current.config.as_object())
+            {
+                for (name, field) in &manifest.config {
+                    if field.kind == FieldType::Secret
+                        && !given.contains_key(name)
+                        && let Some(value) = stored.get(name)
+                    {
+                        given.insert(name.clone(), value.clone());
+                    }
+                }
+            }
+            Some(Value::Object(
+                try_install(&state, &current.plugin_sha256, &Value::Object(given)).await?,
+            ))
+        }
+        Some(_) => return Err(ApiError::Invalid("`config` must be a JSON object".into())),
+        None => None,
+    };
+    let patch = PluginConfigPatch {
+        config,
+        enabled: body.enabled,
+        position: body.position,
+        failure_policy: body.failure_policy,
+    };
+    let updated = state
+        .store
+        .update_plugin_config(&project_id, &config_id, &patch)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("plugin config {config_id}")))?;
+    Ok(Json(public_view(&updated)))
+}
+
+async fn plugin_logs(
+    State(state): State<AppState>,
+    Path((project_id, config_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    if state
+        .store
+        .plugin_config(&project_id, &config_id)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::NotFound(format!("plugin config {config_id}")));
+    }
+    let logs = state.store.plugin_logs(&config_id, 500).await?;
+    Ok(Json(json!({"results": logs})))
+}
+
+async fn dead_letters(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    let letters = state.store.dead_letters(&project_id, 500).await?;
+    Ok(Json(json!({"results": letters})))
+}

@@ -1,0 +1,299 @@
+//! Installed plugins, their per-project configs, plugin logs and dead
+//! letters.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::Row;
+
+use super::{Result, SqliteStore, now_rfc3339};
+use crate::runtime::Manifest;
+
+/// One plugin config of a project: which plugin, with what config, where in
+/// the chain, and whether it runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct PluginConfig {
+    pub id: String,
+    pub project_id: String,
+    pub plugin_sha256: String,
+    pub plugin: String,
+    pub config: Value,
+    pub enabled: bool,
+    pub position: i64,
+    /// `open`: a failing event goes on unchanged; `closed`: it goes to dead
+    /// letters.
+    pub failure_policy: String,
+    pub consecutive_failures: i64,
+    /// Why the host disabled it, if it did.
+    pub disabled_reason: Option<String>,
+    #[serde(skip)]
+    pub manifest: Option<Manifest>,
+}
+
+/// Changes to a plugin config; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct PluginConfigPatch {
+    pub config: Option<Value>,
+    pub enabled: Option<bool>,
+    pub position: Option<i64>,
+    pub failure_policy: Option<String>,
+}
+
+/// A line of a plugin config's log, as stored.
+#[derive(Clone, Debug, Serialize)]
+pub struct PluginLog {
+    pub at: String,
+    pub level: String,
+    pub message: String,
+    pub event_uuid: Option<String>,
+}
+
+/// An event a fail-closed plugin could not transform.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLetter {
+    pub project_id: String,
+    pub plugin_config_id: String,
+    pub event: Value,
+    pub error: String,
+}
+
+/// What the pipeline learnt about a plugin config while processing a batch,
+/// written in the same transaction as the batch's events.
+#[derive(Clone, Debug)]
+pub struct PluginHealth {
+    pub plugin_config_id: String,
+    pub consecutive_failures: i64,
+    pub disabled_reason: Option<String>,
+}
+
+const CONFIG_COLUMNS: &str =
+    "c.id, c.project_id, c.plugin_sha256, c.config, c.enabled, c.position, c.failure_policy,
+    c.consecutive_failures, c.disabled_reason, p.name, p.version, p.manifest";
+
+fn config_from_row(row: &sqlx::sqlite::SqliteRow) -> PluginConfig {
+    let config: String = row.get("config");
+    let manifest: String = row.get("manifest");
+    let name: String = row.get("name");
+    let version: String = row.get("version");
+    PluginConfig {
+        id: row.get("id"),
+        project_id: row.get("project_id"),
+        plugin_sha256: row.get("plugin_sha256"),
+        plugin: format!("{name}@{version}"),
+        config: serde_json::from_str(&config).unwrap_or(Value::Null),
+        enabled: row.get::<i64, _>("enabled") != 0,
+        position: row.get("position"),
+        failure_policy: row.get("failure_policy"),
+        consecutive_failures: row.get("consecutive_failures"),
+        disabled_reason: row.get("disabled_reason"),
+        manifest: serde_json::from_str(&manifest).ok(),
+    }
+}
+
+impl SqliteStore {
+    /// Stores a plugin's `.wasm` under its sha256; storing it again is a
+    /// no-op.
+    pub async fn save_plugin(&self, sha256: &str, manifest: &Manifest, wasm: &[u8]) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO plugins (sha256, name, version, manifest, wasm, created_at) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (sha256) DO NOTHING",
+        )
+        .bind(sha256)
+        .bind(&manifest.name)
+        .bind(manifest.version.to_string())
+        .bind(serde_json::to_string(manifest).expect("manifests serialise"))
+        .bind(wasm)
+        .bind(now_rfc3339())
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn plugin_wasm(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
+        sqlx::query_scalar("SELECT wasm FROM plugins WHERE sha256 = ?")
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Adds a plugin config at the end of the project's chain unless a
+    /// position is given.
+    pub async fn create_plugin_config(
+        &self,
+        project_id: &str,
+        sha256: &str,
+        config: &Value,
+        enabled: bool,
+        position: Option<i64>,
+        failure_policy: &str,
+    ) -> Result<PluginConfig> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let mut tx = self.write().await?;
+        let position = match position {
+            Some(position) => position,
+            None => sqlx::query_scalar::<_, i64>(
+                "SELECT COALESCE(MAX(position), -1) + 1 FROM plugin_configs WHERE project_id = ?",
+            )
+            .bind(project_id)
+            .fetch_one(&mut *tx)
+            .await?,
+        };
+        sqlx::query(
+            "INSERT INTO plugin_configs (id, project_id, plugin_sha256, config, enabled, position, failure_policy, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(project_id)
+        .bind(sha256)
+        .bind(config.to_string())
+        .bind(enabled as i64)
+        .bind(position)
+        .bind(failure_policy)
+        .bind(now_rfc3339())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(self
+            .plugin_config(project_id, &id)
+            .await?
+            .expect("just created"))
+    }
+
+    pub async fn plugin_config(&self, project_id: &str, id: &str) -> Result<Option<PluginConfig>> {
+        let sql = format!(
+            "SELECT {CONFIG_COLUMNS} FROM plugin_configs c JOIN plugins p ON p.sha256 = c.plugin_sha256
+             WHERE c.project_id = ? AND c.id = ?"
+        );
+        let row = sqlx::query(&sql)
+            .bind(project_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(config_from_row))
+    }
+
+    /// A project's plugin configs in chain order.
+    pub async fn plugin_configs(&self, project_id: &str) -> Result<Vec<PluginConfig>> {
+        let sql = format!(
+            "SELECT {CONFIG_COLUMNS} FROM plugin_configs c JOIN plugins p ON p.sha256 = c.plugin_sha256
+             WHERE c.project_id = ? ORDER BY c.position, c.id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(project_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(config_from_row).collect())
+    }
+
+    /// Every enabled plugin config, by project and chain order.
+    pub async fn enabled_plugin_configs(&self) -> Result<Vec<PluginConfig>> {
+        let sql = format!(
+            "SELECT {CONFIG_COLUMNS} FROM plugin_configs c JOIN plugins p ON p.sha256 = c.plugin_sha256
+             WHERE c.enabled = 1 ORDER BY c.project_id, c.position, c.id"
+        );
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(config_from_row).collect())
+    }
+
+    /// Changes whenever any plugin config changes, so workers know when to
+    /// rebuild their chains.
+    pub async fn plugin_configs_stamp(&self) -> Result<String> {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) || '/' || COALESCE(MAX(updated_at), '') FROM plugin_configs",
+        )
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// Applies a patch. Re-enabling clears the failure count and the reason
+    /// the host disabled it.
+    pub async fn update_plugin_config(
+        &self,
+        project_id: &str,
+        id: &str,
+        patch: &PluginConfigPatch,
+    ) -> Result<Option<PluginConfig>> {
+        let Some(current) = self.plugin_config(project_id, id).await? else {
+            return Ok(None);
+        };
+        let enabled = patch.enabled.unwrap_or(current.enabled);
+        let reenabled = patch.enabled == Some(true);
+        sqlx::query(
+            "UPDATE plugin_configs SET config = ?, enabled = ?, position = ?, failure_policy = ?,
+                 consecutive_failures = CASE WHEN ? THEN 0 ELSE consecutive_failures END,
+                 disabled_reason = CASE WHEN ? THEN NULL ELSE disabled_reason END,
+                 updated_at = ?
+             WHERE project_id = ? AND id = ?",
+        )
+        .bind(patch.config.as_ref().unwrap_or(&current.config).to_string())
+        .bind(enabled as i64)
+        .bind(patch.position.unwrap_or(current.position))
+        .bind(
+            patch
+                .failure_policy
+                .as_deref()
+                .unwrap_or(&current.failure_policy),
+        )
+        .bind(reenabled)
+        .bind(reenabled)
+        .bind(now_rfc3339())
+        .bind(project_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        self.plugin_config(project_id, id).await
+    }
+
+    /// Turns a plugin config off with the reason shown to operators.
+    pub async fn disable_plugin_config(&self, id: &str, reason: &str) -> Result<()> {
+        sqlx::query("UPDATE plugin_configs SET enabled = 0, disabled_reason = ?, updated_at = ? WHERE id = ?")
+            .bind(reason)
+            .bind(now_rfc3339())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// The newest log lines of a plugin config, newest first.
+    pub async fn plugin_logs(&self, plugin_config_id: &str, limit: u32) -> Result<Vec<PluginLog>> {
+        let rows = sqlx::query(
+            "SELECT at, level, message, event_uuid FROM plugin_logs WHERE plugin_config_id = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(plugin_config_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| PluginLog {
+                at: row.get("at"),
+                level: row.get("level"),
+                message: row.get("message"),
+                event_uuid: row.get("event_uuid"),
+            })
+            .collect())
+    }
+
+    /// Dead letters of a project, newest first.
+    pub async fn dead_letters(&self, project_id: &str, limit: u32) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT project_id, plugin_config_id, event, error FROM dead_letters WHERE project_id = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(project_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let event: String = row.get("event");
+                DeadLetter {
+                    project_id: row.get("project_id"),
+                    plugin_config_id: row.get("plugin_config_id"),
+                    event: serde_json::from_str(&event).unwrap_or(Value::Null),
+                    error: row.get("error"),
+                }
+            })
+            .collect())
+    }
+}
