@@ -176,9 +176,19 @@ async fn every_posthog_endpoint_and_encoding_is_accepted_and_stored() {
         .await;
     assert_eq!(status, 200);
 
-    // 6 single events, a batch of 2, posthog-js, gzip, form.
-    let stored = server.wait_for(11).await;
-    assert_eq!(stored.len(), 11);
+    // JSON labelled as a form, as `curl -d` sends it.
+    let (status, _) = server
+        .post(
+            "/capture/",
+            serde_json::to_vec(&single(300)).unwrap(),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // 6 single events, a batch of 2, posthog-js, gzip, form, curl.
+    let stored = server.wait_for(12).await;
+    assert_eq!(stored.len(), 12);
     let js_event = stored
         .iter()
         .find(|e| e["distinct_id"] == json!("js"))

@@ -153,7 +153,13 @@ pub(crate) fn decode(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if content_type.starts_with("application/x-www-form-urlencoded") || bytes.starts_with(b"data=")
+    // `curl -d '{...}'` labels JSON as a form: trust the bytes over the label.
+    let looks_like_json = bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{' || *b == b'[');
+    if (content_type.starts_with("application/x-www-form-urlencoded") && !looks_like_json)
+        || bytes.starts_with(b"data=")
     {
         let fields: HashMap<String, String> = form_urlencoded::parse(&bytes).into_owned().collect();
         let data = fields.get("data").ok_or_else(|| {
