@@ -56,3 +56,37 @@ async fn events_acknowledged_before_a_sigkill_are_stored_once_after_restart() {
         "stored events differ from acknowledged ones"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_server_cleanly_and_nothing_acknowledged_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(dir.path()).await;
+    let project = create_project(dir.path());
+    let batch: Vec<Value> = (0..300)
+        .map(|i| json!({"event": "e", "distinct_id": format!("u{i}"), "uuid": uuid::Uuid::now_v7().to_string()}))
+        .collect();
+    let body = json!({"api_key": project["capture_token"], "batch": batch});
+    let response = reqwest::Client::new()
+        .post(format!("{}/batch/", server.base))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let pid = server.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "a SIGTERM is a clean stop, got {status}");
+
+    let restarted = ServerProcess::start(dir.path()).await;
+    let stored = wait_for_events(&restarted.base, &project, 300).await;
+    let unique: HashSet<&str> = stored.iter().map(|e| e["uuid"].as_str().unwrap()).collect();
+    assert_eq!((stored.len(), unique.len()), (300, 300));
+}

@@ -739,3 +739,31 @@ async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_
         .unwrap();
     assert_eq!(response.status(), 403, "another project's key sees nothing");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn capture_answers_503_with_retry_after_when_the_queue_is_full() {
+    let server = start_with(|c| ServeConfig {
+        max_queue_depth: 0,
+        ..c
+    })
+    .await;
+    let event = json!({"api_key": server.project.capture_token, "event": "e", "distinct_id": "d"});
+    let response = server
+        .client
+        .post(format!("{}/capture/", server.base))
+        .body(event.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["detail"], json!("the queue is full; retry after 5 s"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        server.events("").await["results"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
