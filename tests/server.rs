@@ -78,9 +78,10 @@ impl TestServer {
         .await
     }
 
-    async fn events(&self, query: &str) -> Value {
+    /// GET an API path of the project with its key; asserts 200.
+    async fn get_api(&self, path_and_query: &str) -> Value {
         let url = format!(
-            "{}/api/projects/{}/events?{query}",
+            "{}/api/projects/{}{path_and_query}",
             self.base, self.project.project_id
         );
         let response = self
@@ -92,6 +93,10 @@ impl TestServer {
             .unwrap();
         assert_eq!(response.status(), 200);
         serde_json::from_str(&response.text().await.unwrap()).unwrap()
+    }
+
+    async fn events(&self, query: &str) -> Value {
+        self.get_api(&format!("/events?{query}")).await
     }
 
     /// Waits until the events API shows `n` events (the worker stores them
@@ -412,20 +417,9 @@ async fn the_events_api_filters_orders_and_checks_the_key() {
 
 impl TestServer {
     async fn person(&self, distinct_id: &str) -> Value {
-        let url = format!(
-            "{}/api/projects/{}/persons?distinct_id={distinct_id}",
-            self.base, self.project.project_id
-        );
-        let response = self
-            .client
-            .get(url)
-            .bearer_auth(&self.project.api_key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
-        body["results"][0].clone()
+        self.get_api(&format!("/persons?distinct_id={distinct_id}"))
+            .await["results"][0]
+            .clone()
     }
 }
 

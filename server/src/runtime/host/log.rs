@@ -86,6 +86,22 @@ impl Activity {
         self.logs.push(record);
     }
 
+    /// Logs how many lines were dropped since the last note, if any.
+    fn note_dropped(&mut self, per_minute: u32) {
+        let dropped = std::mem::take(&mut self.dropped_in_window);
+        if dropped > 0 {
+            self.push(LogRecord {
+                at: now_rfc3339(),
+                level: LogLevel::Warn,
+                message: format!(
+                    "dropped {dropped} log lines over the limit of {per_minute} per minute"
+                ),
+                fields: Vec::new(),
+                event_uuid: None,
+            });
+        }
+    }
+
     pub fn record_http(&mut self, call: HttpCall) {
         if self.http_calls.len() >= MAX_BUFFERED {
             self.http_calls.remove(0);
@@ -116,18 +132,7 @@ impl HostState {
             .window_start
             .is_none_or(|start| now.duration_since(start).as_secs() >= 60);
         if window_over {
-            if activity.dropped_in_window > 0 {
-                let dropped = activity.dropped_in_window;
-                activity.push(LogRecord {
-                    at: now_rfc3339(),
-                    level: LogLevel::Warn,
-                    message: format!(
-                        "dropped {dropped} log lines over the limit of {per_minute} per minute"
-                    ),
-                    fields: Vec::new(),
-                    event_uuid: None,
-                });
-            }
+            activity.note_dropped(per_minute);
             activity.window_start = Some(now);
             activity.lines_in_window = 0;
             activity.dropped_in_window = 0;
@@ -152,20 +157,12 @@ impl HostState {
     /// Logs how many lines the current window dropped so far; called when a
     /// caller drains the activity, so a test run reports the gap at once.
     pub fn flush_dropped(&mut self) {
-        let mut activity = self.install.activity.lock().expect("activity lock");
-        let dropped = std::mem::take(&mut activity.dropped_in_window);
-        if dropped > 0 {
-            let per_minute = self.install.limits.log_lines_per_minute;
-            activity.push(LogRecord {
-                at: now_rfc3339(),
-                level: LogLevel::Warn,
-                message: format!(
-                    "dropped {dropped} log lines over the limit of {per_minute} per minute"
-                ),
-                fields: Vec::new(),
-                event_uuid: None,
-            });
-        }
+        let per_minute = self.install.limits.log_lines_per_minute;
+        self.install
+            .activity
+            .lock()
+            .expect("activity lock")
+            .note_dropped(per_minute);
     }
 }
 
