@@ -28,14 +28,14 @@ fi
 # Build the tests first: it builds the `sluice` binary with the same features
 # the tests use, so nothing is compiled twice.
 if cargo nextest --version >/dev/null 2>&1; then
-  run_tests() { cargo nextest run --workspace --no-fail-fast "$@"; }
+  run_tests() { cargo nextest run --workspace "$@"; }
 else
-  run_tests() { cargo test --workspace --no-fail-fast --lib --bins --tests "$@"; }
+  run_tests() { cargo test --workspace --lib --bins --tests "$@"; }
 fi
 run_tests --no-run
 
 plugins=(plugins/*/ tests/plugins/*/)
 ./target/debug/sluice plugin build "${plugins[@]}" --out-dir target/plugins
 
-run_tests
+run_tests --no-fail-fast
 cargo test --workspace --doc
