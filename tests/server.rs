@@ -11,6 +11,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use sluice::server::{ServeConfig, open_store, serve};
 use sluice::store::CreatedProject;
+use sluice::store::{Backend, StoreConfig};
 
 struct TestServer {
     base: String,
@@ -19,13 +20,28 @@ struct TestServer {
     client: reqwest::Client,
     _stop: tokio::sync::oneshot::Sender<()>,
     _dir: tempfile::TempDir,
+    _database: Option<common::postgres::TestDatabase>,
 }
 
-async fn start_with(config: impl FnOnce(ServeConfig) -> ServeConfig) -> TestServer {
+async fn start_with(
+    backend: Backend,
+    config: impl FnOnce(ServeConfig) -> ServeConfig,
+) -> TestServer {
     // Server logs show up under failing tests.
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(ServeConfig::with_data_dir(dir.path().to_path_buf()));
+    let mut base_config = ServeConfig::with_data_dir(dir.path().to_path_buf());
+    let database = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let database = common::postgres::TestDatabase::create().await;
+            base_config.store = StoreConfig::Postgres {
+                url: database.url.clone(),
+            };
+            Some(database)
+        }
+    };
+    let config = config(base_config);
     let store = open_store(&config.store).await.unwrap();
     let project = store.create_project("test").await.unwrap();
     let other = store.create_project("other").await.unwrap();
@@ -47,11 +63,12 @@ async fn start_with(config: impl FnOnce(ServeConfig) -> ServeConfig) -> TestServ
         client: reqwest::Client::new(),
         _stop: stop,
         _dir: dir,
+        _database: database,
     }
 }
 
-async fn start() -> TestServer {
-    start_with(|c| c).await
+async fn start(backend: Backend) -> TestServer {
+    start_with(backend, |c| c).await
 }
 
 impl TestServer {
@@ -122,9 +139,8 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     encoder.finish().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_posthog_endpoint_and_encoding_is_accepted_and_stored() {
-    let server = start().await;
+async fn every_posthog_endpoint_and_encoding_is_accepted_and_stored(backend: Backend) {
+    let server = start(backend).await;
     let token = server.project.capture_token.clone();
     let single = |n: u32| json!({"api_key": token, "event": "single", "distinct_id": format!("u{n}"), "properties": {"n": n}});
 
@@ -218,9 +234,8 @@ async fn every_posthog_endpoint_and_encoding_is_accepted_and_stored() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_requests_get_clear_json_errors_and_store_nothing() {
-    let server = start_with(|c| ServeConfig {
+async fn bad_requests_get_clear_json_errors_and_store_nothing(backend: Backend) {
+    let server = start_with(backend, |c| ServeConfig {
         max_body_bytes: 4096,
         ..c
     })
@@ -302,9 +317,8 @@ async fn bad_requests_get_clear_json_errors_and_store_nothing() {
     assert_eq!((stored.len(), stored_later), (1, 1));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_replayed_uuid_is_stored_once() {
-    let server = start().await;
+async fn a_replayed_uuid_is_stored_once(backend: Backend) {
+    let server = start(backend).await;
     let event = json!({
         "api_key": server.project.capture_token,
         "event": "paid",
@@ -327,9 +341,8 @@ async fn a_replayed_uuid_is_stored_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_events_api_filters_orders_and_checks_the_key() {
-    let server = start().await;
+async fn the_events_api_filters_orders_and_checks_the_key(backend: Backend) {
+    let server = start(backend).await;
     let token = server.project.capture_token.clone();
     let batch: Vec<Value> = (0..5)
         .map(|i| {
@@ -423,9 +436,8 @@ impl TestServer {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn identify_and_alias_merge_persons_and_old_events_follow_the_merge() {
-    let server = start().await;
+async fn identify_and_alias_merge_persons_and_old_events_follow_the_merge(backend: Backend) {
+    let server = start(backend).await;
     let token = server.project.capture_token.clone();
     let send =
         |batch: Value| server.post_json("/batch/", json!({"api_key": token, "batch": batch}));
@@ -542,9 +554,8 @@ impl TestServer {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_installed_pii_scrubber_changes_stored_events() {
-    let server = start().await;
+async fn an_installed_pii_scrubber_changes_stored_events(backend: Backend) {
+    let server = start(backend).await;
     server
         .install("pii-scrubber", json!({"drop": ["email"]}), "open")
         .await;
@@ -559,9 +570,8 @@ async fn an_installed_pii_scrubber_changes_stored_events() {
     assert_eq!(properties["plan"], json!("pro"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_failing_fail_open_plugin_passes_events_on_and_logs_the_uuid() {
-    let server = start().await;
+async fn a_failing_fail_open_plugin_passes_events_on_and_logs_the_uuid(backend: Backend) {
+    let server = start(backend).await;
     let config = server.install("wasi-file-read", json!({}), "open").await;
     let uuid = "0190a0a0-0000-7000-8000-0000000000f1";
     server
@@ -592,9 +602,8 @@ async fn a_failing_fail_open_plugin_passes_events_on_and_logs_the_uuid() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_failing_fail_closed_plugin_sends_events_to_dead_letters() {
-    let server = start().await;
+async fn a_failing_fail_closed_plugin_sends_events_to_dead_letters(backend: Backend) {
+    let server = start(backend).await;
     server.install("wasi-file-read", json!({}), "closed").await;
     let uuid = "0190a0a0-0000-7000-8000-0000000000f2";
     server
@@ -631,9 +640,10 @@ async fn a_failing_fail_closed_plugin_sends_events_to_dead_letters() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_plugin_that_keeps_failing_is_disabled_with_its_reason_and_can_be_re_enabled() {
-    let server = start().await;
+async fn a_plugin_that_keeps_failing_is_disabled_with_its_reason_and_can_be_re_enabled(
+    backend: Backend,
+) {
+    let server = start(backend).await;
     let config = server.install("wasi-file-read", json!({}), "open").await;
     let batch: Vec<Value> = (0..12)
         .map(|i| json!({"event": "e", "distinct_id": format!("d{i}")}))
@@ -669,9 +679,10 @@ async fn a_plugin_that_keeps_failing_is_disabled_with_its_reason_and_can_be_re_e
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_back() {
-    let server = start().await;
+async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_back(
+    backend: Backend,
+) {
+    let server = start(backend).await;
     let url = format!(
         "{}/api/projects/{}/plugins",
         server.base, server.project.project_id
@@ -734,9 +745,8 @@ async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_
     assert_eq!(response.status(), 403, "another project's key sees nothing");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn capture_answers_503_with_retry_after_when_the_queue_is_full() {
-    let server = start_with(|c| ServeConfig {
+async fn capture_answers_503_with_retry_after_when_the_queue_is_full(backend: Backend) {
+    let server = start_with(backend, |c| ServeConfig {
         max_queue_depth: 0,
         ..c
     })
@@ -761,3 +771,35 @@ async fn capture_answers_503_with_retry_after_when_the_queue_is_full() {
             .is_empty()
     );
 }
+
+/// Every test above, once on SQLite and once on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                super::$name(super::Backend::Sqlite).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                super::$name(super::Backend::Postgres).await
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    every_posthog_endpoint_and_encoding_is_accepted_and_stored,
+    bad_requests_get_clear_json_errors_and_store_nothing,
+    a_replayed_uuid_is_stored_once,
+    the_events_api_filters_orders_and_checks_the_key,
+    identify_and_alias_merge_persons_and_old_events_follow_the_merge,
+    an_installed_pii_scrubber_changes_stored_events,
+    a_failing_fail_open_plugin_passes_events_on_and_logs_the_uuid,
+    a_failing_fail_closed_plugin_sends_events_to_dead_letters,
+    a_plugin_that_keeps_failing_is_disabled_with_its_reason_and_can_be_re_enabled,
+    plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_back,
+    capture_answers_503_with_retry_after_when_the_queue_is_full,
+);

@@ -38,9 +38,24 @@ pub enum Command {
 /// Where the data lives.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// Directory of the embedded SQLite database.
+    /// Directory of the embedded SQLite database (the default store).
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "sluice-data")]
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL (postgres://user@host/db) to use instead of SQLite;
+    /// several `sluice serve` processes may share it.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+impl StoreArgs {
+    pub fn config(self) -> StoreConfig {
+        match self.database_url.filter(|url| !url.is_empty()) {
+            Some(url) => StoreConfig::Postgres { url },
+            None => StoreConfig::Sqlite {
+                data_dir: self.data_dir,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +74,10 @@ pub struct ServeArgs {
     /// Do not record the client address as `$ip`.
     #[arg(long, env = "SLUICE_NO_IP")]
     pub no_ip: bool,
+    /// Seconds a worker holds claimed events before another process may take
+    /// them over (after a crash).
+    #[arg(long, env = "SLUICE_LEASE_SECONDS", default_value_t = 30)]
+    pub lease_seconds: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,7 +171,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_body_bytes: args.max_body_bytes,
         max_queue_depth: args.max_queue_depth,
         record_ip: !args.no_ip,
-        ..ServeConfig::with_data_dir(args.store.data_dir)
+        lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
+        store: args.store.config(),
+        ..ServeConfig::with_data_dir(PathBuf::new())
     };
     tokio_runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)

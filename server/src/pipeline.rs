@@ -18,8 +18,7 @@ use tokio::sync::watch;
 use crate::runtime::{Hook, Install, LogLevel, LogRecord, PluginEvent, PluginInstance, Runtime};
 use crate::server::AppState;
 use crate::store::{
-    Claimed, DeadLetter, LEASE, PluginConfig, PluginHealth, ProcessedBatch, QueuedEvent,
-    SqliteStore,
+    Claimed, DeadLetter, PluginConfig, PluginHealth, ProcessedBatch, QueuedEvent, Store,
 };
 
 /// Rows leased per round trip.
@@ -51,7 +50,7 @@ struct Chains {
 }
 
 impl Chains {
-    async fn refresh(&mut self, store: &SqliteStore, runtime: &Runtime) -> anyhow::Result<()> {
+    async fn refresh(&mut self, store: &Store, runtime: &Runtime) -> anyhow::Result<()> {
         let stamp = store.plugin_configs_stamp().await?;
         if stamp == self.stamp {
             return Ok(());
@@ -87,7 +86,7 @@ impl Chains {
 }
 
 async fn instantiate(
-    store: &SqliteStore,
+    store: &Store,
     runtime: &Runtime,
     config: &PluginConfig,
 ) -> Result<PluginInstance, String> {
@@ -245,7 +244,11 @@ pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> any
             tokio::time::sleep(IDLE_POLL).await;
             continue;
         }
-        let claimed = match state.store.claim(&owner, CLAIM_BATCH, LEASE).await {
+        let claimed = match state
+            .store
+            .claim(&owner, CLAIM_BATCH, state.config.lease)
+            .await
+        {
             Ok(claimed) => claimed,
             Err(err) => {
                 tracing::error!("failed to lease queued events: {err}");

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
@@ -15,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::runtime::{Policy, Runtime, RuntimeConfig};
-use crate::store::{SqliteStore, StoreConfig};
+use crate::store::{DEFAULT_LEASE, Store, StoreConfig};
 use crate::{api, capture, pipeline};
 
 /// Everything `sluice serve` is configured with.
@@ -30,6 +31,9 @@ pub struct ServeConfig {
     pub record_ip: bool,
     /// What plugins may do; see `runtime::Policy`.
     pub policy: Policy,
+    /// How long a worker holds claimed queue rows before another process may
+    /// take them over.
+    pub lease: Duration,
 }
 
 impl ServeConfig {
@@ -40,6 +44,7 @@ impl ServeConfig {
             max_queue_depth: 1_000_000,
             record_ip: true,
             policy: Policy::default(),
+            lease: DEFAULT_LEASE,
         }
     }
 }
@@ -47,7 +52,7 @@ impl ServeConfig {
 /// Shared by the handlers and the worker. Small on purpose.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: SqliteStore,
+    pub store: Store,
     pub config: Arc<ServeConfig>,
     /// Events waiting in the queue, as last counted plus what capture added
     /// since: cheap enough to check on every request.
@@ -57,10 +62,8 @@ pub struct AppState {
 }
 
 /// Opens the store named by `config`, running migrations.
-pub async fn open_store(config: &StoreConfig) -> anyhow::Result<SqliteStore> {
-    match config {
-        StoreConfig::Sqlite { data_dir } => SqliteStore::open(data_dir).await,
-    }
+pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
+    Store::open(config).await
 }
 
 pub async fn serve(

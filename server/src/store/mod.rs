@@ -2,9 +2,9 @@
 //! SQLite (WAL) is the embedded default. Every write that capture
 //! acknowledges is committed before the 200.
 
+mod db;
 mod persons;
 mod plugins;
-mod sqlite;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,8 +13,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub use db::{Backend, Store};
 pub use plugins::{DeadLetter, PluginConfig, PluginConfigPatch, PluginHealth, PluginLog};
-pub use sqlite::SqliteStore;
 
 /// Everything the pipeline made of a claimed batch, written in one
 /// transaction with the removal of the batch from the queue.
@@ -31,8 +31,10 @@ pub struct ProcessedBatch {
 /// Where data lives.
 #[derive(Clone, Debug)]
 pub enum StoreConfig {
-    /// `DIR/sluice.db`.
+    /// `DIR/sluice.db`, the embedded default.
     Sqlite { data_dir: PathBuf },
+    /// A PostgreSQL database that several processes may share.
+    Postgres { url: String },
 }
 
 /// What `sluice project create` prints.
@@ -95,9 +97,9 @@ pub struct EventFilter {
 }
 
 /// How long a claimed queue row stays with a worker before another may take
-/// it: long enough for a slow plugin chain, short enough that a killed
-/// worker's events move on quickly.
-pub const LEASE: Duration = Duration::from_secs(30);
+/// it, by default: long enough for a slow plugin chain, short enough that a
+/// killed worker's events move on quickly.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))

@@ -5,7 +5,7 @@
 //! person's properties.
 
 use serde_json::{Map, Value};
-use sqlx::SqliteConnection;
+use sqlx::AnyConnection;
 
 use super::{QueuedEvent, Result};
 
@@ -20,12 +20,12 @@ fn new_person_id(project_id: &str, distinct_id: &str) -> String {
 }
 
 async fn person_of(
-    tx: &mut SqliteConnection,
+    tx: &mut AnyConnection,
     project_id: &str,
     distinct_id: &str,
 ) -> Result<Option<String>> {
     sqlx::query_scalar(
-        "SELECT person_id FROM person_distinct_ids WHERE project_id = ? AND distinct_id = ?",
+        "SELECT person_id FROM person_distinct_ids WHERE project_id = $1 AND distinct_id = $2",
     )
     .bind(project_id)
     .bind(distinct_id)
@@ -34,13 +34,13 @@ async fn person_of(
 }
 
 async fn link(
-    tx: &mut SqliteConnection,
+    tx: &mut AnyConnection,
     project_id: &str,
     distinct_id: &str,
     person_id: &str,
 ) -> Result<()> {
     sqlx::query(
-        "INSERT INTO person_distinct_ids (project_id, distinct_id, person_id) VALUES (?, ?, ?)
+        "INSERT INTO person_distinct_ids (project_id, distinct_id, person_id) VALUES ($1, $2, $3)
          ON CONFLICT (project_id, distinct_id) DO UPDATE SET person_id = excluded.person_id",
     )
     .bind(project_id)
@@ -52,14 +52,14 @@ async fn link(
 }
 
 async fn create(
-    tx: &mut SqliteConnection,
+    tx: &mut AnyConnection,
     project_id: &str,
     distinct_id: &str,
     now: &str,
 ) -> Result<String> {
     let id = new_person_id(project_id, distinct_id);
     sqlx::query(
-        "INSERT INTO persons (project_id, id, properties, created_at) VALUES (?, ?, '{}', ?)
+        "INSERT INTO persons (project_id, id, properties, created_at) VALUES ($1, $2, '{}', $3)
          ON CONFLICT (project_id, id) DO NOTHING",
     )
     .bind(project_id)
@@ -72,12 +72,12 @@ async fn create(
 }
 
 async fn properties(
-    tx: &mut SqliteConnection,
+    tx: &mut AnyConnection,
     project_id: &str,
     person_id: &str,
 ) -> Result<Map<String, Value>> {
     let text: Option<String> =
-        sqlx::query_scalar("SELECT properties FROM persons WHERE project_id = ? AND id = ?")
+        sqlx::query_scalar("SELECT properties FROM persons WHERE project_id = $1 AND id = $2")
             .bind(project_id)
             .bind(person_id)
             .fetch_optional(&mut *tx)
@@ -88,12 +88,12 @@ async fn properties(
 }
 
 async fn save_properties(
-    tx: &mut SqliteConnection,
+    tx: &mut AnyConnection,
     project_id: &str,
     person_id: &str,
     props: &Map<String, Value>,
 ) -> Result<()> {
-    sqlx::query("UPDATE persons SET properties = ? WHERE project_id = ? AND id = ?")
+    sqlx::query("UPDATE persons SET properties = $1 WHERE project_id = $2 AND id = $3")
         .bind(Value::Object(props.clone()).to_string())
         .bind(project_id)
         .bind(person_id)
@@ -106,7 +106,7 @@ async fn save_properties(
 /// already has a person of its own, that person is merged in: its distinct
 /// ids move over and its properties fill gaps in the target's.
 async fn merge(
-    tx: &mut SqliteConnection,
+    tx: &mut AnyConnection,
     project_id: &str,
     target: &str,
     other_distinct_id: &str,
@@ -123,14 +123,14 @@ async fn merge(
     }
     save_properties(tx, project_id, target, &merged).await?;
     sqlx::query(
-        "UPDATE person_distinct_ids SET person_id = ? WHERE project_id = ? AND person_id = ?",
+        "UPDATE person_distinct_ids SET person_id = $1 WHERE project_id = $2 AND person_id = $3",
     )
     .bind(target)
     .bind(project_id)
     .bind(&source)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM persons WHERE project_id = ? AND id = ?")
+    sqlx::query("DELETE FROM persons WHERE project_id = $1 AND id = $2")
         .bind(project_id)
         .bind(&source)
         .execute(&mut *tx)
@@ -149,7 +149,7 @@ fn text_property(properties: &Map<String, Value>, key: &str) -> Option<String> {
 /// Applies what `event` says about persons and returns the person it
 /// belongs to.
 pub async fn apply(
-    tx: &mut SqliteConnection,
+    tx: &mut AnyConnection,
     project_id: &str,
     event: &QueuedEvent,
 ) -> Result<String> {

@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{Result, SqliteStore, now_rfc3339};
+use super::{Result, Store, now_rfc3339};
 use crate::runtime::Manifest;
 
 /// One plugin config of a project: which plugin, with what config, where in
@@ -69,7 +69,7 @@ const CONFIG_COLUMNS: &str =
     "c.id, c.project_id, c.plugin_sha256, c.config, c.enabled, c.position, c.failure_policy,
     c.consecutive_failures, c.disabled_reason, p.name, p.version, p.manifest";
 
-fn config_from_row(row: &sqlx::sqlite::SqliteRow) -> PluginConfig {
+fn config_from_row(row: &sqlx::any::AnyRow) -> PluginConfig {
     let config: String = row.get("config");
     let manifest: String = row.get("manifest");
     let name: String = row.get("name");
@@ -89,12 +89,12 @@ fn config_from_row(row: &sqlx::sqlite::SqliteRow) -> PluginConfig {
     }
 }
 
-impl SqliteStore {
+impl Store {
     /// Stores a plugin's `.wasm` under its sha256; storing it again is a
     /// no-op.
     pub async fn save_plugin(&self, sha256: &str, manifest: &Manifest, wasm: &[u8]) -> Result<()> {
         sqlx::query(
-            "INSERT INTO plugins (sha256, name, version, manifest, wasm, created_at) VALUES (?, ?, ?, ?, ?, ?)
+            "INSERT INTO plugins (sha256, name, version, manifest, wasm, created_at) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (sha256) DO NOTHING",
         )
         .bind(sha256)
@@ -109,7 +109,7 @@ impl SqliteStore {
     }
 
     pub async fn plugin_wasm(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
-        sqlx::query_scalar("SELECT wasm FROM plugins WHERE sha256 = ?")
+        sqlx::query_scalar("SELECT wasm FROM plugins WHERE sha256 = $1")
             .bind(sha256)
             .fetch_optional(&self.pool)
             .await
@@ -131,7 +131,7 @@ impl SqliteStore {
         let position = match position {
             Some(position) => position,
             None => sqlx::query_scalar::<_, i64>(
-                "SELECT COALESCE(MAX(position), -1) + 1 FROM plugin_configs WHERE project_id = ?",
+                "SELECT COALESCE(MAX(position), -1) + 1 FROM plugin_configs WHERE project_id = $1",
             )
             .bind(project_id)
             .fetch_one(&mut *tx)
@@ -139,7 +139,7 @@ impl SqliteStore {
         };
         sqlx::query(
             "INSERT INTO plugin_configs (id, project_id, plugin_sha256, config, enabled, position, failure_policy, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&id)
         .bind(project_id)
@@ -161,7 +161,7 @@ impl SqliteStore {
     pub async fn plugin_config(&self, project_id: &str, id: &str) -> Result<Option<PluginConfig>> {
         let sql = format!(
             "SELECT {CONFIG_COLUMNS} FROM plugin_configs c JOIN plugins p ON p.sha256 = c.plugin_sha256
-             WHERE c.project_id = ? AND c.id = ?"
+             WHERE c.project_id = $1 AND c.id = $2"
         );
         let row = sqlx::query(&sql)
             .bind(project_id)
@@ -175,7 +175,7 @@ impl SqliteStore {
     pub async fn plugin_configs(&self, project_id: &str) -> Result<Vec<PluginConfig>> {
         let sql = format!(
             "SELECT {CONFIG_COLUMNS} FROM plugin_configs c JOIN plugins p ON p.sha256 = c.plugin_sha256
-             WHERE c.project_id = ? ORDER BY c.position, c.id"
+             WHERE c.project_id = $1 ORDER BY c.position, c.id"
         );
         let rows = sqlx::query(&sql)
             .bind(project_id)
@@ -218,11 +218,11 @@ impl SqliteStore {
         let enabled = patch.enabled.unwrap_or(current.enabled);
         let reenabled = patch.enabled == Some(true);
         sqlx::query(
-            "UPDATE plugin_configs SET config = ?, enabled = ?, position = ?, failure_policy = ?,
-                 consecutive_failures = CASE WHEN ? THEN 0 ELSE consecutive_failures END,
-                 disabled_reason = CASE WHEN ? THEN NULL ELSE disabled_reason END,
-                 updated_at = ?
-             WHERE project_id = ? AND id = ?",
+            "UPDATE plugin_configs SET config = $1, enabled = $2, position = $3, failure_policy = $4,
+                 consecutive_failures = CASE WHEN $5 THEN 0 ELSE consecutive_failures END,
+                 disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END,
+                 updated_at = $7
+             WHERE project_id = $8 AND id = $9",
         )
         .bind(patch.config.as_ref().unwrap_or(&current.config).to_string())
         .bind(enabled as i64)
@@ -245,7 +245,7 @@ impl SqliteStore {
 
     /// Turns a plugin config off with the reason shown to operators.
     pub async fn disable_plugin_config(&self, id: &str, reason: &str) -> Result<()> {
-        sqlx::query("UPDATE plugin_configs SET enabled = 0, disabled_reason = ?, updated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE plugin_configs SET enabled = 0, disabled_reason = $1, updated_at = $2 WHERE id = $3")
             .bind(reason)
             .bind(now_rfc3339())
             .bind(id)
@@ -257,7 +257,7 @@ impl SqliteStore {
     /// The newest log lines of a plugin config, newest first.
     pub async fn plugin_logs(&self, plugin_config_id: &str, limit: u32) -> Result<Vec<PluginLog>> {
         let rows = sqlx::query(
-            "SELECT at, level, message, event_uuid FROM plugin_logs WHERE plugin_config_id = ? ORDER BY id DESC LIMIT ?",
+            "SELECT at, level, message, event_uuid FROM plugin_logs WHERE plugin_config_id = $1 ORDER BY id DESC LIMIT $2",
         )
         .bind(plugin_config_id)
         .bind(limit as i64)
@@ -277,7 +277,7 @@ impl SqliteStore {
     /// Dead letters of a project, newest first.
     pub async fn dead_letters(&self, project_id: &str, limit: u32) -> Result<Vec<DeadLetter>> {
         let rows = sqlx::query(
-            "SELECT project_id, plugin_config_id, event, error FROM dead_letters WHERE project_id = ? ORDER BY id DESC LIMIT ?",
+            "SELECT project_id, plugin_config_id, event, error FROM dead_letters WHERE project_id = $1 ORDER BY id DESC LIMIT $2",
         )
         .bind(project_id)
         .bind(limit as i64)

@@ -1,29 +1,59 @@
-//! The embedded SQLite store: one file under the data dir, WAL mode,
-//! `synchronous = FULL` so a committed capture survives a crash or power loss.
+//! The SQL store behind both backends: SQLite (one file under the data dir,
+//! WAL mode, `synchronous = FULL`, so a committed capture survives a crash
+//! or power loss) and PostgreSQL (several processes on one database, queue
+//! rows claimed with `FOR UPDATE SKIP LOCKED`). One set of queries serves
+//! both through sqlx's `Any` driver; the few that differ say so.
 
 use std::path::Path;
-use std::str::FromStr;
+use std::sync::Once;
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{QueryBuilder, Row};
+use sqlx::AnyPool;
+use sqlx::Row;
+use sqlx::any::AnyPoolOptions;
 
 use super::persons;
 use super::{
-    Claimed, CreatedProject, EventFilter, Person, ProcessedBatch, QueuedEvent, Result, StoredEvent,
-    hash_key, now_rfc3339, random_token,
+    Claimed, CreatedProject, EventFilter, Person, ProcessedBatch, QueuedEvent, Result, StoreConfig,
+    StoredEvent, hash_key, now_rfc3339, random_token,
 };
 
-#[derive(Clone)]
-pub struct SqliteStore {
-    pub(super) pool: SqlitePool,
+/// Which database a store talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
 }
 
-impl SqliteStore {
-    /// Opens (creating if needed) `data_dir/sluice.db` and runs migrations.
-    pub async fn open(data_dir: &Path) -> anyhow::Result<SqliteStore> {
+#[derive(Clone)]
+pub struct Store {
+    pub(super) pool: AnyPool,
+    backend: Backend,
+}
+
+/// SQLite settings for every connection: WAL so readers never block the
+/// writer, FULL sync so an acknowledged write is on disk, and a busy timeout
+/// because a second process (`sluice project create`) may hold the write
+/// lock for a moment.
+const SQLITE_PRAGMAS: [&str; 4] = [
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",
+    "PRAGMA busy_timeout = 10000",
+    "PRAGMA foreign_keys = ON",
+];
+
+impl Store {
+    /// Connects to the configured database and runs its migrations.
+    pub async fn open(config: &StoreConfig) -> anyhow::Result<Store> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        match config {
+            StoreConfig::Sqlite { data_dir } => Self::open_sqlite(data_dir).await,
+            StoreConfig::Postgres { url } => Self::open_postgres(url).await,
+        }
+    }
+
+    async fn open_sqlite(data_dir: &Path) -> anyhow::Result<Store> {
         std::fs::create_dir_all(data_dir).map_err(|err| {
             anyhow::anyhow!(
                 "failed to create the data dir {}: {err}",
@@ -31,31 +61,59 @@ impl SqliteStore {
             )
         })?;
         let path = data_dir.join("sluice.db");
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            // A second process (`sluice project create`) may hold the write
-            // lock for a moment.
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
+        let pool = AnyPoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    for pragma in SQLITE_PRAGMAS {
+                        sqlx::query(pragma).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&format!("sqlite://{}?mode=rwc", path.display()))
             .await
             .map_err(|err| anyhow::anyhow!("failed to open {}: {err}", path.display()))?;
         sqlx::migrate!("../migrations/sqlite")
             .run(&pool)
             .await
             .map_err(|err| anyhow::anyhow!("failed to migrate {}: {err}", path.display()))?;
-        Ok(SqliteStore { pool })
+        Ok(Store {
+            pool,
+            backend: Backend::Sqlite,
+        })
     }
 
-    /// A write transaction that takes SQLite's write lock at once. A
+    async fn open_postgres(url: &str) -> anyhow::Result<Store> {
+        let shown = redact_url(url);
+        let pool = AnyPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|err| anyhow::anyhow!("failed to connect to {shown}: {err}"))?;
+        sqlx::migrate!("../migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|err| anyhow::anyhow!("failed to migrate {shown}: {err}"))?;
+        Ok(Store {
+            pool,
+            backend: Backend::Postgres,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A write transaction. On SQLite it takes the write lock at once: a
     /// deferred one that reads first cannot upgrade after another writer
     /// committed, and would fail with "database is locked".
-    pub(super) async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
+    pub(super) async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
     }
 
     pub async fn create_project(&self, name: &str) -> Result<CreatedProject> {
@@ -67,7 +125,7 @@ impl SqliteStore {
         let now = now_rfc3339();
         let mut tx = self.write().await?;
         sqlx::query(
-            "INSERT INTO projects (id, name, capture_token, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO projects (id, name, capture_token, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(&created.project_id)
         .bind(name)
@@ -75,7 +133,7 @@ impl SqliteStore {
         .bind(&now)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO api_keys (id, project_id, key_hash, scope, created_at) VALUES (?, ?, ?, 'write', ?)")
+        sqlx::query("INSERT INTO api_keys (id, project_id, key_hash, scope, created_at) VALUES ($1, $2, $3, 'write', $4)")
             .bind(uuid::Uuid::now_v7().to_string())
             .bind(&created.project_id)
             .bind(hash_key(&created.api_key))
@@ -88,7 +146,7 @@ impl SqliteStore {
 
     /// The project a capture token belongs to.
     pub async fn project_for_token(&self, token: &str) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT id FROM projects WHERE capture_token = ?")
+        sqlx::query_scalar("SELECT id FROM projects WHERE capture_token = $1")
             .bind(token)
             .fetch_optional(&self.pool)
             .await
@@ -96,7 +154,7 @@ impl SqliteStore {
 
     /// The project a personal API key belongs to.
     pub async fn project_for_key(&self, key: &str) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT project_id FROM api_keys WHERE key_hash = ?")
+        sqlx::query_scalar("SELECT project_id FROM api_keys WHERE key_hash = $1")
             .bind(hash_key(key))
             .fetch_optional(&self.pool)
             .await
@@ -109,7 +167,7 @@ impl SqliteStore {
         for event in events {
             let payload = serde_json::to_string(event).expect("events serialise");
             sqlx::query(
-                "INSERT INTO capture_queue (project_id, payload, enqueued_at) VALUES (?, ?, ?)",
+                "INSERT INTO capture_queue (project_id, payload, enqueued_at) VALUES ($1, $2, $3)",
             )
             .bind(project_id)
             .bind(payload)
@@ -131,17 +189,25 @@ impl SqliteStore {
     pub async fn claim(&self, owner: &str, limit: u32, lease: Duration) -> Result<Vec<Claimed>> {
         let now = chrono::Utc::now().timestamp_millis();
         let until = now + lease.as_millis() as i64;
-        let rows = sqlx::query(
-            "UPDATE capture_queue SET lease_owner = ?, lease_until = ?, attempts = attempts + 1
-             WHERE id IN (SELECT id FROM capture_queue WHERE lease_until IS NULL OR lease_until < ? ORDER BY id LIMIT ?)
-             RETURNING id, project_id, payload",
-        )
-        .bind(owner)
-        .bind(until)
-        .bind(now)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        // Several processes share one PostgreSQL queue: each skips the rows
+        // another is claiming instead of waiting for them.
+        let lock = match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        };
+        let sql = format!(
+            "UPDATE capture_queue SET lease_owner = $1, lease_until = $2, attempts = attempts + 1
+             WHERE id IN (SELECT id FROM capture_queue WHERE lease_until IS NULL OR lease_until < $3
+                          ORDER BY id LIMIT $4{lock})
+             RETURNING id, project_id, payload"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(owner)
+            .bind(until)
+            .bind(now)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
             let payload: String = row.get("payload");
@@ -167,7 +233,7 @@ impl SqliteStore {
         let now = now_rfc3339();
         for letter in &batch.dead_letters {
             sqlx::query(
-                "INSERT INTO dead_letters (project_id, plugin_config_id, event, error, created_at) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO dead_letters (project_id, plugin_config_id, event, error, created_at) VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(&letter.project_id)
             .bind(&letter.plugin_config_id)
@@ -178,7 +244,7 @@ impl SqliteStore {
             .await?;
         }
         for (config_id, record) in &batch.logs {
-            sqlx::query("INSERT INTO plugin_logs (plugin_config_id, at, level, message, event_uuid) VALUES (?, ?, ?, ?, ?)")
+            sqlx::query("INSERT INTO plugin_logs (plugin_config_id, at, level, message, event_uuid) VALUES ($1, $2, $3, $4, $5)")
                 .bind(config_id)
                 .bind(&record.at)
                 .bind(serde_json::to_value(record.level).ok().and_then(|v| v.as_str().map(str::to_string)))
@@ -189,11 +255,11 @@ impl SqliteStore {
         }
         for health in &batch.health {
             sqlx::query(
-                "UPDATE plugin_configs SET consecutive_failures = ?,
-                     enabled = CASE WHEN ? IS NULL THEN enabled ELSE 0 END,
-                     disabled_reason = COALESCE(?, disabled_reason),
-                     updated_at = CASE WHEN ? IS NULL THEN updated_at ELSE ? END
-                 WHERE id = ?",
+                "UPDATE plugin_configs SET consecutive_failures = $1,
+                     enabled = CASE WHEN $2 IS NULL THEN enabled ELSE 0 END,
+                     disabled_reason = COALESCE($3, disabled_reason),
+                     updated_at = CASE WHEN $4 IS NULL THEN updated_at ELSE $5 END
+                 WHERE id = $6",
             )
             .bind(health.consecutive_failures)
             .bind(&health.disabled_reason)
@@ -205,19 +271,20 @@ impl SqliteStore {
             .await?;
         }
         for (project_id, event) in &batch.events {
-            let stored: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM events WHERE project_id = ? AND uuid = ?")
-                    .bind(project_id)
-                    .bind(&event.uuid)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            let stored: Option<i64> = sqlx::query_scalar(
+                "SELECT CAST(1 AS BIGINT) FROM events WHERE project_id = $1 AND uuid = $2",
+            )
+            .bind(project_id)
+            .bind(&event.uuid)
+            .fetch_optional(&mut *tx)
+            .await?;
             if stored.is_some() {
                 continue; // a replay: its person changes were applied the first time
             }
             let person_id = persons::apply(&mut tx, project_id, event).await?;
             sqlx::query(
                 "INSERT INTO events (project_id, uuid, event, distinct_id, person_id, timestamp, received_at, properties)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(project_id)
             .bind(&event.uuid)
@@ -231,7 +298,7 @@ impl SqliteStore {
             .await?;
         }
         for id in ids {
-            sqlx::query("DELETE FROM capture_queue WHERE id = ? AND lease_owner = ?")
+            sqlx::query("DELETE FROM capture_queue WHERE id = $1 AND lease_owner = $2")
                 .bind(id)
                 .bind(owner)
                 .execute(&mut *tx)
@@ -243,7 +310,7 @@ impl SqliteStore {
     /// Gives back the rows `owner` holds, for a graceful shutdown.
     pub async fn release(&self, owner: &str) -> Result<()> {
         sqlx::query(
-            "UPDATE capture_queue SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+            "UPDATE capture_queue SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
         )
         .bind(owner)
         .execute(&self.pool)
@@ -259,30 +326,34 @@ impl SqliteStore {
     ) -> Result<Vec<StoredEvent>> {
         // The person is looked up at read time, so events sent before an
         // identify or alias show the person they were merged into.
-        let mut query = QueryBuilder::new(
+        let mut sql = String::from(
             "SELECT e.uuid, e.event, e.distinct_id, e.timestamp, e.properties,
                     COALESCE(p.person_id, e.person_id) AS person_id
              FROM events e
              LEFT JOIN person_distinct_ids p ON p.project_id = e.project_id AND p.distinct_id = e.distinct_id
-             WHERE e.project_id = ",
+             WHERE e.project_id = $1",
         );
-        query.push_bind(project_id);
-        if let Some(event) = &filter.event {
-            query.push(" AND e.event = ").push_bind(event);
+        let mut binds = vec![project_id.to_string()];
+        for (column, op, value) in [
+            ("e.event", "=", &filter.event),
+            ("e.distinct_id", "=", &filter.distinct_id),
+            ("e.timestamp", ">", &filter.after),
+            ("e.timestamp", "<", &filter.before),
+        ] {
+            if let Some(value) = value {
+                binds.push(value.clone());
+                sql.push_str(&format!(" AND {column} {op} ${}", binds.len()));
+            }
         }
-        if let Some(distinct_id) = &filter.distinct_id {
-            query.push(" AND e.distinct_id = ").push_bind(distinct_id);
+        sql.push_str(&format!(
+            " ORDER BY e.timestamp DESC, e.uuid DESC LIMIT {}",
+            filter.limit
+        ));
+        let mut query = sqlx::query(&sql);
+        for value in &binds {
+            query = query.bind(value);
         }
-        if let Some(after) = &filter.after {
-            query.push(" AND e.timestamp > ").push_bind(after);
-        }
-        if let Some(before) = &filter.before {
-            query.push(" AND e.timestamp < ").push_bind(before);
-        }
-        query
-            .push(" ORDER BY timestamp DESC, uuid DESC LIMIT ")
-            .push_bind(filter.limit as i64);
-        let rows = query.build().fetch_all(&self.pool).await?;
+        let rows = query.fetch_all(&self.pool).await?;
         Ok(rows
             .into_iter()
             .map(|row| {
@@ -308,7 +379,7 @@ impl SqliteStore {
     ) -> Result<Option<Person>> {
         let mut conn = self.pool.acquire().await?;
         let Some(id): Option<String> = sqlx::query_scalar(
-            "SELECT person_id FROM person_distinct_ids WHERE project_id = ? AND distinct_id = ?",
+            "SELECT person_id FROM person_distinct_ids WHERE project_id = $1 AND distinct_id = $2",
         )
         .bind(project_id)
         .bind(distinct_id)
@@ -318,13 +389,13 @@ impl SqliteStore {
             return Ok(None);
         };
         let properties: Option<String> =
-            sqlx::query_scalar("SELECT properties FROM persons WHERE project_id = ? AND id = ?")
+            sqlx::query_scalar("SELECT properties FROM persons WHERE project_id = $1 AND id = $2")
                 .bind(project_id)
                 .bind(&id)
                 .fetch_optional(&mut *conn)
                 .await?;
         let distinct_ids: Vec<String> = sqlx::query_scalar(
-            "SELECT distinct_id FROM person_distinct_ids WHERE project_id = ? AND person_id = ? ORDER BY distinct_id",
+            "SELECT distinct_id FROM person_distinct_ids WHERE project_id = $1 AND person_id = $2 ORDER BY distinct_id",
         )
         .bind(project_id)
         .bind(&id)
@@ -341,5 +412,18 @@ impl SqliteStore {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// The URL without its password, for error messages.
+fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "the database URL".into(),
     }
 }
