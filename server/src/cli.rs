@@ -202,10 +202,7 @@ fn project(command: ProjectCommand) -> anyhow::Result<ExitCode> {
             if name.trim().is_empty() {
                 anyhow::bail!("--name must not be empty");
             }
-            let store = open_store(&StoreConfig::Sqlite {
-                data_dir: store.data_dir,
-            })
-            .await?;
+            let store = open_store(&store.config()).await?;
             let created = store.create_project(name.trim()).await?;
             store.close().await;
             println!("{}", serde_json::to_string(&created)?);

@@ -14,6 +14,22 @@ pub struct ServerProcess {
     pub base: String,
 }
 
+/// Where a process keeps its data: the arguments that say so.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Target {
+    fn args(&self) -> Vec<String> {
+        match self {
+            Target::Sqlite(dir) => vec!["--data-dir".into(), dir.display().to_string()],
+            Target::Postgres(url) => vec!["--database-url".into(), url.clone()],
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -30,15 +46,16 @@ impl ServerProcess {
     /// Starts `sluice serve --data-dir DIR` and waits until `/_health`
     /// answers.
     pub async fn start(data_dir: &Path) -> ServerProcess {
+        Self::start_on(&Target::Sqlite(data_dir.to_path_buf()), &[]).await
+    }
+
+    /// Starts `sluice serve` on `target` with extra arguments.
+    pub async fn start_on(target: &Target, extra: &[&str]) -> ServerProcess {
         let port = free_port();
         let child = Command::new(sluice_bin())
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(data_dir)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(target.args())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -76,9 +93,13 @@ impl Drop for ServerProcess {
 
 /// `sluice project create`, as a user runs it.
 pub fn create_project(data_dir: &Path) -> Value {
+    create_project_on(&Target::Sqlite(data_dir.to_path_buf()))
+}
+
+pub fn create_project_on(target: &Target) -> Value {
     let out = Command::new(sluice_bin())
-        .args(["project", "create", "--name", "test", "--data-dir"])
-        .arg(data_dir)
+        .args(["project", "create", "--name", "test"])
+        .args(target.args())
         .output()
         .unwrap();
     assert!(
