@@ -4,10 +4,13 @@
 //! ```sh
 //! scripts/test.sh                     # builds the plugins into target/plugins
 //! cargo bench -p sluice --bench load  # SLUICE_LOAD_EVENTS, SLUICE_LOAD_CLIENTS, SLUICE_LOAD_BATCH
+//! SLUICE_LOAD_DATABASE_URL=postgres://postgres@127.0.0.1/test cargo bench -p sluice --bench load
 //! ```
 //!
 //! The server runs in this process on an ephemeral port with a fresh SQLite
-//! store; clients post PostHog batches of the 1.3 KB fixture event over
+//! store, or on the PostgreSQL database named by `SLUICE_LOAD_DATABASE_URL`
+//! (which must be empty: the benchmark creates its own project in it);
+//! clients post PostHog batches of the 1.3 KB fixture event over
 //! loopback, each waiting for its answer before sending the next.
 
 use std::path::PathBuf;
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sluice::server::{ServeConfig, open_store, serve};
+use sluice::store::StoreConfig;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -39,7 +43,15 @@ async fn main() {
     .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let config = ServeConfig::with_data_dir(dir.path().to_path_buf());
+    let mut config = ServeConfig::with_data_dir(dir.path().to_path_buf());
+    if let Ok(url) = std::env::var("SLUICE_LOAD_DATABASE_URL") {
+        config.store = StoreConfig::Postgres { url };
+    }
+    let backend = match &config.store {
+        StoreConfig::Sqlite { .. } => "SQLite",
+        StoreConfig::Postgres { .. } => "PostgreSQL",
+    };
+    let store_config = config.store.clone();
     let store = open_store(&config.store).await.unwrap();
     let project = store.create_project("load").await.unwrap();
     store.close().await;
@@ -122,11 +134,7 @@ async fn main() {
     let sent = per_client * clients * batch_size;
 
     // The queue empties when the worker has stored the last event.
-    let store = open_store(&sluice::store::StoreConfig::Sqlite {
-        data_dir: dir.path().to_path_buf(),
-    })
-    .await
-    .unwrap();
+    let store = open_store(&store_config).await.unwrap();
     let stored_in = loop {
         if store.queue_depth().await.unwrap() == 0 {
             break started.elapsed();
@@ -138,6 +146,7 @@ async fn main() {
     println!(
         "events sent:              {sent} ({clients} clients, batches of {batch_size}, 1.3 KB events)"
     );
+    println!("store:                    {backend}");
     println!("chain:                    3 x pii-scrubber");
     println!(
         "capture accepted:         {:.0} events/s ({:.2} s)",
