@@ -241,3 +241,55 @@ fn plugin_build_explains_a_missing_manifest() {
         "{stderr}"
     );
 }
+
+#[test]
+fn serve_reads_a_config_file_and_refuses_unknown_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:0\"\nlisten_port = 1\n").unwrap();
+    let out = sluice(
+        &["serve", "--config", &bad.display().to_string()],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("is invalid") && stderr.contains("unknown field `listen_port`"),
+        "{stderr}"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let good = dir.path().join("sluice.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &good,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nlease_seconds = 5\n\n[plugins]\nallow_loopback = true\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--config", &good.display().to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "the server did not start from its config file"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        data.join("sluice.db").exists(),
+        "the data dir comes from the file"
+    );
+}

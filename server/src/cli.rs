@@ -1,7 +1,7 @@
 //! The `sluice` command line. `main.rs` parses it and dispatches here.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::author::build::{self, BuildOptions, Toolchain};
 use crate::author::scaffold::{self, SdkSource};
 use crate::author::test_run::{self, TestOptions};
+use crate::runtime::Policy;
 use crate::server::{ServeConfig, open_store};
 use crate::store::StoreConfig;
 
@@ -38,9 +39,10 @@ pub enum Command {
 /// Where the data lives.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// Directory of the embedded SQLite database (the default store).
-    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "sluice-data")]
-    pub data_dir: PathBuf,
+    /// Directory of the embedded SQLite database (the default store)
+    /// [default: sluice-data].
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// A PostgreSQL URL (postgres://user@host/db) to use instead of SQLite;
     /// several `sluice serve` processes may share it.
     #[arg(long, env = "DATABASE_URL")]
@@ -48,11 +50,17 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    pub fn config(self) -> StoreConfig {
-        match self.database_url.filter(|url| !url.is_empty()) {
+    /// PostgreSQL if a URL is given (here or in the config file), else
+    /// SQLite in the data dir.
+    pub fn config(self, file: &FileConfig) -> StoreConfig {
+        let url = self.database_url.or_else(|| file.database_url.clone());
+        match url.filter(|url| !url.is_empty()) {
             Some(url) => StoreConfig::Postgres { url },
             None => StoreConfig::Sqlite {
-                data_dir: self.data_dir,
+                data_dir: self
+                    .data_dir
+                    .or_else(|| file.data_dir.clone())
+                    .unwrap_or_else(|| PathBuf::from("sluice-data")),
             },
         }
     }
@@ -60,24 +68,56 @@ impl StoreArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8000")]
-    pub listen: SocketAddr,
+    /// A TOML config file; flags and environment variables override it.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8000].
+    #[arg(long, env = "SLUICE_LISTEN")]
+    pub listen: Option<SocketAddr>,
     #[command(flatten)]
     pub store: StoreArgs,
-    /// Largest accepted request body in bytes, before and after decompression.
-    #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 20 << 20)]
-    pub max_body_bytes: usize,
-    /// Queued events at which capture starts answering 503.
-    #[arg(long, env = "SLUICE_MAX_QUEUE_DEPTH", default_value_t = 1_000_000)]
-    pub max_queue_depth: i64,
+    /// Largest accepted request body in bytes, before and after
+    /// decompression [default: 20971520].
+    #[arg(long, env = "SLUICE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Queued events at which capture starts answering 503 [default: 1000000].
+    #[arg(long, env = "SLUICE_MAX_QUEUE_DEPTH")]
+    pub max_queue_depth: Option<i64>,
     /// Do not record the client address as `$ip`.
     #[arg(long, env = "SLUICE_NO_IP")]
     pub no_ip: bool,
     /// Seconds a worker holds claimed events before another process may take
-    /// them over (after a crash).
-    #[arg(long, env = "SLUICE_LEASE_SECONDS", default_value_t = 30)]
-    pub lease_seconds: u64,
+    /// them over after a crash [default: 30].
+    #[arg(long, env = "SLUICE_LEASE_SECONDS")]
+    pub lease_seconds: Option<u64>,
+}
+
+/// The config file of `sluice serve --config FILE`: the same settings as the
+/// flags, plus `[plugins]`, the operator's policy for plugins.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub max_queue_depth: Option<i64>,
+    pub record_ip: Option<bool>,
+    pub lease_seconds: Option<u64>,
+    pub plugins: Option<Policy>,
+}
+
+impl FileConfig {
+    pub fn read(path: Option<&Path>) -> anyhow::Result<FileConfig> {
+        let Some(path) = path else {
+            return Ok(FileConfig::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            anyhow::anyhow!("failed to read the config file {}: {err}", path.display())
+        })?;
+        toml::from_str(&text)
+            .map_err(|err| anyhow::anyhow!("the config file {} is invalid: {err}", path.display()))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,18 +207,34 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let file = FileConfig::read(args.config.as_deref())?;
+    let defaults = ServeConfig::with_data_dir(PathBuf::new());
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
     let config = ServeConfig {
-        max_body_bytes: args.max_body_bytes,
-        max_queue_depth: args.max_queue_depth,
-        record_ip: !args.no_ip,
-        lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
-        store: args.store.config(),
-        ..ServeConfig::with_data_dir(PathBuf::new())
+        max_body_bytes: args
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(defaults.max_body_bytes),
+        max_queue_depth: args
+            .max_queue_depth
+            .or(file.max_queue_depth)
+            .unwrap_or(defaults.max_queue_depth),
+        record_ip: !args.no_ip && file.record_ip.unwrap_or(true),
+        lease: args
+            .lease_seconds
+            .or(file.lease_seconds)
+            .map(|s| std::time::Duration::from_secs(s.max(1)))
+            .unwrap_or(defaults.lease),
+        policy: file.plugins.clone().unwrap_or(defaults.policy),
+        store: args.store.config(&file),
     };
     tokio_runtime()?.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .map_err(|err| anyhow::anyhow!("failed to listen on {}: {err}", args.listen))?;
+            .map_err(|err| anyhow::anyhow!("failed to listen on {listen}: {err}"))?;
         eprintln!("sluice listening on http://{}", listener.local_addr()?);
         crate::server::serve(config, listener, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
@@ -202,7 +258,7 @@ fn project(command: ProjectCommand) -> anyhow::Result<ExitCode> {
             if name.trim().is_empty() {
                 anyhow::bail!("--name must not be empty");
             }
-            let store = open_store(&store.config()).await?;
+            let store = open_store(&store.config(&FileConfig::default())).await?;
             let created = store.create_project(name.trim()).await?;
             store.close().await;
             println!("{}", serde_json::to_string(&created)?);
