@@ -234,6 +234,39 @@ async fn every_posthog_endpoint_and_encoding_is_accepted_and_stored(backend: Bac
     }
 }
 
+async fn browsers_may_send_events_from_other_origins(backend: Backend) {
+    let server = start(backend).await;
+    let preflight = server
+        .client
+        .request(reqwest::Method::OPTIONS, format!("{}/e/", server.base))
+        .header("origin", "https://shop.example.com")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 200);
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://shop.example.com"
+    );
+    let event = json!({"api_key": server.project.capture_token, "event": "e", "distinct_id": "d"});
+    let response = server
+        .client
+        .post(format!("{}/e/", server.base))
+        .header("origin", "https://shop.example.com")
+        .header("content-type", "text/plain")
+        .body(event.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://shop.example.com"
+    );
+}
+
 async fn bad_requests_get_clear_json_errors_and_store_nothing(backend: Backend) {
     let server = start_with(backend, |c| ServeConfig {
         max_body_bytes: 4096,
@@ -791,6 +824,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    browsers_may_send_events_from_other_origins,
     every_posthog_endpoint_and_encoding_is_accepted_and_stored,
     bad_requests_get_clear_json_errors_and_store_nothing,
     a_replayed_uuid_is_stored_once,

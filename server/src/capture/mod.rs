@@ -27,9 +27,13 @@ use serde_json::json;
 
 pub use normalize::{Normalizer, RawBatch};
 
-/// The PostHog- and Segment-compatible capture routes.
+/// The PostHog- and Segment-compatible capture routes. Browsers send
+/// events from other origins (posthog-js, analytics.js), so CORS allows any
+/// origin, with credentials, and answers preflights.
 pub fn router() -> Router<AppState> {
-    posthog::router().merge(segment::router())
+    posthog::router()
+        .merge(segment::router())
+        .layer(tower_http::cors::CorsLayer::very_permissive())
 }
 
 /// Stores a decoded request: checks the token and the queue bound,
