@@ -297,12 +297,20 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        for id in ids {
-            sqlx::query("DELETE FROM capture_queue WHERE id = $1 AND lease_owner = $2")
-                .bind(id)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await?;
+        // One statement per chunk, not per row: on PostgreSQL each statement
+        // is a round trip. The ids are integers, so inlining them is safe.
+        for chunk in ids.chunks(500) {
+            let list = chunk
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            sqlx::query(&format!(
+                "DELETE FROM capture_queue WHERE lease_owner = $1 AND id IN ({list})"
+            ))
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await
     }
