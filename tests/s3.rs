@@ -1,0 +1,3 @@
+//! Placeholder; filled in by the s3 work.
+
+mod common;
