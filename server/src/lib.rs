@@ -11,6 +11,7 @@ pub mod api;
 pub mod author;
 pub mod capture;
 pub mod cli;
+pub mod delivery;
 pub mod pipeline;
 pub mod runtime;
 pub mod server;

@@ -57,8 +57,15 @@ impl Chains {
         }
         let mut by_project: HashMap<String, Vec<Link>> = HashMap::new();
         for config in store.enabled_plugin_configs().await? {
+            // Destinations get their events from delivery, not the chain.
+            let transforms = config
+                .manifest
+                .as_ref()
+                .is_none_or(|m| m.has_hook(Hook::Transform));
+            if !transforms {
+                continue;
+            }
             match instantiate(store, runtime, &config).await {
-                // Destinations get their events from delivery, not the chain.
                 Ok(instance) if !instance.plugin().manifest().has_hook(Hook::Transform) => {}
                 Ok(instance) => by_project
                     .entry(config.project_id.clone())
@@ -85,7 +92,7 @@ impl Chains {
     }
 }
 
-async fn instantiate(
+pub(crate) async fn instantiate(
     store: &Store,
     runtime: &Runtime,
     config: &PluginConfig,
@@ -279,6 +286,7 @@ pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> any
                 state
                     .queue_depth
                     .fetch_sub(ids.len() as i64, Ordering::Relaxed);
+                state.wake_delivery.notify_waiters();
             }
             Err(err) => {
                 // The lease runs out and the rows are taken again.

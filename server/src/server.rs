@@ -1,5 +1,5 @@
 //! `serve(config, listener, shutdown)`: the whole server. It opens the store,
-//! starts the pipeline worker and serves the HTTP API until `shutdown`
+//! starts the pipeline worker, delivery and the scheduler, and serves the HTTP API until `shutdown`
 //! resolves, then stops accepting, lets the worker finish its batch and
 //! gives back its leases.
 
@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::runtime::{Policy, Runtime, RuntimeConfig};
 use crate::store::{DEFAULT_LEASE, Store, StoreConfig};
-use crate::{api, capture, pipeline};
+use crate::{api, capture, delivery, pipeline};
 
 /// Everything `sluice serve` is configured with.
 #[derive(Clone, Debug)]
@@ -58,6 +58,8 @@ pub struct AppState {
     /// since: cheap enough to check on every request.
     pub queue_depth: Arc<AtomicI64>,
     pub wake_worker: Arc<Notify>,
+    /// Wakes idle delivery lanes when events reach an outbox.
+    pub wake_delivery: Arc<Notify>,
     pub runtime: Runtime,
 }
 
@@ -82,11 +84,14 @@ pub async fn serve(
         config: Arc::new(config),
         queue_depth: Arc::new(AtomicI64::new(depth)),
         wake_worker: Arc::new(Notify::new()),
+        wake_delivery: Arc::new(Notify::new()),
         runtime,
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(pipeline::run_worker(state.clone(), stop_rx));
+    let worker = tokio::spawn(pipeline::run_worker(state.clone(), stop_rx.clone()));
+    let delivery = tokio::spawn(delivery::run_delivery(state.clone(), stop_rx.clone()));
+    let scheduler = tokio::spawn(delivery::run_scheduler(state.clone(), stop_rx));
 
     let app = Router::new()
         .route("/_health", get(|| async { "ok" }))
@@ -104,6 +109,8 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     state.wake_worker.notify_one();
     worker.await??;
+    delivery.await??;
+    scheduler.await??;
     tracing::info!(
         queued = state.queue_depth.load(Ordering::Relaxed),
         "sluice stopped"

@@ -1,6 +1,7 @@
 //! The management and query API under `/api`, authorised by a personal API
 //! key (`Authorization: Bearer KEY`) that belongs to the project in the path.
 
+mod destinations;
 mod plugins;
 
 use axum::Json;
@@ -21,6 +22,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/projects/{project_id}/events", get(list_events))
         .route("/api/projects/{project_id}/persons", get(find_person))
         .merge(plugins::router())
+        .merge(destinations::router())
 }
 
 /// Why an API request failed, grouped by status code.

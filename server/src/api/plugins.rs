@@ -12,12 +12,12 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, authorise};
-use crate::runtime::Install;
 use crate::runtime::manifest::FieldType;
+use crate::runtime::{Hook, Install};
 use crate::server::AppState;
-use crate::store::{PluginConfig, PluginConfigPatch};
+use crate::store::{DeliverySettings, PluginConfig, PluginConfigPatch};
 
-pub fn router() -> Router<AppState> {
+pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/api/projects/{project_id}/plugins", post(upload_plugin))
         .route(
@@ -32,7 +32,6 @@ pub fn router() -> Router<AppState> {
             "/api/projects/{project_id}/plugin-configs/{config_id}/logs",
             get(plugin_logs),
         )
-        .route("/api/projects/{project_id}/dead-letters", get(dead_letters))
 }
 
 /// Largest plugin a project may upload.
@@ -88,6 +87,8 @@ struct NewPluginConfig {
     position: Option<i64>,
     #[serde(default = "fail_open")]
     failure_policy: String,
+    /// Destination settings; see `DeliverySettings`.
+    delivery: Option<Value>,
 }
 
 fn enabled_by_default() -> bool {
@@ -141,9 +142,15 @@ async fn try_install(
     .map_err(|err| ApiError::Invalid(format!("failed to start the plugin: {err}")))?
 }
 
+fn delivery_settings(value: Option<&Value>) -> Result<Option<DeliverySettings>, ApiError> {
+    value
+        .map(|value| DeliverySettings::parse(value).map_err(ApiError::Invalid))
+        .transpose()
+}
+
 /// The config without secret values, which the API never returns; the names
 /// of the secrets that are set are listed instead.
-fn public_view(config: &PluginConfig) -> Value {
+pub(super) fn public_view(config: &PluginConfig) -> Value {
     let mut view = serde_json::to_value(config).unwrap_or(Value::Null);
     let secrets: Vec<String> = config
         .manifest
@@ -165,6 +172,16 @@ fn public_view(config: &PluginConfig) -> Value {
         }
     }
     view["secrets_set"] = json!(set);
+    view["paused"] = json!(config.paused_reason.is_some());
+    let is_destination = config
+        .manifest
+        .as_ref()
+        .is_some_and(|m| m.has_hook(Hook::Export));
+    if !is_destination && let Some(fields) = view.as_object_mut() {
+        fields.remove("delivery");
+        fields.remove("paused");
+        fields.remove("paused_reason");
+    }
     view
 }
 
@@ -176,6 +193,7 @@ async fn create_plugin_config(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     authorise(&state, &headers, &project_id).await?;
     check_policy(&body.failure_policy)?;
+    let delivery = delivery_settings(body.delivery.as_ref())?.unwrap_or_default();
     let validated = try_install(&state, &body.plugin_sha256, &body.config).await?;
     let created = state
         .store
@@ -186,6 +204,7 @@ async fn create_plugin_config(
             body.enabled,
             body.position,
             &body.failure_policy,
+            &delivery,
         )
         .await?;
     Ok((StatusCode::CREATED, Json(public_view(&created))))
@@ -210,6 +229,9 @@ struct PluginConfigChanges {
     enabled: Option<bool>,
     position: Option<i64>,
     failure_policy: Option<String>,
+    delivery: Option<Value>,
+    /// Pause (true) or resume (false) a destination's deliveries.
+    paused: Option<bool>,
 }
 
 /// `PATCH`: a new config is checked like a new install; secrets left out of
@@ -228,6 +250,17 @@ async fn update_plugin_config(
         .ok_or_else(|| ApiError::NotFound(format!("plugin config {config_id}")))?;
     if let Some(policy) = &body.failure_policy {
         check_policy(policy)?;
+    }
+    let delivery = delivery_settings(body.delivery.as_ref())?;
+    let is_destination = current
+        .manifest
+        .as_ref()
+        .is_some_and(|m| m.has_hook(Hook::Export));
+    if !is_destination && (delivery.is_some() || body.paused.is_some()) {
+        return Err(ApiError::Invalid(format!(
+            "`delivery` and `paused` apply to destinations only, and {} has no export hook",
+            current.plugin
+        )));
     }
     let config = match body.config {
         Some(Value::Object(mut given)) => {
@@ -254,12 +287,22 @@ async fn update_plugin_config(
         enabled: body.enabled,
         position: body.position,
         failure_policy: body.failure_policy,
+        delivery,
     };
-    let updated = state
+    let mut updated = state
         .store
         .update_plugin_config(&project_id, &config_id, &patch)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("plugin config {config_id}")))?;
+    if let Some(paused) = body.paused {
+        let reason = paused.then_some("paused through the API");
+        state
+            .store
+            .set_paused(&project_id, &config_id, reason)
+            .await?;
+        updated.paused_reason = reason.map(str::to_string);
+        state.wake_delivery.notify_waiters();
+    }
     Ok(Json(public_view(&updated)))
 }
 
@@ -279,14 +322,4 @@ async fn plugin_logs(
     }
     let logs = state.store.plugin_logs(&config_id, 500).await?;
     Ok(Json(json!({"results": logs})))
-}
-
-async fn dead_letters(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
-    let letters = state.store.dead_letters(&project_id, 500).await?;
-    Ok(Json(json!({"results": letters})))
 }

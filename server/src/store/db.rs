@@ -233,25 +233,20 @@ impl Store {
         let now = now_rfc3339();
         for letter in &batch.dead_letters {
             sqlx::query(
-                "INSERT INTO dead_letters (project_id, plugin_config_id, event, error, created_at) VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO dead_letters (project_id, plugin_config_id, event, error, created_at, stage, event_uuid)
+                 VALUES ($1, $2, $3, $4, $5, 'transform', $6)",
             )
             .bind(&letter.project_id)
             .bind(&letter.plugin_config_id)
             .bind(letter.event.to_string())
             .bind(&letter.error)
             .bind(&now)
+            .bind(letter.event["uuid"].as_str())
             .execute(&mut *tx)
             .await?;
         }
         for (config_id, record) in &batch.logs {
-            sqlx::query("INSERT INTO plugin_logs (plugin_config_id, at, level, message, event_uuid) VALUES ($1, $2, $3, $4, $5)")
-                .bind(config_id)
-                .bind(&record.at)
-                .bind(serde_json::to_value(record.level).ok().and_then(|v| v.as_str().map(str::to_string)))
-                .bind(&record.message)
-                .bind(&record.event_uuid)
-                .execute(&mut *tx)
-                .await?;
+            super::delivery::insert_logs(&mut tx, config_id, std::slice::from_ref(record)).await?;
         }
         for health in &batch.health {
             sqlx::query(
@@ -270,6 +265,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        let mut stored_events = Vec::with_capacity(batch.events.len());
         for (project_id, event) in &batch.events {
             let stored: Option<i64> = sqlx::query_scalar(
                 "SELECT CAST(1 AS BIGINT) FROM events WHERE project_id = $1 AND uuid = $2",
@@ -296,7 +292,12 @@ impl Store {
             .bind(serde_json::to_string(&event.properties).expect("properties serialise"))
             .execute(&mut *tx)
             .await?;
+            stored_events.push((
+                project_id.clone(),
+                super::delivery::outbox_payload(event, Some(&person_id)),
+            ));
         }
+        Self::fan_out(&mut tx, &stored_events).await?;
         // One statement per chunk, not per row: on PostgreSQL each statement
         // is a round trip. The ids are integers, so inlining them is safe.
         for chunk in ids.chunks(500) {

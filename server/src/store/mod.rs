@@ -3,6 +3,7 @@
 //! acknowledges is committed before the 200.
 
 mod db;
+mod delivery;
 mod persons;
 mod plugins;
 
@@ -14,7 +15,13 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 pub use db::{Backend, Store};
-pub use plugins::{DeadLetter, PluginConfig, PluginConfigPatch, PluginHealth, PluginLog};
+pub use delivery::{
+    Attempt, DeliveryRecord, DeliverySettings, DestinationStats, Disposition, OutboxRow,
+    ReplaySelector,
+};
+pub use plugins::{
+    DeadLetter, PluginConfig, PluginConfigPatch, PluginHealth, PluginLog, StoredDeadLetter,
+};
 
 /// Everything the pipeline made of a claimed batch, written in one
 /// transaction with the removal of the batch from the queue.

@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{Result, Store, now_rfc3339};
+use super::{DeliverySettings, Result, Store, now_rfc3339};
 use crate::runtime::Manifest;
 
 /// One plugin config of a project: which plugin, with what config, where in
@@ -25,6 +25,12 @@ pub struct PluginConfig {
     pub consecutive_failures: i64,
     /// Why the host disabled it, if it did.
     pub disabled_reason: Option<String>,
+    /// How a destination is fed; ignored for transformations.
+    pub delivery: DeliverySettings,
+    /// Set while a destination's deliveries are paused, saying why.
+    pub paused_reason: Option<String>,
+    /// Changes with every change to the install.
+    pub updated_at: String,
     #[serde(skip)]
     pub manifest: Option<Manifest>,
 }
@@ -36,6 +42,7 @@ pub struct PluginConfigPatch {
     pub enabled: Option<bool>,
     pub position: Option<i64>,
     pub failure_policy: Option<String>,
+    pub delivery: Option<DeliverySettings>,
 }
 
 /// A line of a plugin config's log, as stored.
@@ -47,13 +54,27 @@ pub struct PluginLog {
     pub event_uuid: Option<String>,
 }
 
-/// An event a fail-closed plugin could not transform.
+/// An event a fail-closed plugin could not transform, or a destination
+/// could not take.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeadLetter {
     pub project_id: String,
     pub plugin_config_id: String,
     pub event: Value,
     pub error: String,
+}
+
+/// A stored dead letter, as the API lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoredDeadLetter {
+    pub id: i64,
+    pub plugin_config_id: String,
+    /// `transform` or `delivery`: where replay sends it back to.
+    pub stage: String,
+    pub event_uuid: Option<String>,
+    pub event: Value,
+    pub error: String,
+    pub created_at: String,
 }
 
 /// What the pipeline learnt about a plugin config while processing a batch,
@@ -67,7 +88,7 @@ pub struct PluginHealth {
 
 const CONFIG_COLUMNS: &str =
     "c.id, c.project_id, c.plugin_sha256, c.config, c.enabled, c.position, c.failure_policy,
-    c.consecutive_failures, c.disabled_reason, p.name, p.version, p.manifest";
+    c.consecutive_failures, c.disabled_reason, c.delivery, c.paused_reason, c.updated_at, p.name, p.version, p.manifest";
 
 fn config_from_row(row: &sqlx::any::AnyRow) -> PluginConfig {
     let config: String = row.get("config");
@@ -85,6 +106,9 @@ fn config_from_row(row: &sqlx::any::AnyRow) -> PluginConfig {
         failure_policy: row.get("failure_policy"),
         consecutive_failures: row.get("consecutive_failures"),
         disabled_reason: row.get("disabled_reason"),
+        delivery: serde_json::from_str(&row.get::<String, _>("delivery")).unwrap_or_default(),
+        paused_reason: row.get("paused_reason"),
+        updated_at: row.get("updated_at"),
         manifest: serde_json::from_str(&manifest).ok(),
     }
 }
@@ -125,6 +149,7 @@ impl Store {
         enabled: bool,
         position: Option<i64>,
         failure_policy: &str,
+        delivery: &DeliverySettings,
     ) -> Result<PluginConfig> {
         let id = uuid::Uuid::now_v7().to_string();
         let mut tx = self.write().await?;
@@ -138,8 +163,8 @@ impl Store {
             .await?,
         };
         sqlx::query(
-            "INSERT INTO plugin_configs (id, project_id, plugin_sha256, config, enabled, position, failure_policy, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO plugin_configs (id, project_id, plugin_sha256, config, enabled, position, failure_policy, updated_at, delivery)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&id)
         .bind(project_id)
@@ -149,6 +174,7 @@ impl Store {
         .bind(position)
         .bind(failure_policy)
         .bind(now_rfc3339())
+        .bind(serde_json::to_string(delivery).expect("settings serialise"))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -221,7 +247,7 @@ impl Store {
             "UPDATE plugin_configs SET config = $1, enabled = $2, position = $3, failure_policy = $4,
                  consecutive_failures = CASE WHEN $5 THEN 0 ELSE consecutive_failures END,
                  disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END,
-                 updated_at = $7
+                 updated_at = $7, delivery = $10
              WHERE project_id = $8 AND id = $9",
         )
         .bind(patch.config.as_ref().unwrap_or(&current.config).to_string())
@@ -238,9 +264,21 @@ impl Store {
         .bind(now_rfc3339())
         .bind(project_id)
         .bind(id)
+        .bind(
+            serde_json::to_string(patch.delivery.as_ref().unwrap_or(&current.delivery))
+                .expect("settings serialise"),
+        )
         .execute(&self.pool)
         .await?;
         self.plugin_config(project_id, id).await
+    }
+
+    /// When a plugin config last changed, if it still exists.
+    pub async fn plugin_config_updated_at(&self, id: &str) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT updated_at FROM plugin_configs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     /// Turns a plugin config off with the reason shown to operators.
@@ -274,12 +312,21 @@ impl Store {
             .collect())
     }
 
-    /// Dead letters of a project, newest first.
-    pub async fn dead_letters(&self, project_id: &str, limit: u32) -> Result<Vec<DeadLetter>> {
+    /// Dead letters of a project, newest first, optionally of one plugin
+    /// config.
+    pub async fn dead_letters(
+        &self,
+        project_id: &str,
+        plugin_config_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<StoredDeadLetter>> {
         let rows = sqlx::query(
-            "SELECT project_id, plugin_config_id, event, error FROM dead_letters WHERE project_id = $1 ORDER BY id DESC LIMIT $2",
+            "SELECT id, plugin_config_id, stage, event_uuid, event, error, created_at FROM dead_letters
+             WHERE project_id = $1 AND ($2 IS NULL OR plugin_config_id = $3) ORDER BY id DESC LIMIT $4",
         )
         .bind(project_id)
+        .bind(plugin_config_id)
+        .bind(plugin_config_id)
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
@@ -287,11 +334,14 @@ impl Store {
             .iter()
             .map(|row| {
                 let event: String = row.get("event");
-                DeadLetter {
-                    project_id: row.get("project_id"),
+                StoredDeadLetter {
+                    id: row.get("id"),
                     plugin_config_id: row.get("plugin_config_id"),
+                    stage: row.get("stage"),
+                    event_uuid: row.get("event_uuid"),
                     event: serde_json::from_str(&event).unwrap_or(Value::Null),
                     error: row.get("error"),
+                    created_at: row.get("created_at"),
                 }
             })
             .collect())

@@ -1,0 +1,222 @@
+//! Delivery visibility and control: each destination's counts, last error,
+//! recent attempts and log; pause and resume; dead letters and their
+//! replay.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::plugins::public_view;
+use super::{ApiError, authorise};
+use crate::runtime::Hook;
+use crate::server::AppState;
+use crate::store::{PluginConfig, ReplaySelector};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/projects/{project_id}/destinations", get(list))
+        .route(
+            "/api/projects/{project_id}/destinations/{config_id}",
+            get(show),
+        )
+        .route(
+            "/api/projects/{project_id}/destinations/{config_id}/pause",
+            post(pause),
+        )
+        .route(
+            "/api/projects/{project_id}/destinations/{config_id}/resume",
+            post(resume),
+        )
+        .route("/api/projects/{project_id}/dead-letters", get(dead_letters))
+        .route(
+            "/api/projects/{project_id}/dead-letters/replay",
+            post(replay),
+        )
+}
+
+fn is_destination(config: &PluginConfig) -> bool {
+    config
+        .manifest
+        .as_ref()
+        .is_some_and(|m| m.has_hook(Hook::Export))
+}
+
+async fn destination(
+    state: &AppState,
+    project_id: &str,
+    config_id: &str,
+) -> Result<PluginConfig, ApiError> {
+    state
+        .store
+        .plugin_config(project_id, config_id)
+        .await?
+        .filter(is_destination)
+        .ok_or_else(|| ApiError::NotFound(format!("destination {config_id}")))
+}
+
+async fn summary(state: &AppState, config: &PluginConfig) -> Result<Value, ApiError> {
+    let mut view = public_view(config);
+    view["stats"] = json!(state.store.destination_stats(&config.id).await?);
+    Ok(view)
+}
+
+/// `GET /api/projects/{id}/destinations`: every destination install with
+/// its counts.
+async fn list(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    let mut results = Vec::new();
+    for config in state.store.plugin_configs(&project_id).await? {
+        if is_destination(&config) {
+            results.push(summary(&state, &config).await?);
+        }
+    }
+    Ok(Json(json!({"results": results})))
+}
+
+/// `GET /api/projects/{id}/destinations/{config_id}`: counts, the last
+/// error, recent attempts with status code and latency, and the log.
+async fn show(
+    State(state): State<AppState>,
+    Path((project_id, config_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    let config = destination(&state, &project_id, &config_id).await?;
+    let mut view = summary(&state, &config).await?;
+    view["recent_attempts"] = json!(state.store.delivery_attempts(&config.id, 100).await?);
+    view["logs"] = json!(state.store.plugin_logs(&config.id, 100).await?);
+    Ok(Json(view))
+}
+
+async fn pause(
+    State(state): State<AppState>,
+    Path((project_id, config_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(state, project_id, config_id, headers, true).await
+}
+
+async fn resume(
+    State(state): State<AppState>,
+    Path((project_id, config_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(state, project_id, config_id, headers, false).await
+}
+
+async fn set_paused(
+    state: AppState,
+    project_id: String,
+    config_id: String,
+    headers: HeaderMap,
+    paused: bool,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    destination(&state, &project_id, &config_id).await?;
+    state
+        .store
+        .set_paused(
+            &project_id,
+            &config_id,
+            paused.then_some("paused through the API"),
+        )
+        .await?;
+    state.wake_delivery.notify_waiters();
+    let config = destination(&state, &project_id, &config_id).await?;
+    Ok(Json(summary(&state, &config).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct DeadLetterQuery {
+    plugin_config_id: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /api/projects/{id}/dead-letters`, newest first.
+async fn dead_letters(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    Query(query): Query<DeadLetterQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::Invalid(
+            "`limit` must be between 1 and 1000".into(),
+        ));
+    }
+    let letters = state
+        .store
+        .dead_letters(&project_id, query.plugin_config_id.as_deref(), limit)
+        .await?;
+    Ok(Json(json!({"results": letters})))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Replay {
+    ids: Option<Vec<i64>>,
+    plugin_config_id: Option<String>,
+    all: Option<bool>,
+}
+
+/// `POST /api/projects/{id}/dead-letters/replay` with exactly one of
+/// `{"ids": [...]}`, `{"plugin_config_id": "..."}` or `{"all": true}`.
+async fn replay(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    let request: Replay = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::Invalid(format!(
+            "the body must be JSON with one of `ids`, `plugin_config_id` or `all`: {err}"
+        ))
+    })?;
+    let selector = match request {
+        Replay {
+            ids: Some(ids),
+            plugin_config_id: None,
+            all: None,
+        } => {
+            if ids.len() > 10_000 {
+                return Err(ApiError::Invalid(
+                    "`ids` may name at most 10000 dead letters; replay by `plugin_config_id` or `all` for more".into(),
+                ));
+            }
+            ReplaySelector::Ids(ids)
+        }
+        Replay {
+            ids: None,
+            plugin_config_id: Some(id),
+            all: None,
+        } => ReplaySelector::PluginConfig(id),
+        Replay {
+            ids: None,
+            plugin_config_id: None,
+            all: Some(true),
+        } => ReplaySelector::All,
+        _ => {
+            return Err(ApiError::Invalid(
+                "give exactly one of `ids` (a list of dead-letter ids), `plugin_config_id`, or `all: true`".into(),
+            ));
+        }
+    };
+    let replayed = state
+        .store
+        .replay_dead_letters(&project_id, &selector)
+        .await?;
+    state.wake_worker.notify_one();
+    state.wake_delivery.notify_waiters();
+    Ok(Json(json!({"replayed": replayed})))
+}

@@ -1,0 +1,683 @@
+//! Delivery: moves events from each destination's outbox into its plugin's
+//! `export-batch`, and runs scheduled tasks.
+//!
+//! Each enabled, unpaused destination install gets `concurrency` lanes per
+//! process. A lane leases a batch from the outbox (waiting up to `linger_ms`
+//! for a full one), exports it under the runtime's limits while keeping the
+//! lease alive, and records the outcome in one transaction:
+//! - delivered: the rows leave the outbox;
+//! - retryable: the rows wait with exponential backoff and jitter, at least
+//!   as long as the plugin asked, and the lane holds off the destination
+//!   until then; once a batch has failed for `max_retry_seconds` it goes to
+//!   dead letters and the destination is paused;
+//! - permanent: the rows go to dead letters; after
+//!   [`PAUSE_AFTER_DEAD_BATCHES`] such batches in a row the destination is
+//!   paused, since its config is likely wrong.
+//!
+//! A crash leaves rows leased; the lease runs out and another lane takes
+//! them, so every event is delivered at least once or dead-lettered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::pipeline::instantiate;
+use crate::runtime::{
+    ExportFailure, ExportedEvent, Hook, LogLevel, LogRecord, PluginInstance, format_timestamp,
+};
+use crate::server::AppState;
+use crate::store::{
+    Attempt, DeliveryRecord, DeliverySettings, Disposition, OutboxRow, PluginConfig, Store,
+    now_rfc3339,
+};
+
+/// Batches dead-lettered in a row after which a destination is paused.
+pub const PAUSE_AFTER_DEAD_BATCHES: i64 = 5;
+
+/// How often the set of destinations and schedules is checked for changes.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// How long an idle lane waits before looking again, in case a wake-up was
+/// missed (another process stored events, or a retry came due).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// Runs the lanes of every active destination until `stop`, restarting a
+/// destination's lanes when its install changes.
+pub async fn run_delivery(state: AppState, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut running: HashMap<String, Lanes> = HashMap::new();
+    let mut stamp = String::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        match state.store.plugin_configs_stamp().await {
+            Ok(now) if now != stamp => match state.store.enabled_plugin_configs().await {
+                Ok(configs) => {
+                    reconcile(&state, &mut running, configs).await;
+                    stamp = now;
+                }
+                Err(err) => tracing::error!("failed to load destinations: {err}"),
+            },
+            Ok(_) => {}
+            Err(err) => tracing::error!("failed to check destinations: {err}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REFRESH) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    for (_, lanes) in running.drain() {
+        lanes.stop().await;
+    }
+    Ok(())
+}
+
+/// The lanes of one destination install.
+struct Lanes {
+    /// Everything that, changed, needs new lanes.
+    fingerprint: String,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Lanes {
+    /// Lets each lane finish its batch and give back its leases.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Lanes restart on any change to their install, since they stop at one.
+fn fingerprint(config: &PluginConfig) -> String {
+    format!("{}/{}", config.updated_at, config.paused_reason.is_some())
+}
+
+async fn reconcile(
+    state: &AppState,
+    running: &mut HashMap<String, Lanes>,
+    configs: Vec<PluginConfig>,
+) {
+    let active: HashMap<String, PluginConfig> = configs
+        .into_iter()
+        .filter(|c| {
+            c.manifest
+                .as_ref()
+                .is_some_and(|m| m.has_hook(Hook::Export))
+        })
+        .filter(|c| c.paused_reason.is_none())
+        .map(|c| (c.id.clone(), c))
+        .collect();
+    let stale: Vec<String> = running
+        .iter()
+        .filter(|(id, lanes)| {
+            lanes.tasks.iter().all(JoinHandle::is_finished)
+                || active
+                    .get(*id)
+                    .is_none_or(|config| fingerprint(config) != lanes.fingerprint)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in stale {
+        if let Some(lanes) = running.remove(&id) {
+            lanes.stop().await;
+        }
+    }
+    for (id, config) in active {
+        if running.contains_key(&id) {
+            continue;
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let destination = Arc::new(Destination::new(config));
+        let tasks = (0..destination.settings.concurrency)
+            .map(|_| tokio::spawn(lane(state.clone(), destination.clone(), stop_rx.clone())))
+            .collect();
+        running.insert(
+            id,
+            Lanes {
+                fingerprint: fingerprint(&destination.config),
+                stop: stop_tx,
+                tasks,
+            },
+        );
+    }
+}
+
+/// What the lanes of one destination share.
+struct Destination {
+    config: PluginConfig,
+    settings: DeliverySettings,
+    /// No lane starts a batch before this, after a retryable failure.
+    hold_until: Mutex<Option<Instant>>,
+    /// The earliest start of the next export, for the rate limit.
+    next_start: Mutex<Instant>,
+}
+
+impl Destination {
+    fn new(config: PluginConfig) -> Self {
+        Destination {
+            settings: config.delivery.clone(),
+            config,
+            hold_until: Mutex::new(None),
+            next_start: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn held_for(&self) -> Option<Duration> {
+        let hold = *self.hold_until.lock().expect("hold lock");
+        hold.and_then(|until| until.checked_duration_since(Instant::now()))
+    }
+
+    fn hold(&self, until: Instant) {
+        let mut hold = self.hold_until.lock().expect("hold lock");
+        *hold = Some(hold.map_or(until, |current| current.max(until)));
+    }
+
+    fn release_hold(&self) {
+        *self.hold_until.lock().expect("hold lock") = None;
+    }
+
+    /// Takes the next export slot and says how long to wait for it.
+    fn rate_slot(&self) -> Duration {
+        let Some(rate) = self.settings.max_batches_per_second else {
+            return Duration::ZERO;
+        };
+        let mut next = self.next_start.lock().expect("rate lock");
+        let now = Instant::now();
+        let start = (*next).max(now);
+        *next = start + Duration::from_secs_f64(1.0 / rate);
+        start - now
+    }
+}
+
+/// Sleeps for `wait` unless told to stop; true if told to stop.
+async fn pause_for(wait: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => false,
+        _ = stop.changed() => true,
+    }
+}
+
+async fn lane(state: AppState, destination: Arc<Destination>, mut stop: watch::Receiver<bool>) {
+    let owner = format!("delivery-{}", uuid::Uuid::new_v4());
+    let store = &state.store;
+    let config = &destination.config;
+    let settings = &destination.settings;
+    let mut instance: Option<PluginInstance> = None;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        if let Some(wait) = destination.held_for() {
+            if pause_for(wait, &mut stop).await {
+                break;
+            }
+            continue;
+        }
+        let (ready, oldest) = match store.outbox_ready(&config.id, settings.batch_size).await {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::error!(destination = %config.id, "failed to read the outbox: {err}");
+                if pause_for(IDLE_POLL, &mut stop).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        if ready == 0 {
+            tokio::select! {
+                _ = state.wake_delivery.notified() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = stop.changed() => break,
+            }
+            continue;
+        }
+        let age = chrono::Utc::now().timestamp_millis() - oldest;
+        let linger = settings.linger_ms as i64;
+        if ready < settings.batch_size as i64 && age < linger {
+            let wait = Duration::from_millis((linger - age) as u64).min(IDLE_POLL);
+            if pause_for(wait, &mut stop).await {
+                break;
+            }
+            continue;
+        }
+        // A changed install (a fixed URL, a pause from another process)
+        // must not get another batch under its old config.
+        match store.plugin_config_updated_at(&config.id).await {
+            Ok(Some(at)) if at == config.updated_at => {}
+            Ok(_) => break,
+            Err(err) => {
+                tracing::error!(destination = %config.id, "failed to check the install: {err}");
+                if pause_for(IDLE_POLL, &mut stop).await {
+                    break;
+                }
+                continue;
+            }
+        }
+        let slot = destination.rate_slot();
+        if !slot.is_zero() && pause_for(slot, &mut stop).await {
+            break;
+        }
+        let lease = state.config.lease;
+        let rows = match store
+            .claim_outbox(&config.id, &owner, settings.batch_size, lease)
+            .await
+        {
+            Ok(rows) if rows.is_empty() => continue,
+            Ok(rows) => rows,
+            Err(err) => {
+                tracing::error!(destination = %config.id, "failed to lease from the outbox: {err}");
+                if pause_for(IDLE_POLL, &mut stop).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let record = deliver(&state, &destination, &owner, &mut instance, rows).await;
+        match record.disposition {
+            Disposition::Retry { at } => {
+                let wait = at - chrono::Utc::now().timestamp_millis();
+                destination.hold(Instant::now() + Duration::from_millis(wait.max(0) as u64));
+            }
+            Disposition::Delivered => destination.release_hold(),
+            Disposition::DeadLetter => {}
+        }
+        if let Err(err) = store.record_delivery(&owner, &record).await {
+            // The lease runs out and the batch is tried again.
+            tracing::error!(destination = %config.id, "failed to record a delivery: {err}");
+            if pause_for(IDLE_POLL, &mut stop).await {
+                break;
+            }
+        }
+        if record.pause.is_some() {
+            // The refresh stops this destination's lanes.
+            break;
+        }
+    }
+    if let Err(err) = store.release_outbox(&owner).await {
+        tracing::warn!("failed to give back outbox leases: {err}");
+    }
+}
+
+fn exported(row: &OutboxRow) -> ExportedEvent {
+    let text = |field: &str| row.payload[field].as_str().unwrap_or_default().to_string();
+    ExportedEvent {
+        uuid: row.event_uuid.clone(),
+        name: text("event"),
+        distinct_id: text("distinct_id"),
+        person_id: row.payload["person_id"].as_str().map(str::to_string),
+        timestamp: text("timestamp"),
+        properties: match &row.payload["properties"] {
+            Value::Object(map) => Value::Object(map.clone()).to_string(),
+            _ => "{}".into(),
+        },
+    }
+}
+
+/// What an export call came to, before it is turned into a disposition.
+enum Outcome {
+    Delivered,
+    Retryable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    Permanent(String),
+}
+
+/// Exports one leased batch and decides what becomes of it.
+async fn deliver(
+    state: &AppState,
+    destination: &Destination,
+    owner: &str,
+    instance: &mut Option<PluginInstance>,
+    rows: Vec<OutboxRow>,
+) -> DeliveryRecord {
+    let config = &destination.config;
+    let started = Instant::now();
+    let mut logs = Vec::new();
+    let mut status_code = None;
+    let outcome = match take_instance(state, config, instance).await {
+        Err(reason) => Outcome::Retryable {
+            message: reason,
+            retry_after: None,
+        },
+        Ok(live) => {
+            let events: Vec<ExportedEvent> = rows.iter().map(exported).collect();
+            let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+            match export_keeping_lease(&state.store, owner, &ids, state.config.lease, live, events)
+                .await
+            {
+                Some((mut live, result)) => {
+                    let (plugin_logs, calls) = live.take_activity();
+                    logs.extend(plugin_logs);
+                    status_code = calls.iter().rev().find_map(|call| call.status);
+                    *instance = Some(live);
+                    match result {
+                        Ok(()) => Outcome::Delivered,
+                        Err(ExportFailure::Retryable {
+                            message,
+                            retry_after,
+                            ..
+                        }) => Outcome::Retryable {
+                            message,
+                            retry_after,
+                        },
+                        Err(ExportFailure::Permanent { message, .. }) => {
+                            Outcome::Permanent(message)
+                        }
+                        // A trap (a deadline, memory) may pass; retries end
+                        // in dead letters if it does not.
+                        Err(ExportFailure::Plugin(err)) => Outcome::Retryable {
+                            message: err.to_string(),
+                            retry_after: None,
+                        },
+                    }
+                }
+                None => Outcome::Retryable {
+                    message: "the plugin call panicked in the host".into(),
+                    retry_after: None,
+                },
+            }
+        }
+    };
+    let settings = &destination.settings;
+    let now = chrono::Utc::now().timestamp_millis();
+    let attempts = rows.iter().map(|row| row.attempts).max().unwrap_or(0) + 1;
+    let first_failed = rows
+        .iter()
+        .filter_map(|row| row.first_failed_at)
+        .min()
+        .unwrap_or(now);
+    let (disposition, error, mut pause) = match outcome {
+        Outcome::Delivered => (Disposition::Delivered, None, None),
+        Outcome::Retryable {
+            message,
+            retry_after,
+        } => {
+            if now - first_failed >= settings.max_retry_seconds as i64 * 1000 {
+                let error = format!(
+                    "gave up after {attempts} attempts over {}s; the last error: {message}",
+                    (now - first_failed) / 1000
+                );
+                let pause = format!(
+                    "paused because a batch was still failing after {}s of retries; fix the cause, then resume and replay the dead letters. The last error: {message}",
+                    settings.max_retry_seconds
+                );
+                (Disposition::DeadLetter, Some(error), Some(pause))
+            } else {
+                let wait = backoff(settings, attempts).max(retry_after.unwrap_or_default());
+                let at = now + wait.as_millis() as i64;
+                (Disposition::Retry { at }, Some(message), None)
+            }
+        }
+        Outcome::Permanent(message) => (Disposition::DeadLetter, Some(message), None),
+    };
+    if matches!(disposition, Disposition::DeadLetter) && pause.is_none() {
+        let in_row = state
+            .store
+            .dead_batches_in_row(&config.id)
+            .await
+            .unwrap_or(0)
+            + 1;
+        if in_row >= PAUSE_AFTER_DEAD_BATCHES {
+            pause = Some(format!(
+                "paused after {in_row} batches in a row went to dead letters; fix the config, then resume and replay the dead letters. The last error: {}",
+                error.as_deref().unwrap_or_default()
+            ));
+        }
+    }
+    let outcome = match disposition {
+        Disposition::Delivered => "delivered",
+        Disposition::Retry { .. } => "retrying",
+        Disposition::DeadLetter => "dead_lettered",
+    };
+    if let Some(error) = &error {
+        logs.push(LogRecord {
+            at: now_rfc3339(),
+            level: if outcome == "retrying" {
+                LogLevel::Warn
+            } else {
+                LogLevel::Error
+            },
+            message: format!("batch of {} events {outcome}: {error}", rows.len()),
+            fields: Vec::new(),
+            event_uuid: None,
+        });
+    }
+    if let Some(reason) = &pause {
+        tracing::warn!(destination = %config.id, "{reason}");
+    }
+    DeliveryRecord {
+        project_id: config.project_id.clone(),
+        plugin_config_id: config.id.clone(),
+        attempt: Attempt {
+            at: format_timestamp(chrono::Utc::now()),
+            events: rows.len() as i64,
+            outcome: outcome.into(),
+            status_code: status_code.map(i64::from),
+            latency_ms: started.elapsed().as_millis() as i64,
+            error,
+        },
+        rows,
+        disposition,
+        logs,
+        pause,
+    }
+}
+
+async fn take_instance(
+    state: &AppState,
+    config: &PluginConfig,
+    instance: &mut Option<PluginInstance>,
+) -> Result<PluginInstance, String> {
+    match instance.take() {
+        Some(live) => Ok(live),
+        None => instantiate(&state.store, &state.runtime, config).await,
+    }
+}
+
+/// Runs the export on a blocking thread, renewing the batch's lease while
+/// it runs so a slow destination is not handed to a second worker.
+async fn export_keeping_lease(
+    store: &Store,
+    owner: &str,
+    ids: &[i64],
+    lease: Duration,
+    mut instance: PluginInstance,
+    events: Vec<ExportedEvent>,
+) -> Option<(PluginInstance, Result<(), ExportFailure>)> {
+    let call = tokio::task::spawn_blocking(move || {
+        let result = instance.export(events);
+        (instance, result)
+    });
+    tokio::pin!(call);
+    let mut renew = tokio::time::interval(lease / 3);
+    renew.tick().await;
+    loop {
+        tokio::select! {
+            done = &mut call => return done.ok(),
+            _ = renew.tick() => {
+                if let Err(err) = store.extend_outbox_lease(owner, ids, lease).await {
+                    tracing::warn!("failed to renew an outbox lease: {err}");
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter: the `attempts`-th wait is drawn from the
+/// upper half of `initial × 2^(attempts-1)`, capped, so retries of many
+/// batches spread out instead of arriving together.
+fn backoff(settings: &DeliverySettings, attempts: i64) -> Duration {
+    let exponent = (attempts - 1).clamp(0, 32) as u32;
+    let ceiling = settings
+        .retry_initial_backoff_ms
+        .saturating_mul(1u64 << exponent)
+        .min(settings.retry_max_backoff_ms);
+    let mut bytes = [0u8; 4];
+    getrandom::fill(&mut bytes).expect("the OS has randomness");
+    let fraction = 0.5 + 0.5 * (u32::from_le_bytes(bytes) as f64 / u32::MAX as f64);
+    Duration::from_millis((ceiling as f64 * fraction) as u64)
+}
+
+/// One scheduled task of one install.
+struct Scheduled {
+    config: PluginConfig,
+    task: String,
+    schedule: cron::Schedule,
+    next: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Runs the `[[schedule]]` tasks of enabled installs. Every process keeps
+/// the same timetable; the first to claim a fire time in the store runs it,
+/// so each fire runs once however many processes there are.
+pub async fn run_scheduler(state: AppState, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    use std::str::FromStr;
+    let owner = format!("scheduler-{}", uuid::Uuid::new_v4());
+    let mut stamp = String::new();
+    let mut tasks: Vec<Scheduled> = Vec::new();
+    let mut instances: HashMap<String, PluginInstance> = HashMap::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        if let Ok(now) = state.store.plugin_configs_stamp().await
+            && now != stamp
+            && let Ok(configs) = state.store.enabled_plugin_configs().await
+        {
+            stamp = now;
+            instances.clear();
+            let after = chrono::Utc::now();
+            tasks = configs
+                .into_iter()
+                .flat_map(|config| {
+                    let schedules = config
+                        .manifest
+                        .as_ref()
+                        .map(|m| m.schedule.clone())
+                        .unwrap_or_default();
+                    schedules.into_iter().filter_map(move |s| {
+                        let schedule = cron::Schedule::from_str(&s.cron).ok()?;
+                        let next = schedule.after(&after).next();
+                        Some(Scheduled {
+                            config: config.clone(),
+                            task: s.name,
+                            schedule,
+                            next,
+                        })
+                    })
+                })
+                .collect();
+        }
+        let now = chrono::Utc::now();
+        for scheduled in tasks.iter_mut() {
+            let Some(due) = scheduled.next.filter(|due| *due <= now) else {
+                continue;
+            };
+            scheduled.next = scheduled.schedule.after(&now).next();
+            let fire_at = format_timestamp(due);
+            match state
+                .store
+                .claim_scheduled_run(&scheduled.config.id, &scheduled.task, &fire_at, &owner)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(err) => {
+                    tracing::error!("failed to claim a scheduled run: {err}");
+                    continue;
+                }
+            }
+            let logs = run_task(&state, scheduled, &fire_at, &mut instances).await;
+            if let Err(err) = state
+                .store
+                .append_plugin_logs(&scheduled.config.id, &logs)
+                .await
+            {
+                tracing::error!("failed to write a task's log: {err}");
+            }
+        }
+        let wait = tasks
+            .iter()
+            .filter_map(|s| s.next)
+            .min()
+            .and_then(|next| (next - chrono::Utc::now()).to_std().ok())
+            .unwrap_or(REFRESH)
+            .min(REFRESH);
+        if pause_for(wait, &mut stop).await {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one fire of a task and returns its log, with a line saying how it
+/// ended.
+async fn run_task(
+    state: &AppState,
+    scheduled: &Scheduled,
+    fire_at: &str,
+    instances: &mut HashMap<String, PluginInstance>,
+) -> Vec<LogRecord> {
+    let config = &scheduled.config;
+    let instance = match instances.remove(&config.id) {
+        Some(instance) => Ok(instance),
+        None => instantiate(&state.store, &state.runtime, config).await,
+    };
+    let line = |level, message: String| LogRecord {
+        at: now_rfc3339(),
+        level,
+        message,
+        fields: Vec::new(),
+        event_uuid: None,
+    };
+    let mut instance = match instance {
+        Ok(instance) => instance,
+        Err(reason) => {
+            return vec![line(
+                LogLevel::Error,
+                format!(
+                    "scheduled task `{}` ({fire_at}) did not run: {reason}",
+                    scheduled.task
+                ),
+            )];
+        }
+    };
+    let task = scheduled.task.clone();
+    let Ok((mut instance, result)) = tokio::task::spawn_blocking(move || {
+        let result = instance.run_task(&task);
+        (instance, result)
+    })
+    .await
+    else {
+        return vec![line(
+            LogLevel::Error,
+            format!(
+                "scheduled task `{}` ({fire_at}) panicked in the host",
+                scheduled.task
+            ),
+        )];
+    };
+    let (mut logs, _) = instance.take_activity();
+    logs.push(match result {
+        Ok(()) => line(
+            LogLevel::Info,
+            format!("scheduled task `{}` ({fire_at}) finished", scheduled.task),
+        ),
+        Err(err) => line(
+            LogLevel::Error,
+            format!(
+                "scheduled task `{}` ({fire_at}) failed: {err}",
+                scheduled.task
+            ),
+        ),
+    });
+    instances.insert(config.id.clone(), instance);
+    logs
+}
