@@ -222,3 +222,34 @@ fn a_webhook_url_on_loopback_is_refused_without_operator_permission() {
         "nothing may reach the receiver"
     );
 }
+
+#[test]
+fn recorded_calls_blank_out_secret_config_values_and_credential_headers() {
+    let receiver = Receiver::default();
+    let url = receiver.start();
+    let mut instance = webhook(json!({
+        "url": url,
+        "secret": "topsecret-value",
+        "headers": {"X-Forwarded-Auth": "Bearer topsecret-value", "X-Vendor-Token": "abc", "X-Plain": "visible"},
+    }));
+    instance
+        .export(vec![exported(
+            "00000000-0000-4000-8000-000000000006",
+            "e",
+            json!({}),
+        )])
+        .unwrap();
+    // The receiver got the real values.
+    let (headers, _) = &receiver.requests()[0];
+    assert_eq!(headers["x-forwarded-auth"], "Bearer topsecret-value");
+
+    let (_, calls) = instance.take_activity();
+    let recorded: std::collections::HashMap<String, String> = calls[0]
+        .request_headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    assert_eq!(recorded["x-forwarded-auth"], "Bearer [redacted]");
+    assert_eq!(recorded["x-vendor-token"], "[redacted]");
+    assert_eq!(recorded["x-plain"], "visible");
+}

@@ -184,12 +184,11 @@ impl Destination {
     }
 
     /// Takes the next export slot and says how long to wait for it.
-    fn rate_slot(&self) -> Duration {
+    fn rate_slot(&self, now: Instant) -> Duration {
         let Some(rate) = self.settings.max_batches_per_second else {
             return Duration::ZERO;
         };
         let mut next = self.next_start.lock().expect("rate lock");
-        let now = Instant::now();
         let start = (*next).max(now);
         *next = start + Duration::from_secs_f64(1.0 / rate);
         start - now
@@ -260,7 +259,7 @@ async fn lane(state: AppState, destination: Arc<Destination>, mut stop: watch::R
                 continue;
             }
         }
-        let slot = destination.rate_slot();
+        let slot = destination.rate_slot(Instant::now());
         if !slot.is_zero() && pause_for(slot, &mut stop).await {
             break;
         }
@@ -680,4 +679,74 @@ async fn run_task(
     });
     instances.insert(config.id.clone(), instance);
     logs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_initial_delay_with_jitter_up_to_the_cap() {
+        let settings = DeliverySettings {
+            retry_initial_backoff_ms: 1_000,
+            retry_max_backoff_ms: 60_000,
+            ..DeliverySettings::default()
+        };
+        for (attempt, ceiling) in [
+            (1, 1_000),
+            (2, 2_000),
+            (3, 4_000),
+            (7, 60_000),
+            (40, 60_000),
+        ] {
+            for _ in 0..50 {
+                let wait = backoff(&settings, attempt).as_millis() as u64;
+                assert!(
+                    (ceiling / 2..=ceiling).contains(&wait),
+                    "attempt {attempt}: {wait} ms is outside {}..={ceiling}",
+                    ceiling / 2
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_rate_limit_spaces_export_starts() {
+        let mut config_settings = DeliverySettings {
+            max_batches_per_second: Some(10.0),
+            ..DeliverySettings::default()
+        };
+        let destination = Destination {
+            config: PluginConfig {
+                id: "d".into(),
+                project_id: "p".into(),
+                plugin_sha256: String::new(),
+                plugin: "x@1".into(),
+                config: Value::Null,
+                enabled: true,
+                position: 0,
+                failure_policy: "open".into(),
+                consecutive_failures: 0,
+                disabled_reason: None,
+                delivery: config_settings.clone(),
+                paused_reason: None,
+                updated_at: String::new(),
+                manifest: None,
+            },
+            settings: config_settings.clone(),
+            hold_until: Mutex::new(None),
+            next_start: Mutex::new(Instant::now()),
+        };
+        let now = Instant::now();
+        assert_eq!(destination.rate_slot(now), Duration::ZERO);
+        assert_eq!(destination.rate_slot(now), Duration::from_millis(100));
+        assert_eq!(destination.rate_slot(now), Duration::from_millis(200));
+        config_settings.max_batches_per_second = None;
+        let unlimited = Destination::new(PluginConfig {
+            delivery: config_settings,
+            ..destination.config.clone()
+        });
+        assert_eq!(unlimited.rate_slot(now), Duration::ZERO);
+        assert_eq!(unlimited.rate_slot(now), Duration::ZERO);
+    }
 }

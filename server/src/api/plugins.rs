@@ -15,7 +15,7 @@ use super::{ApiError, authorise};
 use crate::runtime::manifest::FieldType;
 use crate::runtime::{Hook, Install};
 use crate::server::AppState;
-use crate::store::{DeliverySettings, PluginConfig, PluginConfigPatch};
+use crate::store::{self, DeliverySettings, PluginConfig, PluginConfigPatch};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -199,12 +199,14 @@ async fn create_plugin_config(
         .store
         .create_plugin_config(
             &project_id,
-            &body.plugin_sha256,
-            &Value::Object(validated),
-            body.enabled,
-            body.position,
-            &body.failure_policy,
-            &delivery,
+            &store::NewPluginConfig {
+                sha256: body.plugin_sha256,
+                config: Value::Object(validated),
+                enabled: body.enabled,
+                position: body.position,
+                failure_policy: body.failure_policy,
+                delivery,
+            },
         )
         .await?;
     Ok((StatusCode::CREATED, Json(public_view(&created))))

@@ -20,7 +20,8 @@ pub use delivery::{
     ReplaySelector,
 };
 pub use plugins::{
-    DeadLetter, PluginConfig, PluginConfigPatch, PluginHealth, PluginLog, StoredDeadLetter,
+    DeadLetter, NewPluginConfig, PluginConfig, PluginConfigPatch, PluginHealth, PluginLog,
+    StoredDeadLetter,
 };
 
 /// Everything the pipeline made of a claimed batch, written in one

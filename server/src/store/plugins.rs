@@ -45,6 +45,18 @@ pub struct PluginConfigPatch {
     pub delivery: Option<DeliverySettings>,
 }
 
+/// A plugin config to add to a project.
+#[derive(Clone, Debug)]
+pub struct NewPluginConfig {
+    pub sha256: String,
+    pub config: Value,
+    pub enabled: bool,
+    /// Place in the chain; the end when `None`.
+    pub position: Option<i64>,
+    pub failure_policy: String,
+    pub delivery: DeliverySettings,
+}
+
 /// A line of a plugin config's log, as stored.
 #[derive(Clone, Debug, Serialize)]
 pub struct PluginLog {
@@ -144,16 +156,19 @@ impl Store {
     pub async fn create_plugin_config(
         &self,
         project_id: &str,
-        sha256: &str,
-        config: &Value,
-        enabled: bool,
-        position: Option<i64>,
-        failure_policy: &str,
-        delivery: &DeliverySettings,
+        new: &NewPluginConfig,
     ) -> Result<PluginConfig> {
+        let NewPluginConfig {
+            sha256,
+            config,
+            enabled,
+            position,
+            failure_policy,
+            delivery,
+        } = new;
         let id = uuid::Uuid::now_v7().to_string();
         let mut tx = self.write().await?;
-        let position = match position {
+        let position = match *position {
             Some(position) => position,
             None => sqlx::query_scalar::<_, i64>(
                 "SELECT COALESCE(MAX(position), -1) + 1 FROM plugin_configs WHERE project_id = $1",
@@ -168,11 +183,11 @@ impl Store {
         )
         .bind(&id)
         .bind(project_id)
-        .bind(sha256)
+        .bind(sha256.as_str())
         .bind(config.to_string())
-        .bind(enabled as i64)
+        .bind(*enabled as i64)
         .bind(position)
-        .bind(failure_policy)
+        .bind(failure_policy.as_str())
         .bind(now_rfc3339())
         .bind(serde_json::to_string(delivery).expect("settings serialise"))
         .execute(&mut *tx)

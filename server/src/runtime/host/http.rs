@@ -253,12 +253,34 @@ const SENSITIVE_HEADERS: &[&str] = &[
     "cookie",
     "x-api-key",
     "api-key",
+    "x-clickhouse-key",
+    "x-amz-security-token",
 ];
+
+/// Header names holding these words are treated as credentials too.
+const SENSITIVE_WORDS: &[&str] = &["token", "secret", "password", "api-key", "apikey"];
+
+fn is_sensitive(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    SENSITIVE_HEADERS.contains(&lower.as_str())
+        || SENSITIVE_WORDS.iter().any(|word| lower.contains(word))
+}
 
 /// How much of a request body a recorded call keeps.
 const RECORDED_BODY_BYTES: usize = 4096;
 
 impl HostState {
+    /// `text` with the install's secret config values blanked out.
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        for secret in self.install.secrets.iter() {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "[redacted]");
+            }
+        }
+        text
+    }
+
     fn build_request(&self, request: &Request) -> Result<(reqwest::Request, Duration), HttpError> {
         let url = reqwest::Url::parse(&request.url).map_err(|err| {
             HttpError::InvalidRequest(format!("`{}` is not a URL: {err}", request.url))
@@ -323,15 +345,12 @@ impl HostState {
             .headers
             .iter()
             .map(|(name, value)| {
-                let sensitive = SENSITIVE_HEADERS
-                    .iter()
-                    .any(|s| name.eq_ignore_ascii_case(s));
                 (
                     name.clone(),
-                    if sensitive {
+                    if is_sensitive(name) {
                         "[redacted]".into()
                     } else {
-                        value.clone()
+                        self.scrub(value)
                     },
                 )
             })
@@ -340,6 +359,7 @@ impl HostState {
         let request_body = request.body.as_ref().filter(|_| details).map(|body| {
             let text =
                 String::from_utf8_lossy(&body[..body.len().min(RECORDED_BODY_BYTES)]).into_owned();
+            let text = self.scrub(&text);
             if body.len() > RECORDED_BODY_BYTES {
                 text + "… [cut]"
             } else {
@@ -348,15 +368,15 @@ impl HostState {
         });
         let (status, error) = match result {
             Ok(response) => (Some(response.status), None),
-            Err(err) => (None, Some(describe(err))),
+            Err(err) => (None, Some(self.scrub(&describe(err)))),
         };
         let call = HttpCall {
             method: method_name(request.method).into(),
-            url: if details {
+            url: self.scrub(&if details {
                 request.url.clone()
             } else {
                 redact_query(&request.url)
-            },
+            }),
             request_headers,
             request_body,
             status,

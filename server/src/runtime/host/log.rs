@@ -119,6 +119,13 @@ impl HostState {
     /// new minute starts, the count of lines dropped in the last one is
     /// logged first, so operators see that the log has gaps.
     pub fn log(&mut self, level: LogLevel, message: String, fields: Vec<(String, String)>) {
+        // Plugin logs are shown to anyone with the project's API key, so a
+        // secret a plugin prints by mistake is blanked out here.
+        let message = self.scrub(&message);
+        let fields: Vec<(String, String)> = fields
+            .into_iter()
+            .map(|(k, v)| (k, self.scrub(&v)))
+            .collect();
         let limits = &self.install.limits;
         let max_line = limits.max_log_line_bytes as usize;
         let per_minute = limits.log_lines_per_minute;

@@ -44,6 +44,10 @@ pub struct InstallContext {
     pub grants: Arc<Grants>,
     pub limits: Limits,
     pub activity: Arc<Mutex<Activity>>,
+    /// Values of the install's `secret` config fields, blanked out of
+    /// recorded HTTP calls wherever they appear (a Slack webhook URL is its
+    /// own credential).
+    pub secrets: Arc<Vec<String>>,
 }
 
 /// Bookkeeping for the call in progress.
