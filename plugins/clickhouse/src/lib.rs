@@ -316,21 +316,21 @@ fn compression_failed(err: std::io::Error) -> ExportError {
 }
 
 fn row(event: &ExportedEvent, now_millis: u64) -> Result<Row<'_>, ExportError> {
-    let millis = time::parse_rfc3339_millis(&event.timestamp).unwrap_or_else(|| {
+    let at = time::parse_rfc3339(&event.timestamp).unwrap_or_else(|| {
         // The host stores RFC 3339 timestamps, so this is a host bug;
         // the export time keeps the row instead of failing the batch.
         warn!(
             "event {} has timestamp `{}`, which is not RFC 3339; it is inserted with the export time",
             event.uuid, event.timestamp
         );
-        now_millis as i64
+        time::from_unix_millis(now_millis)
     });
     Ok(Row {
         uuid: &event.uuid,
         event: &event.name,
         distinct_id: &event.distinct_id,
         person_id: event.person_id.as_deref(),
-        timestamp: time::clickhouse_datetime64(millis),
+        timestamp: time::clickhouse_datetime64(&at),
         properties: serde_json::to_string(&event.properties)?,
     })
 }

@@ -38,8 +38,8 @@ use sluice_plugin_sdk::{
     Error, ExportError, ExportedEvent, Plugin, Result, clock, info, register_plugin, warn,
 };
 
+use chrono::Timelike;
 use sigv4::{Canonical, Signer};
-use time::Utc;
 
 #[derive(Deserialize)]
 struct Config {
@@ -236,7 +236,7 @@ impl S3 {
     fn put(&self, key: &str, body: Vec<u8>, count: usize) -> Result<(), ExportError> {
         let (url, host, path) = self.address(key);
         let payload_hash = sigv4::sha256_hex(&body);
-        let amz_date = Utc::from_unix_millis(clock::now_millis()).amz_date();
+        let amz_date = time::amz_date(&time::from_unix_millis(clock::now_millis()));
         let mut signed = vec![
             ("host", host.as_str()),
             ("x-amz-content-sha256", payload_hash.as_str()),
@@ -448,8 +448,8 @@ fn partitions(
 ) -> BTreeMap<Partition, Vec<&ExportedEvent>> {
     let mut groups: BTreeMap<Partition, Vec<&ExportedEvent>> = BTreeMap::new();
     for event in events {
-        let seconds = match time::parse_rfc3339(&event.timestamp) {
-            Some(seconds) => seconds,
+        let at = match time::parse_rfc3339(&event.timestamp) {
+            Some(at) => at,
             None => {
                 // The host stores RFC 3339 timestamps, so this is a host
                 // bug; filing the event under the export time keeps it.
@@ -457,13 +457,12 @@ fn partitions(
                     "event {} has timestamp `{}`, which is not RFC 3339; it is filed under the export time",
                     event.uuid, event.timestamp
                 );
-                (now_millis / 1000) as i64
+                time::from_unix_millis(now_millis)
             }
         };
-        let utc = Utc::from_unix_seconds(seconds);
         let partition = Partition {
-            date: utc.date(),
-            hour: format!("{:02}", utc.hour),
+            date: at.format("%Y-%m-%d").to_string(),
+            hour: format!("{:02}", at.hour()),
         };
         groups.entry(partition).or_default().push(event);
     }
