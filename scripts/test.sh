@@ -25,6 +25,16 @@ if ! has_rustup_wasm_target && ! has_offline_fallback; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq rustc-web cargo-web rust-web-src lld
 fi
 
+# Tests install official Python clients and the moto S3 emulator from PyPI
+# into throwaway virtualenvs.
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  echo "scripts/test.sh: python3 cannot make virtualenvs; installing python3-venv" >&2
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv
+fi
+
 # Build the tests first: it builds the `sluice` binary with the same features
 # the tests use, so nothing is compiled twice.
 if cargo nextest --version >/dev/null 2>&1; then
