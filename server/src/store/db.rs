@@ -301,11 +301,7 @@ impl Store {
         // One statement per chunk, not per row: on PostgreSQL each statement
         // is a round trip. The ids are integers, so inlining them is safe.
         for chunk in ids.chunks(500) {
-            let list = chunk
-                .iter()
-                .map(i64::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
+            let list = super::delivery::id_list(chunk.iter().copied());
             sqlx::query(&format!(
                 "DELETE FROM capture_queue WHERE lease_owner = $1 AND id IN ({list})"
             ))

@@ -3,7 +3,7 @@
 //! attempt written in one transaction, running totals, dead-letter replay,
 //! and claimed runs of scheduled tasks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -205,7 +205,7 @@ const ROWS_PER_INSERT: usize = 100;
 
 /// A comma-separated list of ids, inlined: they are integers, and one
 /// statement per batch is one round trip on PostgreSQL.
-fn id_list(ids: impl IntoIterator<Item = i64>) -> String {
+pub(super) fn id_list(ids: impl IntoIterator<Item = i64>) -> String {
     ids.into_iter()
         .map(|id| id.to_string())
         .collect::<Vec<_>>()
@@ -443,12 +443,14 @@ impl Store {
                 (0, 0)
             }
             Disposition::DeadLetter => {
-                let removed: Vec<i64> = sqlx::query_scalar(&format!(
+                let removed: HashSet<i64> = sqlx::query_scalar(&format!(
                     "DELETE FROM outbox WHERE lease_owner = $1 AND id IN ({ids}) RETURNING id"
                 ))
                 .bind(owner)
                 .fetch_all(&mut *tx)
-                .await?;
+                .await?
+                .into_iter()
+                .collect();
                 let error = record.attempt.error.as_deref().unwrap_or("delivery failed");
                 let letters: Vec<&OutboxRow> = record
                     .rows
