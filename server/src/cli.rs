@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::author::build::{self, BuildOptions, Toolchain};
 use crate::author::scaffold::{self, SdkSource};
 use crate::author::test_run::{self, TestOptions};
+use crate::query::QueryLimits;
 use crate::runtime::Policy;
 use crate::server::{ServeConfig, open_store};
 use crate::store::StoreConfig;
@@ -90,6 +91,12 @@ pub struct ServeArgs {
     /// them over after a crash [default: 30].
     #[arg(long, env = "SLUICE_LEASE_SECONDS")]
     pub lease_seconds: Option<u64>,
+    /// Longest an analytics query may run, in seconds [default: 30].
+    #[arg(long, env = "SLUICE_QUERY_TIMEOUT_SECONDS")]
+    pub query_timeout_seconds: Option<f64>,
+    /// Most stored events one analytics query may read [default: 5000000].
+    #[arg(long, env = "SLUICE_QUERY_MAX_ROWS")]
+    pub query_max_rows: Option<u64>,
 }
 
 /// The config file of `sluice serve --config FILE`: the same settings as the
@@ -104,6 +111,8 @@ pub struct FileConfig {
     pub max_queue_depth: Option<i64>,
     pub record_ip: Option<bool>,
     pub lease_seconds: Option<u64>,
+    pub query_timeout_seconds: Option<f64>,
+    pub query_max_rows: Option<u64>,
     pub plugins: Option<Policy>,
 }
 
@@ -127,6 +136,10 @@ pub enum ProjectCommand {
         /// Project name.
         #[arg(long)]
         name: String,
+        /// The IANA time zone its analytics queries bucket days in, such
+        /// as Europe/Berlin.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -228,6 +241,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .or(file.lease_seconds)
             .map(|s| std::time::Duration::from_secs(s.max(1)))
             .unwrap_or(defaults.lease),
+        query_limits: QueryLimits {
+            timeout: match args.query_timeout_seconds.or(file.query_timeout_seconds) {
+                Some(seconds) if seconds.is_finite() && seconds > 0.0 => {
+                    std::time::Duration::from_secs_f64(seconds)
+                }
+                Some(seconds) => anyhow::bail!(
+                    "--query-timeout-seconds must be a number of seconds above 0, got {seconds}"
+                ),
+                None => defaults.query_limits.timeout,
+            },
+            max_rows: match args.query_max_rows.or(file.query_max_rows) {
+                Some(0) => anyhow::bail!("--query-max-rows must be at least 1"),
+                Some(rows) => rows,
+                None => defaults.query_limits.max_rows,
+            },
+        },
         policy: file.plugins.clone().unwrap_or(defaults.policy),
         store: args.store.config(&file),
     };
@@ -254,12 +283,21 @@ async fn shutdown_signal() {
 
 fn project(command: ProjectCommand) -> anyhow::Result<ExitCode> {
     match command {
-        ProjectCommand::Create { name, store } => tokio_runtime()?.block_on(async move {
+        ProjectCommand::Create {
+            name,
+            timezone,
+            store,
+        } => tokio_runtime()?.block_on(async move {
             if name.trim().is_empty() {
                 anyhow::bail!("--name must not be empty");
             }
+            let Some(tz) = crate::query::spec::parse_tz(&timezone) else {
+                anyhow::bail!(
+                    "--timezone must be an IANA time zone such as Europe/Berlin or UTC, got {timezone}"
+                );
+            };
             let store = open_store(&store.config(&FileConfig::default())).await?;
-            let created = store.create_project(name.trim()).await?;
+            let created = store.create_project_in(name.trim(), tz.name()).await?;
             store.close().await;
             println!("{}", serde_json::to_string(&created)?);
             Ok(ExitCode::SUCCESS)

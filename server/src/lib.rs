@@ -2,8 +2,8 @@
 //! sandboxed WebAssembly component plugins.
 //!
 //! Modules follow the data flow: [`capture`] accepts events into the durable
-//! queue in [`store`], the [`pipeline`] worker stores them, [`api`] serves
-//! them; [`server`] wires these into `serve(config, listener, shutdown)`.
+//! queue in [`store`], the [`pipeline`] worker stores them, [`query`]
+//! answers analytics questions over them, [`api`] serves them; [`server`] wires these into `serve(config, listener, shutdown)`.
 //! The plugin [`runtime`] and the [`author`] tooling (scaffold, build, test)
 //! sit beside them.
 
@@ -13,6 +13,7 @@ pub mod capture;
 pub mod cli;
 pub mod delivery;
 pub mod pipeline;
+pub mod query;
 pub mod runtime;
 pub mod server;
 pub mod store;

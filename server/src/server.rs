@@ -15,6 +15,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use crate::query::QueryLimits;
 use crate::runtime::{Policy, Runtime, RuntimeConfig};
 use crate::store::{DEFAULT_LEASE, Store, StoreConfig};
 use crate::{api, capture, delivery, pipeline};
@@ -34,6 +35,8 @@ pub struct ServeConfig {
     /// How long a worker holds claimed queue rows before another process may
     /// take them over.
     pub lease: Duration,
+    /// What one analytics query may cost.
+    pub query_limits: QueryLimits,
 }
 
 impl ServeConfig {
@@ -45,6 +48,7 @@ impl ServeConfig {
             record_ip: true,
             policy: Policy::default(),
             lease: DEFAULT_LEASE,
+            query_limits: QueryLimits::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod destinations;
 mod plugins;
+mod query;
 
 use axum::Json;
 use axum::Router;
@@ -23,6 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/projects/{project_id}/persons", get(find_person))
         .merge(plugins::router())
         .merge(destinations::router())
+        .merge(query::router())
 }
 
 /// Why an API request failed, grouped by status code.

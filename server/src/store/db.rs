@@ -117,6 +117,12 @@ impl Store {
     }
 
     pub async fn create_project(&self, name: &str) -> Result<CreatedProject> {
+        self.create_project_in(name, "UTC").await
+    }
+
+    /// Creates a project whose queries bucket days in `timezone`, an IANA
+    /// zone name the caller has checked.
+    pub async fn create_project_in(&self, name: &str, timezone: &str) -> Result<CreatedProject> {
         let created = CreatedProject {
             project_id: uuid::Uuid::now_v7().to_string(),
             capture_token: random_token("phc_"),
@@ -125,12 +131,13 @@ impl Store {
         let now = now_rfc3339();
         let mut tx = self.write().await?;
         sqlx::query(
-            "INSERT INTO projects (id, name, capture_token, created_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO projects (id, name, capture_token, created_at, timezone) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&created.project_id)
         .bind(name)
         .bind(&created.capture_token)
         .bind(&now)
+        .bind(timezone)
         .execute(&mut *tx)
         .await?;
         sqlx::query("INSERT INTO api_keys (id, project_id, key_hash, scope, created_at) VALUES ($1, $2, $3, 'write', $4)")

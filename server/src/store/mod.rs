@@ -6,6 +6,7 @@ mod db;
 mod delivery;
 mod persons;
 mod plugins;
+mod query;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +24,7 @@ pub use plugins::{
     DeadLetter, NewPluginConfig, PluginConfig, PluginConfigPatch, PluginHealth, PluginLog,
     StoredDeadLetter,
 };
+pub use query::{Cursor, Scan, ScanRow};
 
 /// Everything the pipeline made of a claimed batch, written in one
 /// transaction with the removal of the batch from the queue.

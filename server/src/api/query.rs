@@ -1,0 +1,139 @@
+//! `POST /api/projects/{id}/query`, and the project settings queries use
+//! (`GET`/`PATCH /api/projects/{id}`: its time zone).
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::{ApiError, authorise};
+use crate::query::{self, Query, QueryError, spec::parse_tz};
+use crate::server::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/projects/{project_id}/query", post(run_query))
+        .route(
+            "/api/projects/{project_id}",
+            get(get_project).patch(update_project),
+        )
+}
+
+/// Query failures: a bad query is 400 naming the field (`attr`), a query
+/// over its budget 422, as sending it again will not help.
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            QueryError::Invalid { attr, message } => (
+                StatusCode::BAD_REQUEST,
+                json!({"type": "validation_error", "attr": attr, "detail": message}),
+            ),
+            QueryError::TooManyRows { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"type": "query_too_large", "detail": self.to_string()}),
+            ),
+            QueryError::Timeout { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"type": "query_timeout", "detail": self.to_string()}),
+            ),
+            QueryError::Store(err) => {
+                tracing::error!("query failed: {err}");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"type": "server_error", "detail": "internal error"}),
+                )
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// A body that is not JSON gets the same kind of answer as a bad query.
+fn parse_body(body: &[u8]) -> Result<Value, QueryError> {
+    serde_json::from_slice(body).map_err(|err| QueryError::Invalid {
+        attr: String::new(),
+        message: format!("the request body must be a JSON query object: {err}"),
+    })
+}
+
+async fn run_query(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Response> {
+    authorise(&state, &headers, &project_id)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let run = async {
+        let value = parse_body(&body)?;
+        let query = Query::parse(&value)?;
+        query::run(
+            &state.store,
+            &project_id,
+            &query,
+            state.config.query_limits,
+            chrono::Utc::now(),
+        )
+        .await
+    };
+    match run.await {
+        Ok(result) => Ok(Json(result).into_response()),
+        Err(err) => Err(err.into_response()),
+    }
+}
+
+async fn get_project(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    let (name, timezone) = state
+        .store
+        .project(&project_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("project {project_id}")))?;
+    Ok(Json(
+        json!({"id": project_id, "name": name, "timezone": timezone}),
+    ))
+}
+
+/// `PATCH {"timezone": "Europe/Berlin"}`.
+async fn update_project(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorise(&state, &headers, &project_id).await?;
+    let patch: Value = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::Invalid(format!("the request body must be JSON: {err}")))?;
+    let fields = patch
+        .as_object()
+        .ok_or_else(|| ApiError::Invalid("the request body must be a JSON object".into()))?;
+    for key in fields.keys() {
+        if key != "timezone" {
+            return Err(ApiError::Invalid(format!(
+                "unknown field `{key}`; a project's settable field is `timezone`"
+            )));
+        }
+    }
+    if let Some(value) = fields.get("timezone") {
+        let name = value.as_str().unwrap_or_default();
+        let tz = parse_tz(name).ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "`timezone` must be an IANA time zone such as Europe/Berlin or UTC, got {value}"
+            ))
+        })?;
+        state
+            .store
+            .set_project_timezone(&project_id, tz.name())
+            .await?;
+    }
+    get_project(State(state), Path(project_id), headers).await
+}
