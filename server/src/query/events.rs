@@ -5,7 +5,7 @@ use chrono_tz::Tz;
 use serde_json::{Value, json};
 
 use super::spec::EventsQuery;
-use super::{Columns, Context, QueryError, Values, invalid, local};
+use super::{Columns, Context, QueryError, Values, check_order, invalid};
 use crate::store::Cursor;
 
 /// Rows read per round trip. Filters run here, so a page may yield few
@@ -35,17 +35,8 @@ pub(super) async fn run(
                 .ok_or_else(|| invalid("date_to", "`date_to` is out of range"))
         })
         .transpose()?;
-    if let (Some(from), Some(to)) = (from, to)
-        && to <= from
-    {
-        return Err(invalid(
-            "date_to",
-            format!(
-                "`date_to` ({}) must be after `date_from` ({})",
-                local(to, tz),
-                local(from, tz)
-            ),
-        ));
+    if let (Some(from), Some(to)) = (from, to) {
+        check_order(from, to, tz)?;
     }
     let mut columns = Columns::default();
     columns.add_filters(&query.filters);

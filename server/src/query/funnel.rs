@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 
 use super::spec::FunnelQuery;
 use super::{
-    Columns, Context, Interner, QueryError, Values, filter, local, rank_groups, resolve_range,
-    shown_groups,
+    Columns, Context, Interner, QueryError, filter, local, rank_groups, resolve_range,
+    scan_passing, shown_groups,
 };
 
 struct Row {
@@ -72,43 +72,32 @@ pub(super) async fn run(
     let mut persons = Interner::<String>::default();
     let mut groups = Interner::<Option<String>>::default();
     let mut rows = Vec::new();
-    context
-        .store
-        .scan_events(&scan, |row| {
-            if !budget.take() {
-                return false;
+    scan_passing(context, &scan, &mut budget, &global, |row, values| {
+        let mut mask = 0u32;
+        for (k, (event, filters)) in steps.iter().enumerate() {
+            if event.as_ref().is_none_or(|e| *e == row.event) && values.pass(filters) {
+                mask |= 1 << k;
             }
-            let values = Values::of(&row);
-            if !values.pass(&global) {
-                return true;
-            }
-            let mut mask = 0u32;
-            for (k, (event, filters)) in steps.iter().enumerate() {
-                if event.as_ref().is_none_or(|e| *e == row.event) && values.pass(filters) {
-                    mask |= 1 << k;
-                }
-            }
-            if mask == 0 {
-                return true;
-            }
-            let Some(at_ms) = super::time::stored_millis(&row.timestamp) else {
-                return true;
-            };
-            let group = match breakdown_column {
-                Some(column) => groups.id(values.get(column).map(filter::as_text)),
-                None => 0,
-            };
-            rows.push(Row {
-                person: persons.id(row.person_id),
-                at_ms,
-                uuid: row.uuid,
-                steps: mask,
-                group,
-            });
-            true
-        })
-        .await?;
-    budget.finish()?;
+        }
+        if mask == 0 {
+            return;
+        }
+        let Some(at_ms) = super::time::stored_millis(&row.timestamp) else {
+            return;
+        };
+        let group = match breakdown_column {
+            Some(column) => groups.id(values.get(column).map(filter::as_text)),
+            None => 0,
+        };
+        rows.push(Row {
+            person: persons.id(row.person_id),
+            at_ms,
+            uuid: row.uuid,
+            steps: mask,
+            group,
+        });
+    })
+    .await?;
 
     let step_count = query.steps.len();
     let window_ms = query.window_ms;

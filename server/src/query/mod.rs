@@ -166,8 +166,8 @@ impl Budget {
         true
     }
 
-    fn finish(self) -> Result<(), QueryError> {
-        self.exceeded.map_or(Ok(()), Err)
+    fn finish(&mut self) -> Result<(), QueryError> {
+        self.exceeded.take().map_or(Ok(()), Err)
     }
 }
 
@@ -274,6 +274,11 @@ fn resolve_range(
     let to = to
         .resolve(tz, now, true)
         .ok_or_else(|| invalid("date_to", "`date_to` is out of range"))?;
+    check_order(from, to, tz)?;
+    Ok((from, to))
+}
+
+fn check_order(from: DateTime<Utc>, to: DateTime<Utc>, tz: Tz) -> Result<(), QueryError> {
     if to <= from {
         return Err(invalid(
             "date_to",
@@ -284,7 +289,31 @@ fn resolve_range(
             ),
         ));
     }
-    Ok((from, to))
+    Ok(())
+}
+
+/// Streams `scan`'s rows that pass `filters` to `each`, within `budget`.
+async fn scan_passing(
+    context: &Context<'_>,
+    scan: &Scan,
+    budget: &mut Budget,
+    filters: &[(Column, Operator)],
+    mut each: impl FnMut(ScanRow, &Values),
+) -> Result<(), QueryError> {
+    context
+        .store
+        .scan_events(scan, |row| {
+            if !budget.take() {
+                return false;
+            }
+            let values = Values::of(&row);
+            if values.pass(filters) {
+                each(row, &values);
+            }
+            true
+        })
+        .await?;
+    budget.finish()
 }
 
 fn local(at: DateTime<Utc>, tz: Tz) -> String {

@@ -10,8 +10,8 @@ use serde_json::{Map, Value, json};
 use super::spec::{Math, Series, TrendsQuery};
 use super::time::Buckets;
 use super::{
-    Columns, Context, Interner, MAX_BUCKETS, QueryError, Values, filter, invalid, json_number,
-    local, rank_groups, resolve_range, shown_groups,
+    Budget, Columns, Context, Interner, MAX_BUCKETS, QueryError, filter, invalid, json_number,
+    local, rank_groups, resolve_range, scan_passing, shown_groups,
 };
 
 /// One counted event.
@@ -81,9 +81,11 @@ pub(super) async fn run(
             ),
         )
     })?;
+    // One budget for the whole query, however many series it has.
+    let mut budget = context.budget();
     let mut results = Vec::new();
     for (index, series) in query.series.iter().enumerate() {
-        let points = scan_series(context, query, series, &buckets, from, to).await?;
+        let points = scan_series(context, &mut budget, query, series, &buckets, from, to).await?;
         results.extend(aggregate(query, series, index, points, buckets.len()));
     }
     Ok(json!({
@@ -104,6 +106,7 @@ struct Scanned {
 
 async fn scan_series(
     context: &Context<'_>,
+    budget: &mut Budget,
     query: &TrendsQuery,
     series: &Series,
     buckets: &Buckets,
@@ -134,44 +137,32 @@ async fn scan_series(
     scan.from = Some(crate::runtime::format_timestamp(from));
     scan.to = Some(crate::runtime::format_timestamp(to));
 
-    let mut budget = context.budget();
     let mut persons = Interner::<String>::default();
     let mut groups = Interner::<Option<String>>::default();
     let mut points = Vec::new();
-    context
-        .store
-        .scan_events(&scan, |row| {
-            if !budget.take() {
-                return false;
-            }
-            let values = Values::of(&row);
-            if !values.pass(&filters) {
-                return true;
-            }
-            let value = match math_column {
-                Some(column) => match values.get(column).and_then(filter::as_number) {
-                    Some(n) => n,
-                    None => return true, // nothing to sum or average
-                },
-                None => 0.0,
-            };
-            let Some(bucket) = buckets.index_of(&row.timestamp) else {
-                return true;
-            };
-            let group = match breakdown_column {
-                Some(column) => groups.id(values.get(column).map(filter::as_text)),
-                None => 0,
-            };
-            points.push(Point {
-                bucket: bucket as u32,
-                group,
-                person: persons.id(row.person_id),
-                value,
-            });
-            true
-        })
-        .await?;
-    budget.finish()?;
+    scan_passing(context, &scan, budget, &filters, |row, values| {
+        let value = match math_column {
+            Some(column) => match values.get(column).and_then(filter::as_number) {
+                Some(n) => n,
+                None => return, // nothing to sum or average
+            },
+            None => 0.0,
+        };
+        let Some(bucket) = buckets.index_of(&row.timestamp) else {
+            return;
+        };
+        let group = match breakdown_column {
+            Some(column) => groups.id(values.get(column).map(filter::as_text)),
+            None => 0,
+        };
+        points.push(Point {
+            bucket: bucket as u32,
+            group,
+            person: persons.id(row.person_id),
+            value,
+        });
+    })
+    .await?;
     Ok(Scanned {
         points,
         groups: groups.keys,

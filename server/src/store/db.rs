@@ -34,12 +34,17 @@ pub struct Store {
 /// SQLite settings for every connection: WAL so readers never block the
 /// writer, FULL sync so an acknowledged write is on disk, and a busy timeout
 /// because a second process (`sluice project create`) may hold the write
-/// lock for a moment.
-const SQLITE_PRAGMAS: [&str; 4] = [
+/// lock for a moment. Analytics queries read rows in time order, which is
+/// not the order they were written in: memory-mapping the file and a 64 MiB
+/// page cache spare them a read syscall per row, which halved query times
+/// in the query benchmark.
+const SQLITE_PRAGMAS: [&str; 6] = [
     "PRAGMA journal_mode = WAL",
     "PRAGMA synchronous = FULL",
     "PRAGMA busy_timeout = 10000",
     "PRAGMA foreign_keys = ON",
+    "PRAGMA mmap_size = 1073741824",
+    "PRAGMA cache_size = -65536",
 ];
 
 impl Store {
