@@ -115,6 +115,18 @@ impl TestServer {
         body
     }
 
+    /// GET with the project's key; the body as JSON.
+    async fn get(&self, url: &str) -> Value {
+        let response = self
+            .client
+            .get(url)
+            .bearer_auth(&self.project.api_key)
+            .send()
+            .await
+            .unwrap();
+        serde_json::from_str(&response.text().await.unwrap()).unwrap()
+    }
+
     /// Waits, through the events list (which query limits do not bound),
     /// until at least `n` events are stored.
     async fn wait_stored(&self, n: usize) {
@@ -123,17 +135,7 @@ impl TestServer {
             self.base, self.project.project_id
         );
         for _ in 0..400 {
-            let page: Value = self
-                .client
-                .get(&url)
-                .bearer_auth(&self.project.api_key)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .map(|t| serde_json::from_str(&t).unwrap())
-                .unwrap();
+            let page = self.get(&url).await;
             if page["results"].as_array().unwrap().len() >= n {
                 return;
             }
@@ -1207,18 +1209,17 @@ async fn queries_over_their_budget_get_a_clear_422() {
 async fn a_project_time_zone_is_kept_and_checked() {
     let server = start(Backend::Sqlite, QueryLimits::default()).await;
     let url = format!("{}/api/projects/{}", server.base, server.project.project_id);
-    let project: Value = server
-        .client
-        .get(&url)
-        .bearer_auth(&server.project.api_key)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .map(|t| serde_json::from_str(&t).unwrap())
-        .unwrap();
+    let project = server.get(&url).await;
     assert_eq!(project["timezone"], TZ.name());
+    let answer = server
+        .query(&json!({"kind": "trends", "series": [{}], "interval": "day",
+                       "timezone": "Asia/Tokyo", "date_from": "2026-11-01", "date_to": "2026-11-01"}))
+        .await;
+    assert_eq!(
+        answer["timezone"], "Asia/Tokyo",
+        "a query may name its own zone"
+    );
+    assert_eq!(answer["labels"], json!(["2026-11-01T00:00:00+09:00"]));
     let response = server
         .client
         .patch(&url)
