@@ -71,6 +71,14 @@ async fn start(backend: Backend, limits: QueryLimits) -> TestServer {
     }
 }
 
+/// A server whose project has stored `events`.
+async fn start_with_events(backend: Backend, limits: QueryLimits, events: &[Value]) -> TestServer {
+    let server = start(backend, limits).await;
+    server.capture(&server.project.capture_token, events).await;
+    server.wait_stored(events.len()).await;
+    server
+}
+
 impl TestServer {
     async fn capture(&self, token: &str, events: &[Value]) {
         for chunk in events.chunks(1000) {
@@ -1175,9 +1183,7 @@ async fn queries_over_their_budget_get_a_clear_422() {
             max_rows: 100,
             ..QueryLimits::default()
         };
-        let server = start(backend, small).await;
-        server.capture(&server.project.capture_token, &events).await;
-        server.wait_stored(events.len()).await;
+        let server = start_with_events(backend, small, &events).await;
         let (status, body) = server
             .query_as(&server.project, &server.project.api_key, &query)
             .await;
@@ -1194,9 +1200,7 @@ async fn queries_over_their_budget_get_a_clear_422() {
             timeout: Duration::from_nanos(1),
             ..QueryLimits::default()
         };
-        let server = start(backend, hasty).await;
-        server.capture(&server.project.capture_token, &events).await;
-        server.wait_stored(events.len()).await;
+        let server = start_with_events(backend, hasty, &events).await;
         let (status, body) = server
             .query_as(&server.project, &server.project.api_key, &query)
             .await;

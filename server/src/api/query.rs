@@ -93,9 +93,13 @@ async fn get_project(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorise(&state, &headers, &project_id).await?;
+    project_json(&state, &project_id).await
+}
+
+async fn project_json(state: &AppState, project_id: &str) -> Result<Json<Value>, ApiError> {
     let (name, timezone) = state
         .store
-        .project(&project_id)
+        .project(project_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("project {project_id}")))?;
     Ok(Json(
@@ -135,5 +139,5 @@ async fn update_project(
             .set_project_timezone(&project_id, tz.name())
             .await?;
     }
-    get_project(State(state), Path(project_id), headers).await
+    project_json(&state, &project_id).await
 }

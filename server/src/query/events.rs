@@ -5,7 +5,7 @@ use chrono_tz::Tz;
 use serde_json::{Value, json};
 
 use super::spec::EventsQuery;
-use super::{Columns, Context, QueryError, Values, check_order, invalid};
+use super::{Columns, Context, QueryError, Values, check_order, resolve_date};
 use crate::store::Cursor;
 
 /// Rows read per round trip. Filters run here, so a page may yield few
@@ -17,23 +17,18 @@ pub(super) async fn run(
     query: &EventsQuery,
     tz: Tz,
 ) -> Result<Value, QueryError> {
+    // Unlike trends and funnels, a search without dates has no bounds.
     let from = query
         .range
         .from
         .as_ref()
-        .map(|d| {
-            d.resolve(tz, context.now, false)
-                .ok_or_else(|| invalid("date_from", "`date_from` is out of range"))
-        })
+        .map(|d| resolve_date(d, "date_from", tz, context.now))
         .transpose()?;
     let to = query
         .range
         .to
         .as_ref()
-        .map(|d| {
-            d.resolve(tz, context.now, true)
-                .ok_or_else(|| invalid("date_to", "`date_to` is out of range"))
-        })
+        .map(|d| resolve_date(d, "date_to", tz, context.now))
         .transpose()?;
     if let (Some(from), Some(to)) = (from, to) {
         check_order(from, to, tz)?;

@@ -74,9 +74,9 @@ pub async fn run(
     now: DateTime<Utc>,
 ) -> Result<Value, QueryError> {
     let project_tz = store
-        .project_timezone(project_id)
+        .project(project_id)
         .await?
-        .and_then(|name| spec::parse_tz(&name))
+        .and_then(|(_, timezone)| spec::parse_tz(&timezone))
         .unwrap_or(Tz::UTC);
     let context = Context {
         store,
@@ -268,14 +268,22 @@ fn resolve_range(
         .clone()
         .unwrap_or(DateSpec::Relative(7, time::RelativeUnit::Day));
     let to = range.to.clone().unwrap_or(DateSpec::Now);
-    let from = from
-        .resolve(tz, now, false)
-        .ok_or_else(|| invalid("date_from", "`date_from` is out of range"))?;
-    let to = to
-        .resolve(tz, now, true)
-        .ok_or_else(|| invalid("date_to", "`date_to` is out of range"))?;
+    let from = resolve_date(&from, "date_from", tz, now)?;
+    let to = resolve_date(&to, "date_to", tz, now)?;
     check_order(from, to, tz)?;
     Ok((from, to))
+}
+
+/// `attr` is `date_from` or `date_to`; a bare date as `date_to` means the
+/// end of that day.
+fn resolve_date(
+    spec: &DateSpec,
+    attr: &str,
+    tz: Tz,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, QueryError> {
+    spec.resolve(tz, now, attr == "date_to")
+        .ok_or_else(|| invalid(attr, format!("`{attr}` is out of range")))
 }
 
 fn check_order(from: DateTime<Utc>, to: DateTime<Utc>, tz: Tz) -> Result<(), QueryError> {

@@ -264,14 +264,6 @@ impl Store {
         Ok(lines.join("\n"))
     }
 
-    /// The IANA time zone a project's queries bucket in.
-    pub async fn project_timezone(&self, project_id: &str) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT timezone FROM projects WHERE id = $1")
-            .bind(project_id)
-            .fetch_optional(&self.pool)
-            .await
-    }
-
     pub async fn set_project_timezone(&self, project_id: &str, timezone: &str) -> Result<()> {
         let mut tx = self.write().await?;
         sqlx::query("UPDATE projects SET timezone = $1 WHERE id = $2")
