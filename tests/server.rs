@@ -747,6 +747,27 @@ async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_
         "{detail}"
     );
 
+    // A body that is not the documented shape gets the API's JSON error.
+    for (body, expected) in [
+        (&b"{\"plugin_sha256\": "[..], "EOF while parsing"),
+        (&br#"{"config": {}}"#[..], "missing field `plugin_sha256`"),
+        (
+            &br#"{"plugin_sha256": 7, "config": {}}"#[..],
+            "plugin_sha256: invalid type",
+        ),
+    ] {
+        let (status, answer) = server
+            .api(
+                reqwest::Method::POST,
+                "/plugin-configs",
+                Some(body.to_vec()),
+            )
+            .await;
+        assert_eq!(status, 400, "{answer}");
+        let detail = answer["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(expected), "{answer}");
+    }
+
     let good = json!({"plugin_sha256": sha, "config": {"url": "https://hooks.example.com/x", "secret": "s3cret"}});
     let (status, created) = server
         .api(
@@ -763,6 +784,20 @@ async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_
         .api(reqwest::Method::GET, "/plugin-configs", None)
         .await;
     assert!(!listed.to_string().contains("s3cret"));
+    let (status, answer) = server
+        .api(
+            reqwest::Method::PATCH,
+            &format!("/plugin-configs/{}", created["id"].as_str().unwrap()),
+            Some(br#"{"enabeld": false}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("unknown field `enabeld`")),
+        "{answer}"
+    );
 
     let other = format!(
         "{}/api/projects/{}/plugin-configs",

@@ -7,7 +7,8 @@ mod query;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -55,6 +56,29 @@ impl IntoResponse for ApiError {
             }
         };
         (status, Json(json!({"detail": self.to_string()}))).into_response()
+    }
+}
+
+/// A JSON request body whose rejection is an [`ApiError`], so a malformed or
+/// mistyped body gets the API's JSON error naming the problem rather than
+/// axum's plain-text one.
+pub(crate) struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::Invalid(format!(
+                "the request body must be a JSON object as documented in docs/operators.md: {}",
+                rejection.body_text()
+            ))),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use axum::routing::{get, patch, post};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, authorise};
+use super::{ApiError, JsonBody, authorise};
 use crate::runtime::manifest::FieldType;
 use crate::runtime::{Hook, Install};
 use crate::server::AppState;
@@ -189,7 +189,7 @@ async fn create_plugin_config(
     State(state): State<AppState>,
     Path(project_id): Path<String>,
     headers: HeaderMap,
-    Json(body): Json<NewPluginConfig>,
+    JsonBody(body): JsonBody<NewPluginConfig>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     authorise(&state, &headers, &project_id).await?;
     check_policy(&body.failure_policy)?;
@@ -242,7 +242,7 @@ async fn update_plugin_config(
     State(state): State<AppState>,
     Path((project_id, config_id)): Path<(String, String)>,
     headers: HeaderMap,
-    Json(body): Json<PluginConfigChanges>,
+    JsonBody(body): JsonBody<PluginConfigChanges>,
 ) -> Result<Json<Value>, ApiError> {
     authorise(&state, &headers, &project_id).await?;
     let current = state

@@ -4,7 +4,7 @@
 use chrono_tz::Tz;
 use serde_json::{Value, json};
 
-use super::spec::EventsQuery;
+use super::spec::{EventsQuery, encode_cursor};
 use super::{Columns, Context, QueryError, Values, check_order, resolve_date};
 use crate::store::Cursor;
 
@@ -44,12 +44,15 @@ pub(super) async fn run(
     scan.with_properties = true;
 
     let mut budget = context.budget();
-    let mut cursor: Option<Cursor> = None;
+    let mut cursor = query.cursor.clone();
     let mut results = Vec::new();
+    // Set only when the search stopped at `limit` with rows left to read.
+    let mut next_cursor = None;
     'pages: loop {
         let page = context.store.scan_page(&scan, &cursor, PAGE).await?;
         let last_page = page.len() < PAGE;
-        for row in page {
+        let rows = page.len();
+        for (i, row) in page.into_iter().enumerate() {
             if !budget.take() {
                 break 'pages;
             }
@@ -74,6 +77,9 @@ pub(super) async fn run(
                 "properties": properties,
             }));
             if results.len() == query.limit {
+                if !(last_page && i + 1 == rows) {
+                    next_cursor = cursor.as_ref().map(encode_cursor);
+                }
                 break 'pages;
             }
         }
@@ -85,5 +91,6 @@ pub(super) async fn run(
     Ok(json!({
         "kind": "events",
         "results": results,
+        "next_cursor": next_cursor,
     }))
 }

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use super::QueryError;
 use super::time::{DateSpec, Interval};
+use crate::store::Cursor;
 
 /// Where a property lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -141,6 +142,8 @@ pub struct EventsQuery {
     pub range: DateRange,
     pub timezone: Option<chrono_tz::Tz>,
     pub limit: usize,
+    /// Where the previous page stopped: results continue after it.
+    pub cursor: Option<Cursor>,
 }
 
 #[derive(Clone, Debug)]
@@ -482,6 +485,17 @@ fn parse_events(fields: &mut Fields) -> Result<EventsQuery, QueryError> {
                 )
             })?,
     };
+    let cursor = fields
+        .string("cursor")?
+        .map(|text| {
+            decode_cursor(text).ok_or_else(|| {
+                invalid(
+                    "cursor",
+                    "`cursor` must be a `next_cursor` from an earlier event search, unchanged",
+                )
+            })
+        })
+        .transpose()?;
     Ok(EventsQuery {
         event,
         distinct_id,
@@ -489,6 +503,33 @@ fn parse_events(fields: &mut Fields) -> Result<EventsQuery, QueryError> {
         range: parse_range(fields)?,
         timezone: parse_timezone(fields)?,
         limit,
+        cursor,
+    })
+}
+
+/// Cursors are opaque to clients, so the encoding may change; inside is the
+/// (timestamp, uuid) of the last event the search read.
+pub fn encode_cursor(cursor: &Cursor) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{} {}", cursor.timestamp, cursor.uuid))
+}
+
+fn decode_cursor(text: &str) -> Option<Cursor> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (timestamp, uuid) = text.split_once(' ')?;
+    // Stored timestamps compare as text, so only their exact form may pass.
+    let parsed = chrono::DateTime::parse_from_rfc3339(timestamp).ok()?;
+    if crate::runtime::format_timestamp(parsed.to_utc()) != timestamp || uuid.is_empty() {
+        return None;
+    }
+    Some(Cursor {
+        timestamp: timestamp.to_string(),
+        uuid: uuid.to_string(),
     })
 }
 
