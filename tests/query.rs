@@ -1299,3 +1299,100 @@ async fn a_project_time_zone_is_kept_and_checked() {
         json!(["2026-11-01T00:00:00+05:30", "2026-11-02T00:00:00+05:30"])
     );
 }
+
+/// With one project holding nearly all of `events`, PostgreSQL's planner
+/// would rather read the whole table (and all of `person_distinct_ids`) than
+/// the project's index range. Queries must read only their own project's
+/// rows, whichever project is the big one.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_queries_read_only_their_own_projects_index_range() {
+    use sluice::store::{Scan, Store};
+    let database = common::postgres::TestDatabase::create().await;
+    let store = Store::open(&StoreConfig::Postgres {
+        url: database.url.clone(),
+    })
+    .await
+    .unwrap();
+    let big = store.create_project("big").await.unwrap().project_id;
+    let small = store.create_project("small").await.unwrap().project_id;
+    let pool = sqlx::PgPool::connect(&database.url).await.unwrap();
+    for (project, n) in [(&big, 40_000), (&small, 400)] {
+        sqlx::query(
+            "INSERT INTO events (project_id, uuid, event, distinct_id, person_id, timestamp, received_at, properties)
+             SELECT $1, md5($1 || i), CASE WHEN i % 3 = 0 THEN 'purchase' ELSE '$pageview' END,
+                    'user-' || (i % 2000), NULL,
+                    to_char(timestamp '2026-09-01' + i * interval '1 minute', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                    '2026-11-01T00:00:00.000Z', '{\"$browser\": \"Firefox\"}'
+             FROM generate_series(1, $2) AS i",
+        )
+        .bind(project)
+        .bind(n)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO persons (project_id, id, properties, created_at)
+             SELECT $1, 'person-' || i, '{}', '2026-09-01T00:00:00.000Z' FROM generate_series(0, 1999) AS i",
+        )
+        .bind(project)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO person_distinct_ids (project_id, distinct_id, person_id)
+             SELECT $1, 'user-' || i, 'person-' || i FROM generate_series(0, 1999) AS i",
+        )
+        .bind(project)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query("ANALYZE").execute(&pool).await.unwrap();
+
+    for project in [&big, &small] {
+        let whole_range = Scan {
+            project_id: project.clone(),
+            from: Some("2026-08-01T00:00:00.000Z".into()),
+            to: Some("2026-12-01T00:00:00.000Z".into()),
+            event_paths: vec![vec!["$browser".into()]],
+            person_paths: vec![vec!["plan".into()]],
+            statement_timeout: Duration::from_secs(30),
+            ..Scan::default()
+        };
+        let scans = [
+            (
+                "a trend of one event",
+                Scan {
+                    events: Some(vec!["$pageview".into()]),
+                    ..whole_range.clone()
+                },
+                false,
+            ),
+            (
+                "a funnel's events",
+                Scan {
+                    events: Some(vec!["$pageview".into(), "purchase".into()]),
+                    ..whole_range.clone()
+                },
+                false,
+            ),
+            ("all events", whole_range.clone(), false),
+            (
+                "an event search page",
+                Scan {
+                    with_properties: true,
+                    ..whole_range.clone()
+                },
+                true,
+            ),
+        ];
+        for (name, scan, paged) in scans {
+            let plan = store.explain_scan(&scan, paged).await.unwrap();
+            assert!(
+                !plan.contains("Seq Scan"),
+                "{name} reads other projects' rows:\n{plan}"
+            );
+            assert!(plan.contains("project_id ="), "{name}:\n{plan}");
+        }
+    }
+}

@@ -184,14 +184,21 @@ impl Store {
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
         let mut tx = self.pool.begin().await?;
         if self.backend() == Backend::Postgres {
-            // Applies to this transaction only; the connection goes back to
-            // the pool without it.
+            // Both apply to this transaction only; the connection goes back
+            // to the pool without them.
             sqlx::query(&format!(
                 "SET LOCAL statement_timeout = {}",
                 timeout.as_millis().max(1)
             ))
             .execute(&mut *tx)
             .await?;
+            // When one project holds most of the table the planner would
+            // rather read all of `events` (and `person_distinct_ids`) than
+            // walk the project's index range, so reading other projects'
+            // rows. A query reads only its own project's range.
+            sqlx::query("SET LOCAL enable_seqscan = off")
+                .execute(&mut *tx)
+                .await?;
         }
         Ok(tx)
     }
@@ -252,7 +259,9 @@ impl Store {
         for value in &statement.binds {
             query = query.bind(value);
         }
-        let rows = query.fetch_all(&self.pool).await?;
+        // In the same settings as the query itself.
+        let mut tx = self.read_transaction(scan.statement_timeout).await?;
+        let rows = query.fetch_all(&mut *tx).await?;
         let mut lines = Vec::new();
         for row in rows {
             lines.push(match self.backend() {
