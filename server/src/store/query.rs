@@ -184,21 +184,21 @@ impl Store {
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
         let mut tx = self.pool.begin().await?;
         if self.backend() == Backend::Postgres {
-            // Both apply to this transaction only; the connection goes back
-            // to the pool without them.
-            sqlx::query(&format!(
-                "SET LOCAL statement_timeout = {}",
-                timeout.as_millis().max(1)
-            ))
+            // `set_config(…, true)` is `SET LOCAL`: both settings apply to
+            // this transaction only, and the connection goes back to the pool
+            // without them. One statement, so one round trip per read.
+            //
+            // Sequential scans are off because, when one project holds most
+            // of the table, the planner would rather read all of `events`
+            // (and `person_distinct_ids`) than walk the project's index
+            // range, so reading other projects' rows. A query reads only its
+            // own project's range.
+            sqlx::query(
+                "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true)",
+            )
+            .bind(timeout.as_millis().max(1).to_string())
             .execute(&mut *tx)
             .await?;
-            // When one project holds most of the table the planner would
-            // rather read all of `events` (and `person_distinct_ids`) than
-            // walk the project's index range, so reading other projects'
-            // rows. A query reads only its own project's range.
-            sqlx::query("SET LOCAL enable_seqscan = off")
-                .execute(&mut *tx)
-                .await?;
         }
         Ok(tx)
     }
