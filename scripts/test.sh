@@ -5,34 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-has_rustup_wasm_target() {
-  local libdir
-  libdir=$(rustc --print target-libdir --target wasm32-unknown-unknown 2>/dev/null) || return 1
-  compgen -G "$libdir/libcore-*" >/dev/null
-}
-
-has_offline_fallback() {
-  [ -x /usr/bin/rustc ] && [ -x /usr/bin/cargo ] && command -v wasm-ld >/dev/null &&
-    [ -d /usr/lib/rustlib/src/rust/library/std ]
-}
-
-if ! has_rustup_wasm_target && ! has_offline_fallback; then
-  echo "scripts/test.sh: no wasm32-unknown-unknown toolchain; installing the offline one:" >&2
-  echo "  apt-get install -y rustc-web cargo-web rust-web-src lld" >&2
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq rustc-web cargo-web rust-web-src lld
-fi
+source scripts/lib.sh
+ensure_wasm_toolchain
+ensure_postgres
 
 # Tests install official Python clients and the moto S3 emulator from PyPI
 # into throwaway virtualenvs.
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   echo "scripts/test.sh: python3 cannot make virtualenvs; installing python3-venv" >&2
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv
+  apt_install python3-venv
 fi
 
 # Build the tests first: it builds the `sluice` binary with the same features

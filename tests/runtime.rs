@@ -77,6 +77,69 @@ fn pii_scrubber_scrubs_events_through_the_runtime() {
 }
 
 #[test]
+fn property_renamer_renames_properties_and_events_through_the_runtime() {
+    let runtime = runtime(Policy::default());
+    let plugin = runtime.load(&wasm("property-renamer")).unwrap();
+    assert_eq!(plugin.id(), "property-renamer@0.1.0");
+    let mut instance = plugin
+        .install(install(
+            "rename",
+            json!({
+                "properties": {"plan": "subscription_plan", "$browser": "browser"},
+                "events": {"signup": "signed_up"},
+                "event_case": "snake_case",
+            }),
+        ))
+        .unwrap();
+    let out = instance
+        .transform(event(
+            "signup",
+            json!({"plan": "pro", "$browser": "Firefox", "$set": {"plan": "pro"}, "kept": true}),
+        ))
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].name, "signed_up");
+    let props = Value::Object(out[0].properties.clone());
+    assert_eq!(
+        props,
+        json!({"kept": true, "$set": {"subscription_plan": "pro"}, "browser": "Firefox", "subscription_plan": "pro"})
+    );
+    let out = instance
+        .transform(event("Order Completed", json!({})))
+        .unwrap();
+    assert_eq!(out[0].name, "order_completed");
+}
+
+#[test]
+fn url_parser_adds_campaign_fields_through_the_runtime() {
+    let runtime = runtime(Policy::default());
+    let plugin = runtime.load(&wasm("url-parser")).unwrap();
+    assert_eq!(plugin.id(), "url-parser@0.1.0");
+    let mut instance = plugin
+        .install(install("urls", json!({"query_parameters": ["gclid"]})))
+        .unwrap();
+    let out = instance
+        .transform(event(
+            "$pageview",
+            json!({"$current_url": "https://shop.example.com/p/shoes?utm_source=news&utm_campaign=spring%20sale&gclid=xyz&other=1"}),
+        ))
+        .unwrap();
+    let props = &out[0].properties;
+    assert_eq!(props["url_host"], json!("shop.example.com"));
+    assert_eq!(props["url_path"], json!("/p/shoes"));
+    assert_eq!(props["utm_source"], json!("news"));
+    assert_eq!(props["utm_campaign"], json!("spring sale"));
+    assert_eq!(props["gclid"], json!("xyz"));
+    assert!(!props.contains_key("other"));
+    assert!(!props.contains_key("utm_medium"));
+    let unchanged = json!({"$current_url": "not a url at all"});
+    let out = instance
+        .transform(event("$pageview", unchanged.clone()))
+        .unwrap();
+    assert_eq!(Value::Object(out[0].properties.clone()), unchanged);
+}
+
+#[test]
 fn an_infinite_loop_is_stopped_at_its_deadline_and_the_host_carries_on() {
     let runtime = runtime(Policy::default());
     let plugin = runtime.load(&wasm("spin-forever")).unwrap();

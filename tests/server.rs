@@ -840,6 +840,87 @@ async fn capture_answers_503_with_retry_after_when_the_queue_is_full(backend: Ba
     );
 }
 
+/// While the pipeline cannot store anything (another session holds the
+/// events table locked), capture acknowledges only until the oldest queued
+/// event has waited `max_queue_age`; then it answers 503 with
+/// `Retry-After`, storing nothing, and once the pipeline can store again it
+/// catches up, capture answers 200 again, and every acknowledged event is
+/// stored. (On SQLite a lock that stops the worker stops capture too.)
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_capture_pushes_back_while_the_pipeline_cannot_store() {
+    use sqlx::Connection;
+    let server = start_with(Backend::Postgres, |c| ServeConfig {
+        max_queue_age: Duration::from_secs(1),
+        ..c
+    })
+    .await;
+    let url = server._database.as_ref().unwrap().url.clone();
+    let mut blocker = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE events IN EXCLUSIVE MODE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+
+    let capture = |n: usize| {
+        let body = json!({"api_key": server.project.capture_token, "event": "e",
+                          "distinct_id": "d", "uuid": uuid::Uuid::new_v4().to_string(),
+                          "properties": {"n": n}});
+        server
+            .client
+            .post(format!("{}/capture/", server.base))
+            .body(body.to_string())
+            .send()
+    };
+    let mut acknowledged = 0;
+    let mut refused = None;
+    for n in 0..600 {
+        let response = capture(n).await.unwrap();
+        match response.status().as_u16() {
+            200 => acknowledged += 1,
+            503 => {
+                refused = Some(response);
+                break;
+            }
+            other => panic!("capture answered {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = refused.expect("capture kept acknowledging while nothing could be stored");
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let body: Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("the queue is behind: its oldest event has waited"),
+        "{detail}"
+    );
+    assert!(
+        acknowledged > 0,
+        "capture took events before it fell behind"
+    );
+
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    let mut recovered = false;
+    for n in 0..600 {
+        if capture(1000 + n).await.unwrap().status() == 200 {
+            acknowledged += 1;
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "capture answered 503 after the pipeline caught up"
+    );
+    let stored = server.wait_for(acknowledged).await;
+    assert_eq!(
+        stored.len(),
+        acknowledged,
+        "only acknowledged events are stored"
+    );
+}
+
 /// Every test above, once on SQLite and once on PostgreSQL.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {

@@ -1,24 +1,46 @@
-//! End-to-end load: events per second from capture to stored, and capture
-//! latency, with a chain of three transformation plugins.
+//! End-to-end load: events per second from capture to stored, capture
+//! latency, capture→stored latency, queue depth and server memory, with a
+//! chain of transformation plugins per project.
 //!
 //! ```sh
-//! scripts/test.sh                     # builds the plugins into target/plugins
-//! cargo bench -p sluice --bench load  # SLUICE_LOAD_EVENTS, SLUICE_LOAD_CLIENTS, SLUICE_LOAD_BATCH
-//! SLUICE_LOAD_DATABASE_URL=postgres://postgres@127.0.0.1/test cargo bench -p sluice --bench load
+//! scripts/bench-load.sh                       # builds what it needs, runs both backends
+//! cargo bench -p sluice --bench load          # SQLite, flat out
+//! SLUICE_LOAD_POSTGRES=postgres://postgres@127.0.0.1:5432/test cargo bench -p sluice --bench load
+//! SLUICE_LOAD_RATE=10000 cargo bench -p sluice --bench load   # a fixed offered rate
+//! SLUICE_LOAD_PROJECTS=5 SLUICE_LOAD_CHAIN=4 cargo bench -p sluice --bench load  # 20 configs
 //! ```
 //!
-//! The server runs in this process on an ephemeral port with a fresh SQLite
-//! store, or on the PostgreSQL database named by `SLUICE_LOAD_DATABASE_URL`
-//! (which must be empty: the benchmark creates its own project in it);
-//! clients post PostHog batches of the 1.3 KB fixture event over
-//! loopback, each waiting for its answer before sending the next.
+//! `sluice serve` runs as its own process (the release binary cargo built
+//! for this bench) on a fresh SQLite data dir, or on a fresh PostgreSQL
+//! database created on the server `SLUICE_LOAD_POSTGRES` names and dropped
+//! afterwards. Each project gets its chain through the API:
+//! `pii-scrubber` → `property-renamer` → `url-parser` (and a second
+//! `pii-scrubber` with `SLUICE_LOAD_CHAIN=4`). Clients post PostHog
+//! `/batch/` requests of the 1.1 KB fixture event, each with its own uuid.
+//!
+//! - Flat out (`SLUICE_LOAD_RATE` unset): `SLUICE_LOAD_CLIENTS` clients each
+//!   send their next batch when the last is answered, `SLUICE_LOAD_EVENTS`
+//!   in all. A 503 is waited out for its `Retry-After` (as official clients
+//!   do) and the batch sent again.
+//! - Fixed rate: batches start on a schedule for `SLUICE_LOAD_SECONDS`,
+//!   whether or not earlier ones were answered, and latency counts from the
+//!   scheduled start, so a slow server cannot hide its queueing.
+//!
+//! Capture→stored latency is sampled: the first event of every batch is
+//! looked for in the events table every 10 ms (the 64 sent longest ago at
+//! each look) until it is there.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sluice::server::{ServeConfig, open_store, serve};
-use sluice::store::StoreConfig;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Connection};
+use tokio::sync::Mutex;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -28,139 +50,511 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Where the server keeps its data, and how the bench reads it.
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres { admin: String, name: String },
+}
+
+impl Backend {
+    async fn create() -> Backend {
+        let Ok(admin) = std::env::var("SLUICE_LOAD_POSTGRES") else {
+            return Backend::Sqlite(tempfile::tempdir().unwrap());
+        };
+        let name = format!("sluice_load_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|err| panic!("cannot reach PostgreSQL at {admin}: {err}"));
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Backend::Postgres { admin, name }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Backend::Sqlite(_) => "SQLite",
+            Backend::Postgres { .. } => "PostgreSQL",
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            Backend::Sqlite(dir) => vec!["--data-dir".into(), dir.path().display().to_string()],
+            Backend::Postgres { .. } => vec!["--database-url".into(), self.url()],
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Backend::Sqlite(dir) => format!("sqlite://{}", dir.path().join("sluice.db").display()),
+            Backend::Postgres { admin, name } => {
+                let mut url = reqwest::Url::parse(admin).unwrap();
+                url.set_path(name);
+                url.to_string()
+            }
+        }
+    }
+
+    async fn drop_database(&self) {
+        if let Backend::Postgres { admin, name } = self
+            && let Ok(mut conn) = sqlx::PgConnection::connect(admin).await
+        {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    async fn start(backend: &Backend) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(backend.args())
+            .env(
+                "SLUICE_LOG",
+                std::env::var("SLUICE_LOAD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("sluice serve starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !client
+            .get(format!("{base}/_health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(Instant::now() < deadline, "sluice serve did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Server { child, base }
+    }
+
+    /// (current, peak) resident set size in MiB.
+    fn rss_mib(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map(|kb| kb / 1024.0)
+                .unwrap_or(0.0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+fn create_project(backend: &Backend, name: &str) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["project", "create", "--name", name])
+        .args(backend.args())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn install_chain(
+    client: &reqwest::Client,
+    base: &str,
+    project: &Value,
+    root: &Path,
+    chain: usize,
+) {
+    let api = |path: &str| {
+        format!(
+            "{base}/api/projects/{}{path}",
+            project["project_id"].as_str().unwrap()
+        )
+    };
+    let key = project["api_key"].as_str().unwrap();
+    let mut links = vec![
+        (
+            "pii-scrubber",
+            json!({"drop": ["phone"], "hash": ["email"], "salt": "s"}),
+        ),
+        (
+            "property-renamer",
+            json!({"properties": {"plan": "subscription_plan", "$browser": "browser", "$os": "os"}}),
+        ),
+        ("url-parser", json!({})),
+    ];
+    if chain >= 4 {
+        links.push((
+            "pii-scrubber",
+            json!({"drop": ["$set_once"], "redact_phones": false}),
+        ));
+    }
+    for (plugin, config) in links.into_iter().take(chain) {
+        let wasm = std::fs::read(root.join(format!("target/plugins/{plugin}.wasm")))
+            .unwrap_or_else(|_| panic!("target/plugins/{plugin}.wasm is missing: run scripts/bench-load.sh, which builds the plugins"));
+        let uploaded: Value = serde_json::from_str(
+            &client
+                .post(api("/plugins"))
+                .bearer_auth(key)
+                .body(wasm)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let response = client
+            .post(api("/plugin-configs"))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(json!({"plugin_sha256": uploaded["sha256"], "config": config}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+    }
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Observed {
+    latencies: Vec<Duration>,
+    rejected: u64,
+}
+
+/// Sampled (project, uuid) pairs waiting to be seen stored, with when
+/// they were sent.
+type Pending = Arc<Mutex<HashMap<(String, String), Instant>>>;
+
+/// Looks for the pending uuids every 10 ms; returns capture→stored
+/// latencies once `done` is set and nothing is pending.
+async fn watch_stored(pool: AnyPool, pending: Pending, done: Arc<AtomicU64>) -> Vec<Duration> {
+    let mut seen = Vec::new();
+    loop {
+        // Events are stored roughly in the order they were sent, so the
+        // oldest few are the ones worth asking about; asking about all of
+        // them made this process compete with the server for the CPU.
+        let wanted: Vec<(String, String)> = {
+            let pending = pending.lock().await;
+            let mut oldest: Vec<(&(String, String), &Instant)> = pending.iter().collect();
+            oldest.sort_by_key(|(_, sent)| **sent);
+            oldest
+                .into_iter()
+                .take(64)
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        if wanted.is_empty() && done.load(Ordering::Relaxed) == 1 {
+            return seen;
+        }
+        let mut by_project: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (project, uuid) in &wanted {
+            by_project.entry(project).or_default().push(uuid);
+        }
+        // By the primary key (project, uuid), so looking costs the server's
+        // database a few index probes, not a scan.
+        for (project, uuids) in by_project {
+            for chunk in uuids.chunks(500) {
+                let list = chunk
+                    .iter()
+                    .map(|u| format!("'{u}'"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let found: Vec<String> = sqlx::query_scalar(&format!(
+                    "SELECT uuid FROM events WHERE project_id = '{project}' AND uuid IN ({list})"
+                ))
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default();
+                let now = Instant::now();
+                let mut pending = pending.lock().await;
+                for uuid in found {
+                    if let Some(sent) = pending.remove(&(project.to_string(), uuid)) {
+                        seen.push(now - sent);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn batch_body(event: &Value, token: &str, size: usize, seq: u64) -> (String, String) {
+    // Spread users over 5,000 distinct ids, so persons are looked up and
+    // updated as in real traffic rather than created once.
+    let batch: Vec<Value> = (0..size)
+        .map(|i| {
+            let mut e = event.clone();
+            e["uuid"] = json!(uuid::Uuid::new_v4().to_string());
+            e["distinct_id"] = json!(format!("user-{}", (seq as usize * size + i) % 5_000));
+            e
+        })
+        .collect();
+    let first = batch[0]["uuid"].as_str().unwrap().to_string();
+    (json!({"api_key": token, "batch": batch}).to_string(), first)
+}
+
+/// Sends one batch until it is accepted; returns whether it was ever
+/// refused.
+async fn send(client: &reqwest::Client, url: &str, body: String) -> u64 {
+    let mut refused = 0;
+    loop {
+        let response = client.post(url).body(body.clone()).send().await.unwrap();
+        match response.status().as_u16() {
+            200 => return refused,
+            503 => {
+                refused += 1;
+                let wait: u64 = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            other => panic!(
+                "capture answered {other}: {}",
+                response.text().await.unwrap()
+            ),
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() {
-    let total = env("SLUICE_LOAD_EVENTS", 50_000);
     let clients = env("SLUICE_LOAD_CLIENTS", 8);
     let batch_size = env("SLUICE_LOAD_BATCH", 50);
+    let projects = env("SLUICE_LOAD_PROJECTS", 1);
+    let chain = env("SLUICE_LOAD_CHAIN", 3);
+    let rate = env("SLUICE_LOAD_RATE", 0);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let event: Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("tests/fixtures/event-1k.json")).unwrap(),
     )
     .unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ServeConfig::with_data_dir(dir.path().to_path_buf());
-    if let Ok(url) = std::env::var("SLUICE_LOAD_DATABASE_URL") {
-        config.store = StoreConfig::Postgres { url };
-    }
-    let backend = match &config.store {
-        StoreConfig::Sqlite { .. } => "SQLite",
-        StoreConfig::Postgres { .. } => "PostgreSQL",
-    };
-    let store_config = config.store.clone();
-    let store = open_store(&config.store).await.unwrap();
-    let project = store.create_project("load").await.unwrap();
-    store.close().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        serve(config, listener, std::future::pending())
-            .await
-            .unwrap()
-    });
-
+    sqlx::any::install_default_drivers();
+    let backend = Backend::create().await;
+    let created: Vec<Value> = (0..projects)
+        .map(|p| create_project(&backend, &format!("load-{p}")))
+        .collect();
+    let server = Server::start(&backend).await;
     let client = reqwest::Client::new();
-    let api = |path: &str| format!("{base}/api/projects/{}{path}", project.project_id);
-    let wasm = std::fs::read(root.join("target/plugins/pii-scrubber.wasm"))
-        .expect("run scripts/test.sh first to build the plugins");
-    let uploaded: Value = serde_json::from_str(
-        &client
-            .post(api("/plugins"))
-            .bearer_auth(&project.api_key)
-            .body(wasm)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    for config in [
-        json!({"drop": ["$set_once"]}),
-        json!({"hash": ["email"], "salt": "s", "redact_phones": false}),
-        json!({"redact_emails": false}),
-    ] {
-        let body = json!({"plugin_sha256": uploaded["sha256"], "config": config});
-        let response = client
-            .post(api("/plugin-configs"))
-            .bearer_auth(&project.api_key)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+    for project in &created {
+        install_chain(&client, &server.base, project, &root, chain).await;
     }
+    let tokens: Vec<String> = created
+        .iter()
+        .map(|p| p["capture_token"].as_str().unwrap().to_string())
+        .collect();
+    let project_ids: Vec<String> = created
+        .iter()
+        .map(|p| p["project_id"].as_str().unwrap().to_string())
+        .collect();
+    let pool = AnyPoolOptions::new()
+        .max_connections(2)
+        .connect(&backend.url())
+        .await
+        .unwrap();
 
-    let per_client = total / clients / batch_size;
+    let pending: Pending = Arc::default();
+    let done = Arc::new(AtomicU64::new(0));
+    let watcher = tokio::spawn(watch_stored(pool.clone(), pending.clone(), done.clone()));
+    let depth_samples = Arc::new(Mutex::new(Vec::<(f64, i64)>::new()));
+    let url = format!("{}/batch/", server.base);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let client = client.clone();
-        let url = format!("{base}/batch/");
-        let token = project.capture_token.clone();
-        let event = event.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(per_client);
-            for b in 0..per_client {
-                let batch: Vec<Value> = (0..batch_size)
-                    .map(|i| {
-                        let mut e = event.clone();
-                        e["uuid"] = json!(uuid::Uuid::new_v4().to_string());
-                        e["distinct_id"] =
-                            json!(format!("user-{c}-{}", (b * batch_size + i) % 1000));
-                        e
-                    })
-                    .collect();
-                let body = json!({"api_key": token, "batch": batch}).to_string();
-                let sent = Instant::now();
-                let response = client.post(&url).body(body).send().await.unwrap();
-                assert_eq!(response.status(), 200);
-                latencies.push(sent.elapsed());
+    let sampler = {
+        let pool = pool.clone();
+        let samples = depth_samples.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            while done.load(Ordering::Relaxed) == 0 {
+                if let Ok(depth) =
+                    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM capture_queue")
+                        .fetch_one(&pool)
+                        .await
+                {
+                    samples
+                        .lock()
+                        .await
+                        .push((started.elapsed().as_secs_f64(), depth));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            latencies
-        }));
-    }
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.unwrap());
+        })
+    };
+
+    let observed = Arc::new(Mutex::new(Observed::default()));
+    let sent_events;
+    if rate == 0 {
+        let total = env("SLUICE_LOAD_EVENTS", 100_000);
+        let per_client = total / clients / batch_size;
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let (client, url, event, pending, observed) = (
+                client.clone(),
+                url.clone(),
+                event.clone(),
+                pending.clone(),
+                observed.clone(),
+            );
+            let token = tokens[c % tokens.len()].clone();
+            let project = project_ids[c % tokens.len()].clone();
+            tasks.push(tokio::spawn(async move {
+                for b in 0..per_client {
+                    let (body, first) =
+                        batch_body(&event, &token, batch_size, (c * per_client + b) as u64);
+                    let sent = Instant::now();
+                    pending.lock().await.insert((project.clone(), first), sent);
+                    let refused = send(&client, &url, body).await;
+                    let mut observed = observed.lock().await;
+                    observed.latencies.push(sent.elapsed());
+                    observed.rejected += refused;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        sent_events = per_client * clients * batch_size;
+    } else {
+        let seconds = env("SLUICE_LOAD_SECONDS", 20);
+        let batches = rate * seconds / batch_size;
+        let interval = Duration::from_secs_f64(batch_size as f64 / rate as f64);
+        let mut tasks = Vec::with_capacity(batches);
+        for b in 0..batches {
+            let due = started + interval * b as u32;
+            tokio::time::sleep_until(due.into()).await;
+            let (client, url, pending, observed) = (
+                client.clone(),
+                url.clone(),
+                pending.clone(),
+                observed.clone(),
+            );
+            let (body, first) = batch_body(&event, &tokens[b % tokens.len()], batch_size, b as u64);
+            let project = project_ids[b % tokens.len()].clone();
+            tasks.push(tokio::spawn(async move {
+                pending.lock().await.insert((project, first), due);
+                let refused = send(&client, &url, body).await;
+                let mut observed = observed.lock().await;
+                observed.latencies.push(due.elapsed());
+                observed.rejected += refused;
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        sent_events = batches * batch_size;
     }
     let accepted_in = started.elapsed();
-    let sent = per_client * clients * batch_size;
-
-    // The queue empties when the worker has stored the last event.
-    let store = open_store(&store_config).await.unwrap();
+    let (rss_loaded, _) = server.rss_mib();
     let stored_in = loop {
-        if store.queue_depth().await.unwrap() == 0 {
+        let depth: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM capture_queue")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if depth == 0 {
             break started.elapsed();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    done.store(1, Ordering::Relaxed);
+    let mut stored_latencies = watcher.await.unwrap();
+    sampler.await.unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (_, rss_peak) = server.rss_mib();
+    drop(server);
+    pool.close().await;
+    backend.drop_database().await;
 
+    let observed = observed.lock().await;
+    let mut latencies = observed.latencies.clone();
     latencies.sort();
+    stored_latencies.sort();
+    let samples = depth_samples.lock().await;
+    let max_depth = samples.iter().map(|(_, d)| *d).max().unwrap_or(0);
+    let depth_curve: Vec<String> = samples
+        .iter()
+        .map(|(t, d)| format!("{t:.0}s:{d}"))
+        .collect();
+    let mode = if rate == 0 {
+        format!("flat out, {clients} clients")
+    } else {
+        format!("offered {rate} events/s")
+    };
+    println!("store:                    {}", backend.label());
     println!(
-        "events sent:              {sent} ({clients} clients, batches of {batch_size}, 1.3 KB events)"
+        "load:                     {mode}, batches of {batch_size}, {sent_events} events, {projects} project(s) x {chain} plugin configs"
     );
-    println!("store:                    {backend}");
-    println!("chain:                    3 x pii-scrubber");
     println!(
-        "capture accepted:         {:.0} events/s ({:.2} s)",
-        sent as f64 / accepted_in.as_secs_f64(),
-        accepted_in.as_secs_f64()
+        "capture accepted:         {:.0} events/s ({:.2} s), {} batches refused with 503 and sent again",
+        sent_events as f64 / accepted_in.as_secs_f64(),
+        accepted_in.as_secs_f64(),
+        observed.rejected
     );
     println!(
-        "capture -> stored:        {:.0} events/s ({:.2} s)",
-        sent as f64 / stored_in.as_secs_f64(),
+        "capture -> stored:        {:.0} events/s ({:.2} s); {stored} events stored",
+        sent_events as f64 / stored_in.as_secs_f64(),
         stored_in.as_secs_f64()
     );
     println!(
-        "batch request latency:    p50 {:.1} ms, p99 {:.1} ms",
-        percentile(&latencies, 0.50).as_secs_f64() * 1000.0,
-        percentile(&latencies, 0.99).as_secs_f64() * 1000.0
+        "batch request latency:    p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.99)),
+        ms(percentile(&latencies, 1.0))
+    );
+    println!(
+        "capture -> stored latency: p50 {:.1} ms, p99 {:.1} ms ({} sampled events)",
+        ms(percentile(&stored_latencies, 0.50)),
+        ms(percentile(&stored_latencies, 0.99)),
+        stored_latencies.len()
+    );
+    println!(
+        "queue depth:              max {max_depth}; each second: {}",
+        depth_curve.join(" ")
+    );
+    println!(
+        "server RSS:               {rss_loaded:.0} MiB at the end of the load, peak {rss_peak:.0} MiB"
     );
 }

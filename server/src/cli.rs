@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// Queued events at which capture starts answering 503 [default: 1000000].
     #[arg(long, env = "SLUICE_MAX_QUEUE_DEPTH")]
     pub max_queue_depth: Option<i64>,
+    /// Seconds the oldest queued event may have waited before capture
+    /// starts answering 503 [default: 30].
+    #[arg(long, env = "SLUICE_MAX_QUEUE_AGE_SECONDS")]
+    pub max_queue_age_seconds: Option<u64>,
     /// Do not record the client address as `$ip`.
     #[arg(long, env = "SLUICE_NO_IP")]
     pub no_ip: bool,
@@ -109,6 +113,7 @@ pub struct FileConfig {
     pub database_url: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub max_queue_depth: Option<i64>,
+    pub max_queue_age_seconds: Option<u64>,
     pub record_ip: Option<bool>,
     pub lease_seconds: Option<u64>,
     pub query_timeout_seconds: Option<f64>,
@@ -235,6 +240,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .max_queue_depth
             .or(file.max_queue_depth)
             .unwrap_or(defaults.max_queue_depth),
+        max_queue_age: match args.max_queue_age_seconds.or(file.max_queue_age_seconds) {
+            Some(0) => anyhow::bail!("--max-queue-age-seconds must be at least 1"),
+            Some(seconds) => std::time::Duration::from_secs(seconds),
+            None => defaults.max_queue_age,
+        },
         record_ip: !args.no_ip && file.record_ip.unwrap_or(true),
         lease: args
             .lease_seconds

@@ -2,7 +2,7 @@
 //! sandboxed WebAssembly component plugins.
 //!
 //! Modules follow the data flow: [`capture`] accepts events into the durable
-//! queue in [`store`], the [`pipeline`] worker stores them, [`query`]
+//! queue in [`store`], whose backlog [`queue`] watches; the [`pipeline`] worker stores them, [`query`]
 //! answers analytics questions over them, [`api`] serves them; [`server`] wires these into `serve(config, listener, shutdown)`.
 //! The plugin [`runtime`] and the [`author`] tooling (scaffold, build, test)
 //! sit beside them.
@@ -14,6 +14,7 @@ pub mod cli;
 pub mod delivery;
 pub mod pipeline;
 pub mod query;
+pub mod queue;
 pub mod runtime;
 pub mod server;
 pub mod store;

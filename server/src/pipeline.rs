@@ -9,8 +9,7 @@
 //! [`AUTO_DISABLE_AFTER`] events in a row is disabled with the reason shown.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::watch;
@@ -18,7 +17,8 @@ use tokio::sync::watch;
 use crate::runtime::{Hook, Install, LogLevel, LogRecord, PluginEvent, PluginInstance, Runtime};
 use crate::server::AppState;
 use crate::store::{
-    Claimed, DeadLetter, PluginConfig, PluginHealth, ProcessedBatch, QueuedEvent, Store,
+    Backend, Claim, Claimed, DeadLetter, PluginConfig, PluginHealth, ProcessedBatch, QueuedEvent,
+    Store,
 };
 
 /// Rows leased per round trip.
@@ -27,6 +27,10 @@ const CLAIM_BATCH: u32 = 500;
 /// How long an idle worker waits before looking again, in case a wake-up
 /// was missed (another process enqueued, or a lease expired).
 const IDLE_POLL: Duration = Duration::from_millis(200);
+
+/// How often a busy worker's claims start again from the head of the
+/// queue; see [`ClaimCursor`].
+const REWIND_EVERY: Duration = Duration::from_secs(1);
 
 /// Consecutive failed events after which a plugin config is disabled.
 pub const AUTO_DISABLE_AFTER: i64 = 10;
@@ -239,9 +243,74 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>) -> ProcessedBatch {
     batch
 }
 
+/// Where the next claim starts: forward from the last claimed id, and
+/// back to the start now and then (see [`Claim::after`]).
+///
+/// On PostgreSQL rows can appear behind the cursor at any time (another
+/// process gives rows back, a lease runs out, a capture transaction commits
+/// after a later one), so the cursor goes back every [`REWIND_EVERY`];
+/// leased rows are skipped, so going back never takes a batch twice. On
+/// SQLite one process writes, and ids are handed out in commit order, so
+/// rows fall behind the cursor only when storing a batch failed, and the
+/// cursor goes back only then: with leases kept in memory, going back
+/// while a batch is in flight would take it again.
+struct ClaimCursor {
+    after: i64,
+    rewound_at: Instant,
+    periodic: bool,
+}
+
+impl ClaimCursor {
+    fn new(backend: Backend) -> Self {
+        ClaimCursor {
+            after: 0,
+            rewound_at: Instant::now(),
+            periodic: backend == Backend::Postgres,
+        }
+    }
+
+    fn next(&mut self, state: &AppState) -> Claim {
+        if self.periodic && self.rewound_at.elapsed() >= REWIND_EVERY {
+            self.rewind();
+        }
+        Claim {
+            limit: CLAIM_BATCH,
+            lease: state.config.lease,
+            after: self.after,
+        }
+    }
+
+    fn advance(&mut self, claimed: &[Claimed]) {
+        if let Some(last) = claimed.last() {
+            self.after = self.after.max(last.id);
+        }
+    }
+
+    /// Returns whether there was anything behind the cursor to go back to.
+    fn rewind(&mut self) -> bool {
+        self.rewound_at = Instant::now();
+        std::mem::replace(&mut self.after, 0) > 0
+    }
+}
+
+/// A batch that has been through the chains, waiting to be stored.
+struct Processed {
+    ids: Vec<i64>,
+    batch: ProcessedBatch,
+    chain_time: Duration,
+}
+
+/// The worker: each round runs one claimed batch through the chains on a
+/// blocking thread while, at the same time, one transaction stores the
+/// batch processed in the round before and leases the next. Batches are
+/// stored in the order they were claimed, and the chains and the database
+/// keep both cores busy.
 pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let owner = format!("worker-{}", uuid::Uuid::new_v4());
     let mut chains = Chains::default();
+    let mut cursor = ClaimCursor::new(state.store.backend());
+    let mut claimed: Vec<Claimed> = Vec::new();
+    let mut processed: Option<Processed> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -251,50 +320,123 @@ pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> any
             tokio::time::sleep(IDLE_POLL).await;
             continue;
         }
-        let claimed = match state
-            .store
-            .claim(&owner, CLAIM_BATCH, state.config.lease)
-            .await
-        {
-            Ok(claimed) => claimed,
-            Err(err) => {
-                tracing::error!("failed to lease queued events: {err}");
-                tokio::time::sleep(IDLE_POLL).await;
+        if claimed.is_empty() && processed.is_none() {
+            claimed = match state.store.claim(&owner, &cursor.next(&state)).await {
+                Ok(claimed) => claimed,
+                Err(err) => {
+                    tracing::error!("failed to lease queued events: {err}");
+                    tokio::time::sleep(IDLE_POLL).await;
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                if cursor.rewind() {
+                    continue;
+                }
+                tokio::select! {
+                    _ = state.wake_worker.notified() => {}
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = stop.changed() => {}
+                }
                 continue;
             }
-        };
-        if claimed.is_empty() {
-            if let Ok(depth) = state.store.queue_depth().await {
-                state.queue_depth.store(depth, Ordering::Relaxed);
-            }
-            tokio::select! {
-                _ = state.wake_worker.notified() => {}
-                _ = tokio::time::sleep(IDLE_POLL) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
+            cursor.advance(&claimed);
         }
-        let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
-        let (returned, batch) = tokio::task::spawn_blocking(move || {
-            let batch = process(&mut chains, claimed);
-            (chains, batch)
-        })
-        .await?;
+
+        let to_process = std::mem::take(&mut claimed);
+        let processing = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let ids: Vec<i64> = to_process.iter().map(|c| c.id).collect();
+            let batch = (!to_process.is_empty()).then(|| process(&mut chains, to_process));
+            (chains, ids, batch, started.elapsed())
+        });
+        let next = cursor.next(&state);
+        let stored = match processed.take() {
+            Some(done) => Some((store(&state, &owner, &done, &next).await, Some(done))),
+            // Nothing to store yet: lease the next batch on its own, so the
+            // next round has both a batch to process and one to store.
+            None => Some((state.store.claim(&owner, &next).await, None)),
+        };
+        let (returned, ids, batch, chain_time) = processing.await?;
         chains = returned;
-        match state.store.complete(&owner, &ids, &batch).await {
-            Ok(()) => {
-                state
-                    .queue_depth
-                    .fetch_sub(ids.len() as i64, Ordering::Relaxed);
-                state.wake_delivery.notify_waiters();
+        processed = batch.map(|batch| Processed {
+            ids,
+            batch,
+            chain_time,
+        });
+        match stored {
+            Some((Ok(next_batch), _)) => {
+                cursor.advance(&next_batch);
+                claimed = next_batch;
             }
-            Err(err) => {
-                // The lease runs out and the rows are taken again.
-                tracing::error!("failed to store {} events: {err}", batch.events.len());
+            Some((Err(err), Some(done))) => {
+                tracing::error!(
+                    "failed to store {} events of {} queued rows: {err}; they will be retried",
+                    done.batch.events.len(),
+                    done.ids.len()
+                );
+                if let Err(err) = state.store.release_rows(&owner, &done.ids).await {
+                    tracing::error!(
+                        "failed to give back queued rows: {err}; their lease will run out"
+                    );
+                }
+                cursor.rewind();
                 tokio::time::sleep(IDLE_POLL).await;
             }
+            Some((Err(err), None)) => {
+                tracing::error!("failed to lease queued events: {err}");
+                tokio::time::sleep(IDLE_POLL).await;
+            }
+            None => {}
         }
+    }
+    if let Some(done) = processed.take()
+        && let Err(err) = store_last(&state, &owner, &done).await
+    {
+        tracing::error!(
+            "failed to store the last {} events before stopping: {err}; they stay queued",
+            done.batch.events.len()
+        );
     }
     state.store.release(&owner).await?;
     Ok(())
+}
+
+/// Stores a processed batch and leases the next one in the same
+/// transaction.
+async fn store(
+    state: &AppState,
+    owner: &str,
+    done: &Processed,
+    next: &Claim,
+) -> crate::store::Result<Vec<Claimed>> {
+    let started = Instant::now();
+    let claimed = state
+        .store
+        .complete(owner, &done.ids, &done.batch, Some(next))
+        .await?;
+    stored(state, done, started);
+    Ok(claimed)
+}
+
+async fn store_last(state: &AppState, owner: &str, done: &Processed) -> crate::store::Result<()> {
+    let started = Instant::now();
+    state
+        .store
+        .complete(owner, &done.ids, &done.batch, None)
+        .await?;
+    stored(state, done, started);
+    Ok(())
+}
+
+fn stored(state: &AppState, done: &Processed, started: Instant) {
+    state.queue.removed(done.ids.len());
+    state.wake_delivery.notify_waiters();
+    tracing::debug!(
+        rows = done.ids.len(),
+        events = done.batch.events.len(),
+        chain_ms = done.chain_time.as_secs_f64() * 1000.0,
+        store_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "stored a batch"
+    );
 }

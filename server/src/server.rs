@@ -7,7 +7,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,10 +14,12 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use crate::capture::{GroupCommit, TokenCache};
 use crate::query::QueryLimits;
+use crate::queue::QueueGauge;
 use crate::runtime::{Policy, Runtime, RuntimeConfig};
 use crate::store::{DEFAULT_LEASE, Store, StoreConfig};
-use crate::{api, capture, delivery, pipeline};
+use crate::{api, capture, delivery, pipeline, queue};
 
 /// Everything `sluice serve` is configured with.
 #[derive(Clone, Debug)]
@@ -28,6 +29,10 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Capture answers 503 once this many events wait in the queue.
     pub max_queue_depth: i64,
+    /// Capture answers 503 once the oldest queued event has waited this
+    /// long: the pipeline is behind, and acknowledging more would promise
+    /// what it cannot store soon.
+    pub max_queue_age: Duration,
     /// Record the client address as `$ip`.
     pub record_ip: bool,
     /// What plugins may do; see `runtime::Policy`.
@@ -45,6 +50,7 @@ impl ServeConfig {
             store: StoreConfig::Sqlite { data_dir },
             max_body_bytes: 20 << 20,
             max_queue_depth: 1_000_000,
+            max_queue_age: Duration::from_secs(30),
             record_ip: true,
             policy: Policy::default(),
             lease: DEFAULT_LEASE,
@@ -58,9 +64,12 @@ impl ServeConfig {
 pub struct AppState {
     pub store: Store,
     pub config: Arc<ServeConfig>,
-    /// Events waiting in the queue, as last counted plus what capture added
-    /// since: cheap enough to check on every request.
-    pub queue_depth: Arc<AtomicI64>,
+    /// The capture queue's depth and oldest age, cheap enough to check on
+    /// every request.
+    pub queue: Arc<QueueGauge>,
+    /// Where capture writes: concurrent requests share commits.
+    pub commit: GroupCommit,
+    pub tokens: TokenCache,
     pub wake_worker: Arc<Notify>,
     /// Wakes idle delivery lanes when events reach an outbox.
     pub wake_delivery: Arc<Notify>,
@@ -78,7 +87,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let store = open_store(&config.store).await?;
-    let depth = store.queue_depth().await?;
+    let queue = Arc::new(QueueGauge::default());
+    queue.set(store.queue_status().await?);
     let runtime = Runtime::new(RuntimeConfig {
         policy: config.policy.clone(),
         ..RuntimeConfig::default()
@@ -86,7 +96,9 @@ pub async fn serve(
     let state = AppState {
         store: store.clone(),
         config: Arc::new(config),
-        queue_depth: Arc::new(AtomicI64::new(depth)),
+        queue,
+        commit: GroupCommit::start(store.clone()),
+        tokens: TokenCache::default(),
         wake_worker: Arc::new(Notify::new()),
         wake_delivery: Arc::new(Notify::new()),
         runtime,
@@ -95,7 +107,13 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(pipeline::run_worker(state.clone(), stop_rx.clone()));
     let delivery = tokio::spawn(delivery::run_delivery(state.clone(), stop_rx.clone()));
-    let scheduler = tokio::spawn(delivery::run_scheduler(state.clone(), stop_rx));
+    let scheduler = tokio::spawn(delivery::run_scheduler(state.clone(), stop_rx.clone()));
+    let monitor = tokio::spawn(queue::run_monitor(
+        store.clone(),
+        state.queue.clone(),
+        state.config.max_queue_age,
+        stop_rx,
+    ));
 
     let app = Router::new()
         .route("/_health", get(|| async { "ok" }))
@@ -115,10 +133,8 @@ pub async fn serve(
     worker.await??;
     delivery.await??;
     scheduler.await??;
-    tracing::info!(
-        queued = state.queue_depth.load(Ordering::Relaxed),
-        "sluice stopped"
-    );
+    monitor.await?;
+    tracing::info!(queued = state.queue.depth(), "sluice stopped");
     store.close().await;
     Ok(())
 }

@@ -3,13 +3,14 @@
 //! request is written to the durable queue in one transaction before the 200;
 //! a request with any bad event stores nothing.
 
+mod commit;
 mod normalize;
 mod posthog;
 mod segment;
+mod tokens;
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -18,6 +19,7 @@ use base64::Engine;
 use serde_json::Value;
 
 use crate::server::AppState;
+use crate::store::QueueWrite;
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -25,7 +27,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+pub use commit::GroupCommit;
 pub use normalize::{Normalizer, RawBatch};
+pub use tokens::TokenCache;
 
 /// The PostHog- and Segment-compatible capture routes. Browsers send
 /// events from other origins (posthog-js, analytics.js), so CORS allows any
@@ -36,9 +40,9 @@ pub fn router() -> Router<AppState> {
         .layer(tower_http::cors::CorsLayer::very_permissive())
 }
 
-/// Stores a decoded request: checks the token and the queue bound,
+/// Stores a decoded request: checks the token and the queue's bounds,
 /// normalises every event, and writes them all to the queue in one
-/// transaction.
+/// transaction (shared with other requests arriving at the same time).
 pub(crate) async fn accept(
     state: &AppState,
     token: &str,
@@ -46,12 +50,24 @@ pub(crate) async fn accept(
     ip: Option<String>,
 ) -> Result<usize, CaptureError> {
     let project_id = state
-        .store
-        .project_for_token(token)
+        .tokens
+        .project_for(&state.store, token)
         .await?
         .ok_or(CaptureError::UnknownToken)?;
-    if state.queue_depth.load(Ordering::Relaxed) >= state.config.max_queue_depth {
+    if state.queue.depth() >= state.config.max_queue_depth {
         return Err(CaptureError::Overloaded {
+            reason: "the queue is full".into(),
+            retry_after_secs: 5,
+        });
+    }
+    let age = state.queue.oldest_age();
+    if age >= state.config.max_queue_age {
+        return Err(CaptureError::Overloaded {
+            reason: format!(
+                "the queue is behind: its oldest event has waited {} s to be stored, over the bound of {} s",
+                age.as_secs(),
+                state.config.max_queue_age.as_secs()
+            ),
             retry_after_secs: 5,
         });
     }
@@ -60,12 +76,14 @@ pub(crate) async fn accept(
         ip,
     };
     let events = normalizer.normalize(batch)?;
-    state.store.enqueue(&project_id, &events).await?;
+    let count = events.len();
     state
-        .queue_depth
-        .fetch_add(events.len() as i64, Ordering::Relaxed);
+        .commit
+        .enqueue(QueueWrite::new(&project_id, &events))
+        .await?;
+    state.queue.added(count);
     state.wake_worker.notify_one();
-    Ok(events.len())
+    Ok(count)
 }
 
 /// Why a capture request was refused. Grouped by status code in
@@ -80,8 +98,11 @@ pub enum CaptureError {
     UnknownToken,
     #[error("the request body is over the limit of {limit} bytes")]
     TooLarge { limit: usize },
-    #[error("the queue is full; retry after {retry_after_secs} s")]
-    Overloaded { retry_after_secs: u64 },
+    #[error("{reason}; retry after {retry_after_secs} s")]
+    Overloaded {
+        reason: String,
+        retry_after_secs: u64,
+    },
     #[error("storage failed")]
     Store(#[from] sqlx::Error),
 }
@@ -107,7 +128,10 @@ impl IntoResponse for CaptureError {
             other => other.to_string(),
         };
         let mut response = (status, Json(json!({"type": kind, "detail": detail}))).into_response();
-        if let CaptureError::Overloaded { retry_after_secs } = self {
+        if let CaptureError::Overloaded {
+            retry_after_secs, ..
+        } = self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));

@@ -266,6 +266,7 @@ impl Store {
     /// whose filter they match.
     pub(super) async fn fan_out(
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        backend: Backend,
         stored: &[(String, Value)],
     ) -> Result<()> {
         let mut routes: HashMap<&str, Vec<Route>> = HashMap::new();
@@ -289,20 +290,7 @@ impl Store {
         }
         let now = now_ms();
         for chunk in rows.chunks(ROWS_PER_INSERT) {
-            let values = (0..chunk.len())
-                .map(|i| {
-                    let n = i * 5;
-                    format!(
-                        "(${}, ${}, ${}, ${}, ${})",
-                        n + 1,
-                        n + 2,
-                        n + 3,
-                        n + 4,
-                        n + 5
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+            let values = super::values_placeholders(backend, 1, chunk.len(), 5);
             let sql = format!(
                 "INSERT INTO outbox (project_id, plugin_config_id, event_uuid, payload, created_at) VALUES {values}"
             );
@@ -458,7 +446,8 @@ impl Store {
                     .filter(|row| removed.contains(&row.id))
                     .collect();
                 for chunk in letters.chunks(ROWS_PER_INSERT) {
-                    insert_dead_letters(&mut tx, record, chunk, error, &now).await?;
+                    insert_dead_letters(&mut tx, self.backend(), record, chunk, error, &now)
+                        .await?;
                 }
                 (0, letters.len() as i64)
             }
@@ -513,7 +502,13 @@ impl Store {
         .bind(ATTEMPTS_KEPT)
         .execute(&mut *tx)
         .await?;
-        insert_logs(&mut tx, &record.plugin_config_id, &record.logs).await?;
+        insert_logs(
+            &mut tx,
+            self.backend(),
+            &record.plugin_config_id,
+            &record.logs,
+        )
+        .await?;
         if let Some(reason) = &record.pause {
             sqlx::query(
                 "UPDATE plugin_configs SET paused_reason = $1, updated_at = $2 WHERE id = $3 AND paused_reason IS NULL",
@@ -753,34 +748,20 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.write().await?;
-        insert_logs(&mut tx, plugin_config_id, logs).await?;
+        insert_logs(&mut tx, self.backend(), plugin_config_id, logs).await?;
         tx.commit().await
     }
 }
 
 async fn insert_dead_letters(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
     record: &DeliveryRecord,
     rows: &[&OutboxRow],
     error: &str,
     now: &str,
 ) -> Result<()> {
-    let values = (0..rows.len())
-        .map(|i| {
-            let n = i * 7;
-            format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                n + 1,
-                n + 2,
-                n + 3,
-                n + 4,
-                n + 5,
-                n + 6,
-                n + 7
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let values = super::values_placeholders(backend, 1, rows.len(), 7);
     let sql = format!(
         "INSERT INTO dead_letters (project_id, plugin_config_id, event, error, created_at, stage, event_uuid) VALUES {values}"
     );
@@ -800,18 +781,76 @@ async fn insert_dead_letters(
 
 pub(super) async fn insert_logs(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
     plugin_config_id: &str,
     logs: &[LogRecord],
 ) -> Result<()> {
-    for record in logs {
-        sqlx::query("INSERT INTO plugin_logs (plugin_config_id, at, level, message, event_uuid) VALUES ($1, $2, $3, $4, $5)")
-            .bind(plugin_config_id)
-            .bind(&record.at)
-            .bind(serde_json::to_value(record.level).ok().and_then(|v| v.as_str().map(str::to_string)))
-            .bind(&record.message)
-            .bind(&record.event_uuid)
-            .execute(&mut **tx)
-            .await?;
+    let rows: Vec<(&str, &LogRecord)> = logs.iter().map(|r| (plugin_config_id, r)).collect();
+    insert_log_rows(tx, backend, &rows).await
+}
+
+/// Log lines of several plugin configs, as the pipeline collects them.
+pub(super) async fn insert_config_logs(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    logs: &[(String, LogRecord)],
+) -> Result<()> {
+    let rows: Vec<(&str, &LogRecord)> = logs.iter().map(|(id, r)| (id.as_str(), r)).collect();
+    insert_log_rows(tx, backend, &rows).await
+}
+
+async fn insert_log_rows(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    rows: &[(&str, &LogRecord)],
+) -> Result<()> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO plugin_logs (plugin_config_id, at, level, message, event_uuid) VALUES {}",
+            super::values_placeholders(backend, 1, chunk.len(), 5)
+        );
+        let mut query = sqlx::query(&sql);
+        for (plugin_config_id, record) in chunk {
+            query = query
+                .bind(*plugin_config_id)
+                .bind(record.at.as_str())
+                .bind(
+                    serde_json::to_value(record.level)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string)),
+                )
+                .bind(record.message.as_str())
+                .bind(record.event_uuid.as_deref());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Events a fail-closed transformation could not handle.
+pub(super) async fn insert_transform_dead_letters(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    letters: &[super::DeadLetter],
+    now: &str,
+) -> Result<()> {
+    for chunk in letters.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO dead_letters (project_id, plugin_config_id, event, error, created_at, stage, event_uuid) VALUES {}",
+            super::values_placeholders(backend, 1, chunk.len(), 7)
+        );
+        let mut query = sqlx::query(&sql);
+        for letter in chunk {
+            query = query
+                .bind(letter.project_id.as_str())
+                .bind(letter.plugin_config_id.as_str())
+                .bind(letter.event.to_string())
+                .bind(letter.error.as_str())
+                .bind(now)
+                .bind("transform")
+                .bind(letter.event["uuid"].as_str());
+        }
+        query.execute(&mut **tx).await?;
     }
     Ok(())
 }

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The load tool, every setting the benchmarks quote, in one run: capture to
+# stored flat out, then at half that rate, on SQLite and on PostgreSQL;
+# then 5 projects with 20 plugin configs; then an offered rate above what
+# the server stores, to show capture pushing back. Builds what it needs.
+#
+#   scripts/bench-load.sh              # everything (about 10 minutes)
+#   scripts/bench-load.sh sqlite       # only SQLite; or: postgres
+#
+# SLUICE_LOAD_POSTGRES names the PostgreSQL server (default: the local one);
+# each run creates a database of its own there and drops it afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+ensure_wasm_toolchain
+ensure_postgres
+
+export SLUICE_LOAD_POSTGRES_URL="${SLUICE_LOAD_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}"
+unset SLUICE_LOAD_POSTGRES
+
+cargo build --release -p sluice --bin sluice
+./target/release/sluice plugin build plugins/*/ --out-dir target/plugins
+cargo bench -p sluice --bench load --no-run
+
+load() { cargo bench -q -p sluice --bench load 2>/dev/null; }
+
+run_backend() {
+  local backend=$1
+  if [ "$backend" = postgres ]; then export SLUICE_LOAD_POSTGRES=$SLUICE_LOAD_POSTGRES_URL; fi
+  echo "== $backend: flat out"
+  local out rate
+  out=$(load)
+  echo "$out"
+  rate=$(echo "$out" | sed -n 's/^capture -> stored: *\([0-9]*\) events\/s.*/\1/p')
+  echo "== $backend: offered at half the stored rate ($((rate / 2)) events/s)"
+  SLUICE_LOAD_RATE=$((rate / 2)) SLUICE_LOAD_SECONDS=20 load
+  echo "== $backend: 5 projects, 20 plugin configs, flat out"
+  SLUICE_LOAD_PROJECTS=5 SLUICE_LOAD_CHAIN=4 load
+  echo "== $backend: offered at twice the stored rate ($((rate * 2)) events/s) for 60 s"
+  SLUICE_LOAD_RATE=$((rate * 2)) SLUICE_LOAD_SECONDS=60 load
+  unset SLUICE_LOAD_POSTGRES
+}
+
+case "${1:-all}" in
+  sqlite) run_backend sqlite ;;
+  postgres) run_backend postgres ;;
+  all) run_backend sqlite; run_backend postgres ;;
+  *) echo "usage: scripts/bench-load.sh [sqlite|postgres|all]" >&2; exit 2 ;;
+esac
