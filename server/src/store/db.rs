@@ -28,6 +28,8 @@ pub enum Backend {
 pub struct Store {
     pub(super) pool: AnyPool,
     backend: Backend,
+    /// Turns at SQLite's one write lock; see [`Store::write`].
+    writers: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// SQLite settings for every connection: WAL so readers never block the
@@ -85,6 +87,7 @@ impl Store {
         Ok(Store {
             pool,
             backend: Backend::Sqlite,
+            writers: Default::default(),
         })
     }
 
@@ -103,6 +106,7 @@ impl Store {
         Ok(Store {
             pool,
             backend: Backend::Postgres,
+            writers: Default::default(),
         })
     }
 
@@ -110,13 +114,30 @@ impl Store {
         self.backend
     }
 
-    /// A write transaction. On SQLite it takes the write lock at once: a
-    /// deferred one that reads first cannot upgrade after another writer
-    /// committed, and would fail with "database is locked".
-    pub(super) async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+    /// A write transaction, and on SQLite this process's turn to write,
+    /// held until the caller drops it (after the commit).
+    ///
+    /// On SQLite the transaction takes the write lock at once: a deferred
+    /// one that reads first cannot upgrade after another writer committed,
+    /// and would fail with "database is locked". Writers of this process
+    /// also queue for their turn here, in arrival order, rather than in
+    /// SQLite's busy handler, which retries with sleeps of up to 100 ms:
+    /// under load the worker, which starts its next transaction the moment
+    /// it commits, won nearly every race for the lock, and capture's group
+    /// commits waited hundreds of milliseconds.
+    pub(super) async fn write(
+        &self,
+    ) -> Result<(
+        sqlx::Transaction<'static, sqlx::Any>,
+        Option<tokio::sync::OwnedMutexGuard<()>>,
+    )> {
         match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
+            Backend::Sqlite => {
+                let turn = self.writers.clone().lock_owned().await;
+                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                Ok((tx, Some(turn)))
+            }
+            Backend::Postgres => Ok((self.pool.begin().await?, None)),
         }
     }
 
@@ -133,7 +154,7 @@ impl Store {
             api_key: random_token("phx_"),
         };
         let now = now_rfc3339();
-        let mut tx = self.write().await?;
+        let (mut tx, _turn) = self.write().await?;
         sqlx::query(
             "INSERT INTO projects (id, name, capture_token, created_at, timezone) VALUES ($1, $2, $3, $4, $5)",
         )

@@ -404,7 +404,7 @@ impl Store {
     pub async fn record_delivery(&self, owner: &str, record: &DeliveryRecord) -> Result<()> {
         let now = now_rfc3339();
         let ids = id_list(record.rows.iter().map(|row| row.id));
-        let mut tx = self.write().await?;
+        let (mut tx, _turn) = self.write().await?;
         let (delivered, dead) = match record.disposition {
             Disposition::Delivered => {
                 let done = sqlx::query(&format!(
@@ -542,7 +542,7 @@ impl Store {
         plugin_config_id: &str,
         reason: Option<&str>,
     ) -> Result<()> {
-        let mut tx = self.write().await?;
+        let (mut tx, _turn) = self.write().await?;
         sqlx::query(
             "UPDATE plugin_configs SET paused_reason = $1, updated_at = $2 WHERE project_id = $3 AND id = $4",
         )
@@ -663,7 +663,7 @@ impl Store {
         if matches!(selector, ReplaySelector::Ids(ids) if ids.is_empty()) {
             return Ok(0);
         }
-        let mut tx = self.write().await?;
+        let (mut tx, _turn) = self.write().await?;
         let mut query = sqlx::query(&sql).bind(project_id);
         if let Some(id) = config {
             query = query.bind(id);
@@ -747,7 +747,7 @@ impl Store {
         if logs.is_empty() {
             return Ok(());
         }
-        let mut tx = self.write().await?;
+        let (mut tx, _turn) = self.write().await?;
         insert_logs(&mut tx, self.backend(), plugin_config_id, logs).await?;
         tx.commit().await
     }

@@ -171,6 +171,32 @@ pub(super) fn list_placeholders(backend: Backend, first: usize, count: usize) ->
         .join(", ")
 }
 
+/// `SELECT columns FROM table WHERE project_id = ? AND key IN (…)`, with
+/// `count` keys bound after the project: how a batch looks up its rows.
+/// On PostgreSQL the keys are a `VALUES` list joined to the table, which
+/// the planner probes the primary key with, one key at a time, even on a
+/// table it has no statistics for; an `IN` list there was planned as a
+/// scan of the whole project, every row compared with every key (100 ms
+/// per batch at 100,000 events). Columns are named on the table `t`.
+pub(super) fn keyed_lookup(
+    backend: Backend,
+    columns: &str,
+    table: &str,
+    key: &str,
+    count: usize,
+) -> String {
+    match backend {
+        Backend::Sqlite => format!(
+            "SELECT {columns} FROM {table} t WHERE t.project_id = ? AND t.{key} IN ({})",
+            list_placeholders(backend, 2, count)
+        ),
+        Backend::Postgres => format!(
+            "SELECT {columns} FROM {table} t JOIN (VALUES {}) v (key) ON t.{key} = v.key WHERE t.project_id = $1",
+            values_placeholders(backend, 2, count, 1)
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +208,18 @@ mod tests {
             "($1, $2, $3), ($4, $5, $6)"
         );
         assert_eq!(list_placeholders(Backend::Postgres, 2, 3), "$2, $3, $4");
+    }
+
+    #[test]
+    fn lookups_join_a_values_list_on_postgres() {
+        assert_eq!(
+            keyed_lookup(Backend::Postgres, "t.uuid", "events", "uuid", 2),
+            "SELECT t.uuid FROM events t JOIN (VALUES ($2), ($3)) v (key) ON t.uuid = v.key WHERE t.project_id = $1"
+        );
+        assert_eq!(
+            keyed_lookup(Backend::Sqlite, "t.uuid", "events", "uuid", 2),
+            "SELECT t.uuid FROM events t WHERE t.project_id = ? AND t.uuid IN (?, ?)"
+        );
     }
 
     #[test]

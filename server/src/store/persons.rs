@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{Map, Value};
 use sqlx::{AnyConnection, Row};
 
-use super::{Backend, QueuedEvent, Result, list_placeholders, placeholder, values_placeholders};
+use super::{Backend, QueuedEvent, Result, keyed_lookup, values_placeholders};
 
 /// Rows per multi-row statement: at most 4 binds each, far under both
 /// backends' limits on binds per statement.
@@ -220,10 +220,12 @@ async fn read_links(
     let mut links = HashMap::with_capacity(distinct_ids.len());
     let ids: Vec<&str> = distinct_ids.iter().copied().collect();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "SELECT distinct_id, person_id FROM person_distinct_ids WHERE project_id = {} AND distinct_id IN ({})",
-            placeholder(backend, 1),
-            list_placeholders(backend, 2, chunk.len())
+        let sql = keyed_lookup(
+            backend,
+            "t.distinct_id, t.person_id",
+            "person_distinct_ids",
+            "distinct_id",
+            chunk.len(),
         );
         let mut query = sqlx::query(&sql).bind(project_id);
         for id in chunk {
@@ -245,11 +247,7 @@ async fn read_properties(
     let mut found = HashMap::with_capacity(person_ids.len());
     let ids: Vec<&str> = person_ids.iter().copied().collect();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "SELECT id, properties FROM persons WHERE project_id = {} AND id IN ({})",
-            placeholder(backend, 1),
-            list_placeholders(backend, 2, chunk.len())
-        );
+        let sql = keyed_lookup(backend, "t.id, t.properties", "persons", "id", chunk.len());
         let mut query = sqlx::query(&sql).bind(project_id);
         for id in chunk {
             query = query.bind(*id);

@@ -167,7 +167,7 @@ impl Store {
             delivery,
         } = new;
         let id = uuid::Uuid::now_v7().to_string();
-        let mut tx = self.write().await?;
+        let (mut tx, _turn) = self.write().await?;
         let position = match *position {
             Some(position) => position,
             None => sqlx::query_scalar::<_, i64>(

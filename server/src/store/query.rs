@@ -274,7 +274,7 @@ impl Store {
     }
 
     pub async fn set_project_timezone(&self, project_id: &str, timezone: &str) -> Result<()> {
-        let mut tx = self.write().await?;
+        let (mut tx, _turn) = self.write().await?;
         sqlx::query("UPDATE projects SET timezone = $1 WHERE id = $2")
             .bind(timezone)
             .bind(project_id)
