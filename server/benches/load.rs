@@ -163,8 +163,10 @@ impl Server {
         Server { child, base }
     }
 
-    /// (current, peak) resident set size in MiB.
-    fn rss_mib(&self) -> (f64, f64) {
+    /// Resident memory in MiB: (all, peak, anonymous). SQLite's file is
+    /// memory-mapped, so its pages that were read count in the first two;
+    /// the anonymous part is the heap and stacks.
+    fn rss_mib(&self) -> (f64, f64, f64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
         let field = |name: &str| {
@@ -176,7 +178,7 @@ impl Server {
                 .map(|kb| kb / 1024.0)
                 .unwrap_or(0.0)
         };
-        (field("VmRSS:"), field("VmHWM:"))
+        (field("VmRSS:"), field("VmHWM:"), field("RssAnon:"))
     }
 }
 
@@ -518,7 +520,7 @@ async fn main() {
         sent_events = batches * batch_size;
     }
     let accepted_in = started.elapsed();
-    let (rss_loaded, _) = server.rss_mib();
+    let (rss_loaded, _, anon_loaded) = server.rss_mib();
     let stored_in = loop {
         let depth: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM capture_queue")
             .fetch_one(&pool)
@@ -536,7 +538,7 @@ async fn main() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    let (_, rss_peak) = server.rss_mib();
+    let (_, rss_peak, _) = server.rss_mib();
     drop(server);
     pool.close().await;
     backend.drop_database().await;
