@@ -371,7 +371,16 @@ impl Template {
 async fn send(client: &reqwest::Client, url: &str, body: String) -> u64 {
     let mut refused = 0;
     loop {
-        let response = client.post(url).body(body.clone()).send().await.unwrap();
+        let response = match client.post(url).body(body.clone()).send().await {
+            Ok(response) => response,
+            Err(err) => {
+                // Counted with the refusals: the batch is sent again.
+                eprintln!("a batch could not be sent ({err}); sending it again in 1 s");
+                refused += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         match response.status().as_u16() {
             200 => return refused,
             503 => {
@@ -590,6 +599,6 @@ async fn main() {
         depth_curve.join(" ")
     );
     println!(
-        "server RSS:               {rss_loaded:.0} MiB at the end of the load, peak {rss_peak:.0} MiB"
+        "server RSS:               {rss_loaded:.0} MiB at the end of the load ({anon_loaded:.0} MiB anonymous), peak {rss_peak:.0} MiB"
     );
 }

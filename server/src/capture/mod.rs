@@ -11,6 +11,7 @@ mod tokens;
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -26,6 +27,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 pub use commit::GroupCommit;
 pub use normalize::{Normalizer, RawBatch};
@@ -35,9 +37,41 @@ pub use tokens::TokenCache;
 /// events from other origins (posthog-js, analytics.js), so CORS allows any
 /// origin, with credentials, and answers preflights.
 pub fn router() -> Router<AppState> {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     posthog::router()
         .merge(segment::router())
+        .layer(axum::middleware::from_fn(move |request, next| {
+            shed_over_limit(in_flight.clone(), request, next)
+        }))
         .layer(tower_http::cors::CorsLayer::very_permissive())
+}
+
+/// Capture requests handled at once. Each holds its body, decoded and
+/// parsed, until its group commit is done; without a cap, clients that
+/// keep sending while the server is slow (or many at once) grew the
+/// server's memory past 2 GiB in the load benchmark. Past the cap a
+/// request is answered 503 at once, before its body is read.
+const MAX_IN_FLIGHT: usize = 256;
+
+async fn shed_over_limit(
+    in_flight: Arc<Semaphore>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match in_flight.try_acquire_owned() {
+        Ok(permit) => {
+            let response = next.run(request).await;
+            drop(permit);
+            response
+        }
+        Err(_) => CaptureError::Overloaded {
+            reason: format!(
+                "the server is busy: {MAX_IN_FLIGHT} capture requests are being handled"
+            ),
+            retry_after_secs: 1,
+        }
+        .into_response(),
+    }
 }
 
 /// Stores a decoded request: checks the token and the queue's bounds,
