@@ -431,6 +431,15 @@ async fn store_last(state: &AppState, owner: &str, done: &Processed) -> crate::s
 
 fn stored(state: &AppState, done: &Processed, started: Instant) {
     state.queue.removed(done.ids.len());
+    // Only a round with a large batch says what the pipeline can do: a
+    // small one means it keeps up, and its fixed costs would make the
+    // pipeline look slower than it is. Chains and storing overlap, so a
+    // round takes the longer of the two.
+    if done.ids.len() >= CLAIM_BATCH as usize / 2 {
+        state
+            .queue
+            .record_round(done.ids.len(), started.elapsed().max(done.chain_time));
+    }
     state.wake_delivery.notify_waiters();
     tracing::debug!(
         rows = done.ids.len(),

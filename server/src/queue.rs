@@ -7,7 +7,7 @@
 //! what it stored, so the depth a request sees is fresh; the sample then
 //! corrects for other processes sharing the same PostgreSQL queue.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -30,6 +30,9 @@ pub struct QueueGauge {
     depth: AtomicI64,
     /// Epoch milliseconds; 0 when the queue is empty.
     oldest_enqueued_ms: AtomicI64,
+    /// What this process's pipeline stores per second while it has more
+    /// work than it can take at once, smoothed; 0 until it has been busy.
+    capacity_per_second: AtomicU64,
 }
 
 impl QueueGauge {
@@ -43,6 +46,40 @@ impl QueueGauge {
             0 => Duration::ZERO,
             at => Duration::from_millis((chrono::Utc::now().timestamp_millis() - at).max(0) as u64),
         }
+    }
+
+    /// How long an event accepted now would wait to be stored: the
+    /// queue's depth at the rate this process stores while busy. `None`
+    /// until the pipeline has been busy once, and when the queue is empty.
+    ///
+    /// The oldest event's age alone bounds only the head of the queue:
+    /// offered twice what the pipeline stores, the events accepted just
+    /// before the age bound tripped waited three times the bound. With
+    /// several processes on one PostgreSQL each divides the whole queue by
+    /// its own rate, so the estimate errs towards refusing early.
+    pub fn predicted_wait(&self) -> Option<Duration> {
+        let depth = self.depth();
+        let rate = self.capacity_per_second.load(Ordering::Relaxed);
+        (depth > 0 && rate > 0).then(|| Duration::from_secs_f64(depth as f64 / rate as f64))
+    }
+
+    /// Records a stored batch: `events` in a round of the worker that took
+    /// `took` (the longer of its chains and its transaction).
+    pub fn record_round(&self, events: usize, took: Duration) {
+        if events == 0 || took.is_zero() {
+            return;
+        }
+        let rate = events as f64 / took.as_secs_f64();
+        let previous = self.capacity_per_second.load(Ordering::Relaxed) as f64;
+        // A moving average over the last few batches: one slow batch
+        // (a checkpoint, a cold cache) should not refuse capture.
+        let smoothed = if previous == 0.0 {
+            rate
+        } else {
+            previous * 0.8 + rate * 0.2
+        };
+        self.capacity_per_second
+            .store(smoothed.round().max(1.0) as u64, Ordering::Relaxed);
     }
 
     pub fn added(&self, events: usize) {
@@ -123,5 +160,43 @@ pub async fn run_monitor(
             );
             behind = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wait_is_unknown_until_the_pipeline_has_been_busy() {
+        let gauge = QueueGauge::default();
+        gauge.added(10_000);
+        assert_eq!(gauge.predicted_wait(), None);
+        gauge.record_round(500, Duration::from_millis(100));
+        assert_eq!(gauge.predicted_wait(), Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn one_slow_round_moves_the_estimate_only_part_of_the_way() {
+        let gauge = QueueGauge::default();
+        gauge.added(5_000);
+        gauge.record_round(500, Duration::from_millis(100)); // 5,000 a second
+        gauge.record_round(500, Duration::from_millis(1_000)); // 500 a second
+        let wait = gauge.predicted_wait().unwrap();
+        assert!(
+            wait > Duration::from_secs(1) && wait < Duration::from_secs(2),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn an_empty_queue_has_no_wait() {
+        let gauge = QueueGauge::default();
+        gauge.record_round(500, Duration::from_millis(100));
+        assert_eq!(gauge.predicted_wait(), None);
+        gauge.added(100);
+        gauge.removed(100);
+        assert_eq!(gauge.predicted_wait(), None);
+        assert_eq!(gauge.oldest_age(), Duration::ZERO);
     }
 }

@@ -105,6 +105,19 @@ pub(crate) async fn accept(
             retry_after_secs: 5,
         });
     }
+    if let Some(wait) = state.queue.predicted_wait()
+        && wait >= state.config.max_queue_age
+    {
+        return Err(CaptureError::Overloaded {
+            reason: format!(
+                "the queue is behind: it holds {} events, about {} s of work at the rate this server stores them, over the bound of {} s",
+                state.queue.depth(),
+                wait.as_secs(),
+                state.config.max_queue_age.as_secs()
+            ),
+            retry_after_secs: 5,
+        });
+    }
     let normalizer = Normalizer {
         now: chrono::Utc::now(),
         ip,
