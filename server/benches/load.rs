@@ -401,6 +401,24 @@ async fn send(client: &reqwest::Client, url: &str, body: String) -> u64 {
     }
 }
 
+/// Sends a batch whose first event is `key`, timing it from `since`
+/// (when it was sent, or when it was due), and records what the client saw.
+async fn send_timed(
+    client: &reqwest::Client,
+    url: &str,
+    body: String,
+    key: (String, String),
+    since: Instant,
+    pending: &Pending,
+    observed: &Mutex<Observed>,
+) {
+    pending.lock().await.insert(key, since);
+    let refused = send(client, url, body).await;
+    let mut observed = observed.lock().await;
+    observed.latencies.push(since.elapsed());
+    observed.rejected += refused;
+}
+
 #[tokio::main]
 async fn main() {
     let clients = env("SLUICE_LOAD_CLIENTS", 8);
@@ -486,12 +504,17 @@ async fn main() {
                 for b in 0..per_client {
                     let (body, first) =
                         template.batch(&token, batch_size, (c * per_client + b) as u64);
-                    let sent = Instant::now();
-                    pending.lock().await.insert((project.clone(), first), sent);
-                    let refused = send(&client, &url, body).await;
-                    let mut observed = observed.lock().await;
-                    observed.latencies.push(sent.elapsed());
-                    observed.rejected += refused;
+                    let key = (project.clone(), first);
+                    send_timed(
+                        &client,
+                        &url,
+                        body,
+                        key,
+                        Instant::now(),
+                        &pending,
+                        &observed,
+                    )
+                    .await;
                 }
             }));
         }
@@ -516,11 +539,16 @@ async fn main() {
             let (body, first) = template.batch(&tokens[b % tokens.len()], batch_size, b as u64);
             let project = project_ids[b % tokens.len()].clone();
             tasks.push(tokio::spawn(async move {
-                pending.lock().await.insert((project, first), due);
-                let refused = send(&client, &url, body).await;
-                let mut observed = observed.lock().await;
-                observed.latencies.push(due.elapsed());
-                observed.rejected += refused;
+                send_timed(
+                    &client,
+                    &url,
+                    body,
+                    (project, first),
+                    due,
+                    &pending,
+                    &observed,
+                )
+                .await;
             }));
         }
         for task in tasks {
