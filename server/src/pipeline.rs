@@ -352,10 +352,10 @@ pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> any
         });
         let next = cursor.next(&state);
         let stored = match processed.take() {
-            Some(done) => Some((store(&state, &owner, &done, &next).await, Some(done))),
+            Some(done) => (store(&state, &owner, &done, Some(&next)).await, Some(done)),
             // Nothing to store yet: lease the next batch on its own, so the
             // next round has both a batch to process and one to store.
-            None => Some((state.store.claim(&owner, &next).await, None)),
+            None => (state.store.claim(&owner, &next).await, None),
         };
         let (returned, ids, batch, chain_time) = processing.await?;
         chains = returned;
@@ -365,11 +365,11 @@ pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> any
             chain_time,
         });
         match stored {
-            Some((Ok(next_batch), _)) => {
+            (Ok(next_batch), _) => {
                 cursor.advance(&next_batch);
                 claimed = next_batch;
             }
-            Some((Err(err), Some(done))) => {
+            (Err(err), Some(done)) => {
                 tracing::error!(
                     "failed to store {} events of {} queued rows: {err}; they will be retried",
                     done.batch.events.len(),
@@ -383,15 +383,14 @@ pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> any
                 cursor.rewind();
                 tokio::time::sleep(IDLE_POLL).await;
             }
-            Some((Err(err), None)) => {
+            (Err(err), None) => {
                 tracing::error!("failed to lease queued events: {err}");
                 tokio::time::sleep(IDLE_POLL).await;
             }
-            None => {}
         }
     }
     if let Some(done) = processed.take()
-        && let Err(err) = store_last(&state, &owner, &done).await
+        && let Err(err) = store(&state, &owner, &done, None).await
     {
         tracing::error!(
             "failed to store the last {} events before stopping: {err}; they stay queued",
@@ -402,31 +401,21 @@ pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> any
     Ok(())
 }
 
-/// Stores a processed batch and leases the next one in the same
-/// transaction.
+/// Stores a processed batch and, with `next`, leases the next one in the
+/// same transaction.
 async fn store(
     state: &AppState,
     owner: &str,
     done: &Processed,
-    next: &Claim,
+    next: Option<&Claim>,
 ) -> crate::store::Result<Vec<Claimed>> {
     let started = Instant::now();
     let claimed = state
         .store
-        .complete(owner, &done.ids, &done.batch, Some(next))
+        .complete(owner, &done.ids, &done.batch, next)
         .await?;
     stored(state, done, started);
     Ok(claimed)
-}
-
-async fn store_last(state: &AppState, owner: &str, done: &Processed) -> crate::store::Result<()> {
-    let started = Instant::now();
-    state
-        .store
-        .complete(owner, &done.ids, &done.batch, None)
-        .await?;
-    stored(state, done, started);
-    Ok(())
 }
 
 fn stored(state: &AppState, done: &Processed, started: Instant) {

@@ -123,20 +123,29 @@ impl Store {
         })
     }
 
-    /// Leases up to `claim.limit` ready rows to `owner`, in a transaction
-    /// of its own.
+    /// Leases up to `claim.limit` ready rows to `owner`, on its own. On
+    /// SQLite, whose leases live in memory (see `claim_in`), that is a
+    /// read and needs no turn at the write lock.
     pub async fn claim(&self, owner: &str, claim: &Claim) -> Result<Vec<Claimed>> {
-        let (mut tx, _turn) = self.write().await?;
-        let claimed = self.claim_in(&mut tx, owner, claim).await?;
-        tx.commit().await?;
-        Ok(claimed)
+        match self.backend() {
+            Backend::Sqlite => {
+                let mut conn = self.pool.acquire().await?;
+                self.claim_in(&mut conn, owner, claim).await
+            }
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                let claimed = self.claim_in(&mut tx, owner, claim).await?;
+                tx.commit().await?;
+                Ok(claimed)
+            }
+        }
     }
 
     /// Leases ready rows with ids above `claim.after`. Rows whose lease
     /// expired (their worker died) are ready again.
     async fn claim_in(
         &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        conn: &mut sqlx::AnyConnection,
         owner: &str,
         claim: &Claim,
     ) -> Result<Vec<Claimed>> {
@@ -155,7 +164,7 @@ impl Store {
                 )
                 .bind(claim.after)
                 .bind(claim.limit as i64)
-                .fetch_all(&mut **tx)
+                .fetch_all(&mut *conn)
                 .await?
             }
             // Several processes share one PostgreSQL queue: each skips the
@@ -175,7 +184,7 @@ impl Store {
                 .bind(claim.after)
                 .bind(now)
                 .bind(claim.limit as i64)
-                .fetch_all(&mut **tx)
+                .fetch_all(&mut *conn)
                 .await?
             }
         };
