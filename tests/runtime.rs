@@ -533,3 +533,34 @@ fn splitting_an_event_keeps_its_uuid_and_gives_new_events_stable_distinct_uuids(
         "a replayed input yields the same outputs, uuids included"
     );
 }
+
+#[test]
+fn a_plugin_built_against_wit_0_1_0_still_transforms_and_exports() {
+    let runtime = runtime(Policy::default());
+    let plugin = runtime.load(&wasm("wit-v0-1-0")).unwrap();
+    let mut instance = plugin.install(install("v0-1-0", json!({}))).unwrap();
+    let out = instance
+        .transform(event("signed up", json!({"plan": "pro", "n": 1})))
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        Value::Object(out[0].properties.clone()),
+        json!({"n": 1, "subscription_plan": "pro", "wit_version": "0.1.0"})
+    );
+
+    let exported = |name: &str| ExportedEvent {
+        uuid: "01890000-0000-7000-8000-000000000009".into(),
+        name: name.into(),
+        distinct_id: "user-1".into(),
+        person_id: None,
+        timestamp: "2024-01-01T00:00:00.000Z".into(),
+        properties: "{}".into(),
+    };
+    instance.export(vec![exported("a"), exported("b")]).unwrap();
+    let (logs, _) = instance.take_activity();
+    assert!(
+        logs.iter()
+            .any(|line| line.message == "exported 2 events: a, b"),
+        "{logs:?}"
+    );
+}

@@ -47,6 +47,8 @@ mod destination;
 mod error;
 mod event;
 mod host;
+#[doc(hidden)]
+pub mod props;
 
 pub mod clock;
 pub mod http;
@@ -59,7 +61,7 @@ pub mod testing;
 
 pub use destination::{ExportError, ExportedEvent};
 pub use error::{Context, Error, Result};
-pub use event::{Event, EventRef, Outcome};
+pub use event::{EditPlan, Edits, Event, EventRef, Leaf, LeafValue, Leaves, Outcome};
 
 /// Re-exported so plugins can name JSON values without their own dependency.
 pub use serde_json::{self, Map, Value, json};
@@ -204,7 +206,7 @@ pub mod __private {
     #[allow(missing_docs, clippy::all)]
     pub mod bindings {
         wit_bindgen::generate!({
-            path: "../wit/v0.1.0",
+            path: "../wit/v0.2.0",
             world: "plugin",
             pub_export_macro: true,
             export_macro_name: "__sluice_export_plugin",

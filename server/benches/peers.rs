@@ -30,8 +30,14 @@ fn seconds() -> f64 {
 }
 
 /// Runs `step` for a second to warm up, then for the measuring time, and
-/// prints events per second.
+/// prints events per second. With SLUICE_PEERS_ONLY set, only lines whose
+/// name contains it run (to profile one line under callgrind).
 fn measure(name: &str, mut step: impl FnMut() -> String) {
+    if let Ok(only) = std::env::var("SLUICE_PEERS_ONLY")
+        && !name.contains(&only)
+    {
+        return;
+    }
     let mut sink = 0usize;
     let warm = Instant::now();
     while warm.elapsed() < Duration::from_secs(1) {
@@ -176,8 +182,16 @@ fn main() {
         serde_json::to_string(&event).unwrap()
     });
 
+    // Valgrind cannot reserve the pooling allocator's address space, so a
+    // profile under callgrind runs with SLUICE_PEERS_POOL_SIZE=0; calls
+    // cost the same either way, only instantiation differs.
+    let pool_size = std::env::var("SLUICE_PEERS_POOL_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(RuntimeConfig::default().pool_size);
     let runtime = Runtime::new(RuntimeConfig {
         policy: Policy::default(),
+        pool_size,
         ..RuntimeConfig::default()
     })
     .expect("runtime starts");

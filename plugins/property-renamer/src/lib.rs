@@ -2,13 +2,17 @@
 //! renamed by a configured map at the top level and inside `$set` and
 //! `$set_once`; events by a map, then optionally by case.
 //!
-//! It reads only the properties it may rename, one at a time, so an event
-//! with none of them costs a handful of lookups however large it is.
+//! Every property rename is one edit made at setup and sent in one host
+//! call per event, so an event costs the same however many names the map
+//! holds or the event carries; the event name is read only when events are
+//! renamed.
 
 use std::collections::HashMap;
 
 use serde::Deserialize;
-use sluice_plugin_sdk::{Error, EventRef, Map, Outcome, Plugin, Result, Value, register_plugin};
+use sluice_plugin_sdk::{
+    EditPlan, Edits, Error, EventRef, Outcome, Plugin, Result, register_plugin,
+};
 
 #[derive(Deserialize)]
 struct Config {
@@ -29,8 +33,10 @@ enum EventCase {
 }
 
 struct PropertyRenamer {
-    /// In a fixed order, so the result does not depend on hashing.
-    properties: Vec<(String, String)>,
+    /// Every property rename, at the top level and in each person object,
+    /// kept by the host and applied in one call per event; `None` if there
+    /// are none.
+    renames: Option<EditPlan>,
     events: HashMap<String, String>,
     event_case: EventCase,
 }
@@ -54,40 +60,40 @@ impl Plugin for PropertyRenamer {
                 "`events` renames `{old}` to an empty name"
             )));
         }
+        // In a fixed order, so the result does not depend on hashing.
         let mut properties: Vec<(String, String)> = config
             .properties
             .into_iter()
             .filter(|(old, new)| old != new)
             .collect();
         properties.sort();
+        let mut renames = Edits::new();
+        for (old, new) in &properties {
+            renames.rename(&[old], new);
+        }
+        for object in PERSON_OBJECTS {
+            for (old, new) in &properties {
+                renames.rename(&[object, old], new);
+            }
+        }
         Ok(PropertyRenamer {
-            properties,
+            renames: (!renames.is_empty()).then(|| renames.plan()).transpose()?,
             events: config.events,
             event_case: config.event_case,
         })
     }
 
     fn transform(&mut self, event: &mut EventRef<'_>) -> Result<Outcome> {
-        let name = event.name();
-        if let Some(renamed) = self.event_name(&name)
-            && renamed != name
-        {
-            event.set_name(&renamed)?;
-        }
-        for (old, new) in &self.properties {
-            if let Some(value) = event.property_json(old) {
-                event.remove_property(old);
-                event.set_property(new, &value)?;
+        if !self.events.is_empty() || self.event_case != EventCase::Keep {
+            let name = event.name();
+            if let Some(renamed) = self.event_name(&name)
+                && renamed != name
+            {
+                event.set_name(&renamed)?;
             }
         }
-        if !self.properties.is_empty() {
-            for key in PERSON_OBJECTS {
-                if let Some(Value::Object(mut object)) = event.property_json(key)
-                    && self.rename_keys(&mut object)
-                {
-                    event.set_property(key, &object)?;
-                }
-            }
+        if let Some(renames) = &self.renames {
+            event.apply(renames)?;
         }
         Ok(Outcome::Keep)
     }
@@ -103,18 +109,6 @@ impl PropertyRenamer {
             EventCase::SnakeCase if !name.starts_with('$') => Some(snake_case(name)),
             _ => None,
         }
-    }
-
-    /// Renames keys of a `$set`-like object; returns whether any changed.
-    fn rename_keys(&self, object: &mut Map<String, Value>) -> bool {
-        let mut changed = false;
-        for (old, new) in &self.properties {
-            if let Some(value) = object.shift_remove(old) {
-                object.insert(new.clone(), value);
-                changed = true;
-            }
-        }
-        changed
     }
 }
 
@@ -157,8 +151,8 @@ register_plugin!(PropertyRenamer);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_plugin_sdk::json;
     use sluice_plugin_sdk::testing::{self, MockHost};
+    use sluice_plugin_sdk::{Value, json};
 
     fn renamer(config: Value) -> PropertyRenamer {
         testing::setup::<PropertyRenamer>(config).expect("valid config")

@@ -1,12 +1,12 @@
 //! URL and UTM campaign parser: reads one URL property and adds the UTM
 //! campaign fields, the host, the path and chosen query parameters.
 //!
-//! It reads the one property it parses and only the properties it would
-//! otherwise overwrite, so it costs the same on a large event as on a
-//! small one.
+//! It reads the one property it parses and writes what it found in one
+//! edit (which leaves properties already set alone unless `overwrite`), so
+//! it costs two host calls on a large event as on a small one.
 
 use serde::Deserialize;
-use sluice_plugin_sdk::{EventRef, Outcome, Plugin, Result, register_plugin};
+use sluice_plugin_sdk::{Edits, EventRef, Outcome, Plugin, Result, register_plugin};
 use url::Url;
 
 /// The campaign parameters every UTM-tagged link may carry, added under
@@ -101,12 +101,18 @@ impl Plugin for UrlParser {
                 found.push((property, value.into_owned()));
             }
         }
+        let mut edits = Edits::new();
         for (key, value) in found {
-            if key.is_empty() || (!self.overwrite && event.property_json(key).is_some()) {
+            if key.is_empty() {
                 continue;
             }
-            event.set_property(key, value)?;
+            if self.overwrite {
+                edits.set(&[key], value)?;
+            } else {
+                edits.set_if_absent(&[key], value)?;
+            }
         }
+        event.edit(&edits)?;
         Ok(Outcome::Keep)
     }
 }

@@ -107,7 +107,7 @@ pub enum LoadError {
     #[error("failed to compile {plugin}: {message}")]
     Compile { plugin: String, message: String },
     #[error(
-        "{plugin} does not fit this host's plugin API (sluice:plugin@0.1.0): {message}. Rebuild it against a matching plugin-sdk"
+        "{plugin} does not fit this host's plugin API (sluice:plugin@0.1.0 or @0.2.0): {message}. Rebuild it against a matching plugin-sdk"
     )]
     Link { plugin: String, message: String },
 }

@@ -6,7 +6,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use wasmtime::component::Resource;
 
-use super::bindings::event::{EventError, Host, HostEvent};
+use sluice_plugin_sdk::props::{self, Change};
+
+use super::bindings::event::{
+    EventError, Host, HostEditPlan, HostEvent, LeafReplacement, LeafTable, PropertyChange,
+};
+use super::error::{LimitExceeded, TrapReason};
 use super::host::HostState;
 
 /// One event as plugins see it. Its JSON form is PostHog's:
@@ -40,6 +45,50 @@ pub fn derived_uuid(parent: &str, n: u32) -> String {
     let namespace = uuid::Uuid::parse_str(parent)
         .unwrap_or_else(|_| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, parent.as_bytes()));
     uuid::Uuid::new_v5(&namespace, format!("sluice-derived-{n}").as_bytes()).to_string()
+}
+
+/// Checked changes to properties: what `edit` applies once and an
+/// `edit-plan` resource keeps for many events.
+#[derive(Debug)]
+pub struct EditPlan {
+    changes: Vec<Change>,
+    /// Bytes the changes write, charged to the output budget per use.
+    written: u64,
+}
+
+/// Edit plans one instance may hold: each lives as long as the instance,
+/// so without a cap a plugin could grow the host's memory without bound.
+const MAX_EDIT_PLANS: u32 = 1024;
+
+impl EditPlan {
+    /// Checks every change before any is used, so a refused edit changes
+    /// nothing.
+    fn check(changes: Vec<PropertyChange>) -> Result<EditPlan, EventError> {
+        let mut plan = EditPlan {
+            changes: Vec::with_capacity(changes.len()),
+            written: 0,
+        };
+        for change in changes {
+            let (change, value_bytes) = checked_change(change)?;
+            plan.written += match &change {
+                Change::Set { path, .. } => {
+                    (path.iter().map(String::len).sum::<usize>() + value_bytes) as u64
+                }
+                Change::Rename { to, .. } => to.len() as u64,
+                Change::Remove(_) | Change::RemoveEverywhere(_) => 0,
+            };
+            plan.changes.push(change);
+        }
+        Ok(plan)
+    }
+
+    /// Applies the changes in order; returns how many took effect.
+    fn apply(&self, properties: &mut Map<String, Value>) -> u32 {
+        self.changes
+            .iter()
+            .filter(|change| props::apply(properties, change))
+            .count() as u32
+    }
 }
 
 fn invalid(message: impl Into<String>) -> EventError {
@@ -204,6 +253,80 @@ impl HostEvent for HostState {
         Ok(Ok(()))
     }
 
+    fn has_property(
+        &mut self,
+        handle: Resource<PluginEvent>,
+        key: String,
+    ) -> wasmtime::Result<bool> {
+        Ok(self.event(&handle)?.properties.contains_key(&key))
+    }
+
+    fn properties_of(
+        &mut self,
+        handle: Resource<PluginEvent>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Vec<Option<String>>> {
+        let properties = &self.event(&handle)?.properties;
+        Ok(keys
+            .iter()
+            .map(|key| properties.get(key).map(Value::to_string))
+            .collect())
+    }
+
+    fn edit(
+        &mut self,
+        handle: Resource<PluginEvent>,
+        changes: Vec<PropertyChange>,
+    ) -> wasmtime::Result<Result<u32, EventError>> {
+        let plan = match EditPlan::check(changes) {
+            Ok(plan) => plan,
+            Err(err) => return Ok(Err(err)),
+        };
+        self.charge_output(plan.written)?;
+        Ok(Ok(plan.apply(&mut self.event_mut(&handle)?.properties)))
+    }
+
+    fn apply(
+        &mut self,
+        handle: Resource<PluginEvent>,
+        plan: Resource<EditPlan>,
+    ) -> wasmtime::Result<u32> {
+        let written = self.table.get(&plan)?.written;
+        self.charge_output(written)?;
+        // The plan and the event are both in the table: take the event out
+        // for the moment it is changed.
+        let mut properties = std::mem::take(&mut self.event_mut(&handle)?.properties);
+        let applied = self.table.get(&plan)?.apply(&mut properties);
+        self.event_mut(&handle)?.properties = properties;
+        Ok(applied)
+    }
+
+    fn leaves(
+        &mut self,
+        handle: Resource<PluginEvent>,
+        whole: Vec<String>,
+    ) -> wasmtime::Result<LeafTable> {
+        let (text, leaves) = props::leaves(&self.event(&handle)?.properties, &whole);
+        Ok(LeafTable { text, leaves })
+    }
+
+    fn replace_leaves(
+        &mut self,
+        handle: Resource<PluginEvent>,
+        whole: Vec<String>,
+        replacements: Vec<LeafReplacement>,
+    ) -> wasmtime::Result<Result<(), EventError>> {
+        let written: usize = replacements.iter().map(|r| r.value.len()).sum();
+        self.charge_output(written as u64)?;
+        let replacements = replacements
+            .into_iter()
+            .map(|r| (r.index, r.value))
+            .collect();
+        let properties = &mut self.event_mut(&handle)?.properties;
+        Ok(props::replace_leaves(properties, &whole, replacements)
+            .map_err(EventError::InvalidValue))
+    }
+
     fn duplicate(
         &mut self,
         handle: Resource<PluginEvent>,
@@ -223,6 +346,77 @@ impl HostEvent for HostState {
     }
 }
 
+impl HostEditPlan for HostState {
+    fn create(
+        &mut self,
+        changes: Vec<PropertyChange>,
+    ) -> wasmtime::Result<Result<Resource<EditPlan>, EventError>> {
+        let plan = match EditPlan::check(changes) {
+            Ok(plan) => plan,
+            Err(err) => return Ok(Err(err)),
+        };
+        if self.edit_plans >= MAX_EDIT_PLANS {
+            return Err(wasmtime::Error::new(LimitExceeded(
+                TrapReason::OutputLimit(format!(
+                    "it held more than {MAX_EDIT_PLANS} edit plans at once"
+                )),
+            )));
+        }
+        self.edit_plans += 1;
+        Ok(Ok(self.table.push(plan)?))
+    }
+
+    fn drop(&mut self, plan: Resource<EditPlan>) -> wasmtime::Result<()> {
+        self.table.delete(plan)?;
+        self.edit_plans -= 1;
+        Ok(())
+    }
+}
+
+/// A change as the host applies it, with the bytes of its JSON value;
+/// refused if its value is not JSON or its path is empty.
+fn checked_change(change: PropertyChange) -> Result<(Change, usize), EventError> {
+    let empty = |path: &[String]| {
+        path.is_empty()
+            .then(|| invalid("a property path needs at least one key"))
+    };
+    let set = |entry: super::bindings::event::PropertyEntry, only_if_absent: bool| {
+        if let Some(err) = empty(&entry.path) {
+            return Err(err);
+        }
+        let value = serde_json::from_str(&entry.value).map_err(|err| {
+            EventError::InvalidJson(format!("property `{}`: {err}", entry.path.join(".")))
+        })?;
+        Ok((
+            Change::Set {
+                path: entry.path,
+                value,
+                only_if_absent,
+            },
+            entry.value.len(),
+        ))
+    };
+    match change {
+        PropertyChange::Set(entry) => set(entry, false),
+        PropertyChange::SetIfAbsent(entry) => set(entry, true),
+        PropertyChange::Remove(path) => match empty(&path) {
+            Some(err) => Err(err),
+            None => Ok((Change::Remove(path), 0)),
+        },
+        PropertyChange::RemoveEverywhere(key) => Ok((Change::RemoveEverywhere(key), 0)),
+        PropertyChange::Rename(rename) => match empty(&rename.path) {
+            Some(err) => Err(err),
+            None => Ok((
+                Change::Rename {
+                    path: rename.path,
+                    to: rename.to,
+                },
+                0,
+            )),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +428,43 @@ mod tests {
         assert_ne!(derived_uuid(parent, 0), derived_uuid(parent, 1));
         assert_ne!(derived_uuid(parent, 0), parent);
         assert_eq!(derived_uuid("not-a-uuid", 3), derived_uuid("not-a-uuid", 3));
+    }
+
+    #[test]
+    fn an_edit_with_bad_json_or_an_empty_path_is_refused_naming_it() {
+        use crate::runtime::bindings::event::{PropertyEntry, PropertyRename};
+        let entry = |path: &[&str], value: &str| PropertyEntry {
+            path: path.iter().map(|k| k.to_string()).collect(),
+            value: value.into(),
+        };
+        match checked_change(PropertyChange::Set(entry(&["$set", "plan"], "{nope"))) {
+            Err(EventError::InvalidJson(message)) => {
+                assert!(message.contains("property `$set.plan`"), "{message}")
+            }
+            other => panic!("expected invalid-json, got {other:?}"),
+        }
+        for change in [
+            PropertyChange::SetIfAbsent(entry(&[], "1")),
+            PropertyChange::Remove(Vec::new()),
+            PropertyChange::Rename(PropertyRename {
+                path: Vec::new(),
+                to: "x".into(),
+            }),
+        ] {
+            assert!(matches!(
+                checked_change(change),
+                Err(EventError::InvalidValue(message)) if message.contains("at least one key")
+            ));
+        }
+        let (change, bytes) = checked_change(PropertyChange::Set(entry(&["a"], "[1,2]"))).unwrap();
+        assert_eq!(bytes, 5);
+        assert_eq!(
+            change,
+            Change::Set {
+                path: vec!["a".into()],
+                value: serde_json::json!([1, 2]),
+                only_if_absent: false
+            }
+        );
     }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use wasmtime::component::{HasSelf, Linker, Resource};
+use wasmtime::component::{Linker, Resource};
 use wasmtime::{Engine, Store};
 
 pub use bindings::{ExportedEvent, RetryableError};
@@ -109,10 +109,8 @@ impl Runtime {
             .map_err(|err| anyhow::anyhow!("failed to create the wasm engine: {err}"))?;
 
         let mut linker = Linker::new(&engine);
-        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| {
-            state
-        })
-        .map_err(|err| anyhow::anyhow!("failed to link host capabilities: {err}"))?;
+        bindings::add_to_linker(&mut linker)
+            .map_err(|err| anyhow::anyhow!("failed to link host capabilities: {err}"))?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|err| anyhow::anyhow!("failed to link WASI: {err}"))?;
 
@@ -182,7 +180,19 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(link_error)?;
-        let pre = bindings::PluginPre::new(pre).map_err(link_error)?;
+        let pre = match bindings::WitVersion::of(&component, &self.inner.engine) {
+            Some(bindings::WitVersion::V0_2) => {
+                PluginPre::V0_2(bindings::v0_2::PluginPre::new(pre).map_err(link_error)?)
+            }
+            Some(bindings::WitVersion::V0_1) => {
+                PluginPre::V0_1(bindings::v0_1::PluginPre::new(pre).map_err(link_error)?)
+            }
+            None => {
+                return Err(link_error(wasmtime::Error::msg(
+                    "it exports neither `sluice:plugin/transform@0.2.0` nor `@0.1.0`",
+                )));
+            }
+        };
         Ok(Arc::new(LoadedPlugin {
             manifest,
             sha256,
@@ -228,8 +238,109 @@ pub fn read_manifest(bytes: &[u8]) -> Result<Manifest, LoadError> {
 pub struct LoadedPlugin {
     manifest: Manifest,
     sha256: String,
-    pre: bindings::PluginPre<HostState>,
+    pre: PluginPre,
     runtime: Runtime,
+}
+
+/// A plugin ready to instantiate, by the contract version it was built
+/// against.
+enum PluginPre {
+    V0_1(bindings::v0_1::PluginPre<HostState>),
+    V0_2(bindings::v0_2::PluginPre<HostState>),
+}
+
+impl PluginPre {
+    fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Hooks> {
+        Ok(match self {
+            PluginPre::V0_1(pre) => Hooks::V0_1(pre.instantiate(store)?),
+            PluginPre::V0_2(pre) => Hooks::V0_2(pre.instantiate(store)?),
+        })
+    }
+}
+
+/// The hooks of a live instance. Calls into an older version convert its
+/// exports' types to the newest ones, which have the same shape.
+enum Hooks {
+    V0_1(bindings::v0_1::Plugin),
+    V0_2(bindings::v0_2::Plugin),
+}
+
+type HookResult<T, E = String> = wasmtime::Result<Result<T, E>>;
+
+impl Hooks {
+    fn setup(&self, store: &mut Store<HostState>, config: &str) -> HookResult<()> {
+        match self {
+            Hooks::V0_1(hooks) => hooks.sluice_plugin_lifecycle().call_setup(store, config),
+            Hooks::V0_2(hooks) => hooks.sluice_plugin_lifecycle().call_setup(store, config),
+        }
+    }
+
+    fn run_task(&self, store: &mut Store<HostState>, name: &str) -> HookResult<()> {
+        match self {
+            Hooks::V0_1(hooks) => hooks.sluice_plugin_lifecycle().call_run_task(store, name),
+            Hooks::V0_2(hooks) => hooks.sluice_plugin_lifecycle().call_run_task(store, name),
+        }
+    }
+
+    fn transform(
+        &self,
+        store: &mut Store<HostState>,
+        event: Resource<PluginEvent>,
+    ) -> HookResult<bindings::Outcome> {
+        use bindings::v0_1::exports::sluice::plugin::transform::Outcome as OutcomeV0_1;
+        match self {
+            Hooks::V0_2(hooks) => hooks.sluice_plugin_transform().call_transform(store, event),
+            Hooks::V0_1(hooks) => Ok(hooks
+                .sluice_plugin_transform()
+                .call_transform(store, event)?
+                .map(|outcome| match outcome {
+                    OutcomeV0_1::Keep => bindings::Outcome::Keep,
+                    OutcomeV0_1::Drop => bindings::Outcome::Drop,
+                    OutcomeV0_1::Replace(events) => bindings::Outcome::Replace(events),
+                })),
+        }
+    }
+
+    fn export_batch(
+        &self,
+        store: &mut Store<HostState>,
+        events: &[ExportedEvent],
+    ) -> HookResult<(), bindings::ExportError> {
+        use bindings::v0_1::exports::sluice::plugin::destination as v0_1;
+        match self {
+            Hooks::V0_2(hooks) => hooks
+                .sluice_plugin_destination()
+                .call_export_batch(store, events),
+            Hooks::V0_1(hooks) => {
+                let events: Vec<v0_1::ExportedEvent> = events
+                    .iter()
+                    .map(|event| v0_1::ExportedEvent {
+                        uuid: event.uuid.clone(),
+                        name: event.name.clone(),
+                        distinct_id: event.distinct_id.clone(),
+                        person_id: event.person_id.clone(),
+                        timestamp: event.timestamp.clone(),
+                        properties: event.properties.clone(),
+                    })
+                    .collect();
+                let result = hooks
+                    .sluice_plugin_destination()
+                    .call_export_batch(store, &events)?;
+                Ok(result.map_err(|err| match err {
+                    v0_1::ExportError::Retryable(v0_1::RetryableError {
+                        message,
+                        retry_after_ms,
+                    }) => bindings::ExportError::Retryable(RetryableError {
+                        message,
+                        retry_after_ms,
+                    }),
+                    v0_1::ExportError::Permanent(message) => {
+                        bindings::ExportError::Permanent(message)
+                    }
+                }))
+            }
+        }
+    }
 }
 
 /// One install of a plugin: who it is for and with which config.
@@ -325,7 +436,7 @@ pub struct PluginInstance {
 
 struct Live {
     store: Store<HostState>,
-    bindings: bindings::Plugin,
+    hooks: Hooks,
 }
 
 /// Why an export batch was not delivered.
@@ -400,7 +511,7 @@ impl PluginInstance {
         store.epoch_deadline_trap();
         let setup_deadline = self.context.limits.setup_deadline;
         store.set_epoch_deadline(epoch_ticks(setup_deadline));
-        let bindings = self.plugin.pre.instantiate(&mut store).map_err(|err| {
+        let hooks = self.plugin.pre.instantiate(&mut store).map_err(|err| {
             let reason = error::trap_reason(&err, setup_deadline, None);
             match reason {
                 TrapReason::Other(message) => PluginError::Instantiate {
@@ -414,12 +525,10 @@ impl PluginInstance {
                 },
             }
         })?;
-        self.live = Some(Live { store, bindings });
+        self.live = Some(Live { store, hooks });
         let config = self.config_json.clone();
         self.run(Phase::Setup, setup_deadline, None, |live| {
-            live.bindings
-                .sluice_plugin_lifecycle()
-                .call_setup(&mut live.store, &config)
+            live.hooks.setup(&mut live.store, &config)
         })
         .inspect_err(|_| self.live = None)
     }
@@ -479,10 +588,7 @@ impl PluginInstance {
             |live| {
                 let handle = live.store.data_mut().table.push(event)?;
                 let lent = Resource::<PluginEvent>::new_borrow(handle.rep());
-                let outcome = live
-                    .bindings
-                    .sluice_plugin_transform()
-                    .call_transform(&mut live.store, lent)?;
+                let outcome = live.hooks.transform(&mut live.store, lent)?;
                 let state = live.store.data_mut();
                 let input = state.table.delete(handle)?;
                 Ok(match outcome {
@@ -516,10 +622,7 @@ impl PluginInstance {
         self.ensure_live()?;
         let deadline = self.context.limits.export_deadline;
         let result = self.run(Phase::Export, deadline, None, |live| {
-            let result = live
-                .bindings
-                .sluice_plugin_destination()
-                .call_export_batch(&mut live.store, &events)?;
+            let result = live.hooks.export_batch(&mut live.store, &events)?;
             Ok(Ok(result))
         })?;
         let plugin = self.context.plugin.clone();
@@ -550,9 +653,7 @@ impl PluginInstance {
         self.ensure_live()?;
         let deadline = self.context.limits.setup_deadline;
         self.run(Phase::Task, deadline, None, |live| {
-            live.bindings
-                .sluice_plugin_lifecycle()
-                .call_run_task(&mut live.store, name)
+            live.hooks.run_task(&mut live.store, name)
         })
     }
 }

@@ -67,6 +67,8 @@ pub struct HostState {
     pub services: Arc<HostServices>,
     pub table: ResourceTable,
     pub call: CallState,
+    /// Edit plans the instance holds now; capped, they outlive calls.
+    pub edit_plans: u32,
     wasi: Option<WasiCtx>,
     stdout: stdio::LogPipe,
     stderr: stdio::LogPipe,
@@ -80,6 +82,7 @@ impl HostState {
             services,
             table: ResourceTable::new(),
             call: CallState::default(),
+            edit_plans: 0,
             wasi: None,
             stdout: stdio::LogPipe::new(pipe_cap),
             stderr: stdio::LogPipe::new(pipe_cap),
