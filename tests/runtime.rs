@@ -564,3 +564,46 @@ fn a_plugin_built_against_wit_0_1_0_still_transforms_and_exports() {
         "{logs:?}"
     );
 }
+
+#[test]
+fn a_failed_transform_hands_back_its_input_as_it_was_whatever_it_changed_first() {
+    let runtime = runtime(Policy::default());
+    let plugin = runtime.load(&wasm("change-then-fail")).unwrap();
+    let mut instance = plugin.install(patient("change-then-fail")).unwrap();
+    for mode in ["error", "panic", "replace-all"] {
+        let input = event(
+            "signed up",
+            json!({
+                "mode": mode,
+                "plan": "pro",
+                "note": "keep me",
+                "n": 1,
+                "secret": "s",
+                "$set": {"name": "Ann", "secret": "t"},
+                "list": [{"secret": 1}, "x"],
+                "last": "z",
+            }),
+        );
+        let failure = instance.transform_keeping_input(input.clone()).unwrap_err();
+        assert!(
+            failure.error.to_string().contains("change-then-fail@0.1.0"),
+            "{mode}: {}",
+            failure.error
+        );
+        assert_eq!(failure.input, input, "{mode}: the input as it was");
+        assert_eq!(
+            failure.input.properties.keys().collect::<Vec<_>>(),
+            input.properties.keys().collect::<Vec<_>>(),
+            "{mode}: its properties in their order"
+        );
+    }
+    // Without a failure the changes stand, so the plugin did make them.
+    let out = instance
+        .transform(event("signed up", json!({"plan": "pro", "note": "n"})))
+        .unwrap();
+    assert_eq!(out[0].name, "changed");
+    assert_eq!(
+        Value::Object(out[0].properties.clone()),
+        json!({"note": "OVERWRITTEN", "subscription_plan": "PRO", "added": true, "$set_once": {"first": "X"}})
+    );
+}

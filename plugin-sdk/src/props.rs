@@ -81,6 +81,35 @@ pub fn apply(properties: &mut Map<String, Value>, change: &Change) -> bool {
     }
 }
 
+/// The top-level members `change` may alter, looked up before it is
+/// applied: what must be kept to undo it.
+pub fn roots_of(properties: &Map<String, Value>, change: &Change) -> Vec<String> {
+    match change {
+        Change::Set { path, .. } | Change::Remove(path) => {
+            path.first().cloned().into_iter().collect()
+        }
+        Change::Rename { path, to } => match path.as_slice() {
+            [key] => vec![key.clone(), to.clone()],
+            _ => path.first().cloned().into_iter().collect(),
+        },
+        Change::RemoveEverywhere(key) => properties
+            .iter()
+            .filter(|(member, value)| *member == key || contains_key(value, key))
+            .map(|(member, _)| member.clone())
+            .collect(),
+    }
+}
+
+fn contains_key(value: &Value, key: &str) -> bool {
+    match value {
+        Value::Object(object) => object
+            .iter()
+            .any(|(member, value)| member == key || contains_key(value, key)),
+        Value::Array(items) => items.iter().any(|item| contains_key(item, key)),
+        _ => false,
+    }
+}
+
 /// The object at `path`, creating missing objects on the way if `create`.
 /// `None` if something on the way is not an object.
 fn object_at<'a>(
@@ -213,6 +242,38 @@ pub fn replace_leaves(
     };
     replace.object(properties);
     Ok(())
+}
+
+/// The top-level members holding the leaves at `indexes` (ascending), as
+/// [`leaves`] numbers them: what must be kept to undo [`replace_leaves`].
+pub fn leaf_roots(
+    properties: &Map<String, Value>,
+    whole: &[String],
+    indexes: &[u32],
+) -> Vec<String> {
+    let mut roots = Vec::new();
+    let mut first = 0;
+    let mut wanted = indexes.iter().peekable();
+    for (key, value) in properties {
+        let count = match value {
+            Value::Null => 0,
+            _ if whole.iter().any(|name| name == key) => 1,
+            value => count_in_value(value, whole),
+        };
+        let end = first + count;
+        let mut holds = false;
+        while wanted.next_if(|index| **index < end).is_some() {
+            holds = true;
+        }
+        if holds {
+            roots.push(key.clone());
+        }
+        if wanted.peek().is_none() {
+            break;
+        }
+        first = end;
+    }
+    roots
 }
 
 fn count_leaves(object: &Map<String, Value>, whole: &[String]) -> u32 {
@@ -408,5 +469,29 @@ mod tests {
         );
         let err = replace_leaves(&mut props, &whole, vec![(5, "no".into())]).unwrap_err();
         assert!(err.contains("leaf 5 does not exist"), "{err}");
+    }
+
+    #[test]
+    fn roots_name_every_top_level_member_a_change_may_alter() {
+        let props =
+            map(json!({"a": 1, "b": {"phone": 1}, "c": [{"phone": 2}], "phone": 3, "d": "x"}));
+        assert_eq!(
+            roots_of(&props, &Change::RemoveEverywhere("phone".into())),
+            vec!["b", "c", "phone"]
+        );
+        let rename = Change::Rename {
+            path: path(&["a"]),
+            to: "z".into(),
+        };
+        assert_eq!(roots_of(&props, &rename), vec!["a", "z"]);
+        let nested = Change::Rename {
+            path: path(&["b", "phone"]),
+            to: "tel".into(),
+        };
+        assert_eq!(roots_of(&props, &nested), vec!["b"]);
+        // Leaves: a=0, b.phone=1, c[0].phone=2, phone=3, d=4.
+        assert_eq!(leaf_roots(&props, &[], &[1, 2, 4]), vec!["b", "c", "d"]);
+        assert_eq!(leaf_roots(&props, &path(&["b"]), &[1]), vec!["b"]);
+        assert!(leaf_roots(&props, &[], &[]).is_empty());
     }
 }

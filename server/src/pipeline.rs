@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::runtime::{Hook, Install, LogLevel, LogRecord, PluginEvent, PluginInstance, Runtime};
+use crate::runtime::{
+    Hook, Install, LogLevel, LogRecord, PluginEvent, PluginInstance, Runtime, TransformFailure,
+};
 use crate::server::AppState;
 use crate::store::{
     Backend, Claim, Claimed, DeadLetter, PluginConfig, PluginHealth, ProcessedBatch, QueuedEvent,
@@ -165,13 +167,17 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>) -> ProcessedBatch {
         {
             let mut next = Vec::with_capacity(current.len());
             for event in current {
-                // Kept for fail-open, which passes the input on unchanged.
-                match link.instance.transform(event.clone()) {
+                // A failure hands the input back unchanged, for fail-open to
+                // pass on and fail-closed to dead-letter.
+                match link.instance.transform_keeping_input(event) {
                     Ok(out) => {
                         link.failures = 0;
                         next.extend(out);
                     }
-                    Err(err) => {
+                    Err(TransformFailure {
+                        error: err,
+                        input: event,
+                    }) => {
                         link.failures += 1;
                         let message = err.to_string();
                         batch.logs.push((

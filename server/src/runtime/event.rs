@@ -82,6 +82,18 @@ impl EditPlan {
         Ok(plan)
     }
 
+    /// The top-level members applying the plan may alter.
+    fn roots(&self, properties: &Map<String, Value>) -> Vec<String> {
+        // Members an earlier change alters are named by that change, so
+        // looking every change up in the properties as they are now is
+        // enough.
+        let mut roots = Vec::new();
+        for change in &self.changes {
+            roots.extend(props::roots_of(properties, change));
+        }
+        roots
+    }
+
     /// Applies the changes in order; returns how many took effect.
     fn apply(&self, properties: &mut Map<String, Value>) -> u32 {
         self.changes
@@ -89,6 +101,98 @@ impl EditPlan {
             .filter(|change| props::apply(properties, change))
             .count() as u32
     }
+}
+
+/// What a `transform` call changed in its input event, kept so that a
+/// failed call can hand the input back as it was (fail-open passes it on
+/// unchanged, fail-closed dead-letters it) without a copy of every event
+/// before every call. Each field and top-level member is kept once, when
+/// the call first changes it.
+#[derive(Debug, Default)]
+pub struct Journal {
+    name: Option<String>,
+    distinct_id: Option<String>,
+    timestamp: Option<String>,
+    /// All properties, once the call replaced them wholesale.
+    all: Option<Map<String, Value>>,
+    /// The members' keys in their order before the first change: cheaper
+    /// than their values, and what puts them back in place.
+    order: Option<Vec<String>>,
+    /// Top-level members and their values before the call, `None` if the
+    /// call added them.
+    members: Vec<(String, Option<Value>)>,
+}
+
+impl Journal {
+    fn keep_members(&mut self, properties: &Map<String, Value>, keys: Vec<String>) {
+        if self.all.is_some() {
+            return;
+        }
+        self.order
+            .get_or_insert_with(|| properties.keys().cloned().collect());
+        for key in keys {
+            if self.members.iter().any(|(kept, _)| *kept == key) {
+                continue;
+            }
+            let before = properties.get(&key).cloned();
+            self.members.push((key, before));
+        }
+    }
+
+    /// Puts `event` back as it was before the call, members in their
+    /// order.
+    pub fn restore(self, event: &mut PluginEvent) {
+        if let Some(name) = self.name {
+            event.name = name;
+        }
+        if let Some(id) = self.distinct_id {
+            event.distinct_id = id;
+        }
+        if let Some(timestamp) = self.timestamp {
+            event.timestamp = timestamp;
+        }
+        match self.all {
+            Some(all) => event.properties = all,
+            None => {
+                let current = std::mem::take(&mut event.properties);
+                event.properties = undo_members(self.members, self.order, current);
+            }
+        }
+    }
+
+    /// Before the call replaces all properties: keeps them as they were
+    /// before the call.
+    fn keep_all(&mut self, properties: &Map<String, Value>) {
+        if self.all.is_none() {
+            let members = std::mem::take(&mut self.members);
+            let order = self.order.take();
+            self.all = Some(undo_members(members, order, properties.clone()));
+        }
+    }
+}
+
+/// `current` with the kept members put back, in the kept order.
+fn undo_members(
+    members: Vec<(String, Option<Value>)>,
+    order: Option<Vec<String>>,
+    mut current: Map<String, Value>,
+) -> Map<String, Value> {
+    let Some(order) = order else {
+        return current; // no member was changed
+    };
+    for (key, before) in members {
+        match before {
+            Some(value) => current.insert(key, value),
+            None => current.remove(&key),
+        };
+    }
+    let mut restored = Map::with_capacity(order.len());
+    for key in order {
+        if let Some(value) = current.remove(&key) {
+            restored.insert(key, value);
+        }
+    }
+    restored
 }
 
 fn invalid(message: impl Into<String>) -> EventError {
@@ -102,6 +206,32 @@ impl HostState {
 
     fn event_mut(&mut self, handle: &Resource<PluginEvent>) -> wasmtime::Result<&mut PluginEvent> {
         Ok(self.table.get_mut(handle)?)
+    }
+
+    /// Before a change to `handle`: if it is the call's input, lets `keep`
+    /// write what the change will overwrite into the call's journal.
+    fn journal(
+        &mut self,
+        handle: &Resource<PluginEvent>,
+        keep: impl FnOnce(&mut Journal, &PluginEvent),
+    ) -> wasmtime::Result<()> {
+        if self.call.input != Some(handle.rep()) {
+            return Ok(());
+        }
+        let HostState { table, call, .. } = self;
+        keep(&mut call.journal, table.get(handle)?);
+        Ok(())
+    }
+
+    fn journal_members(
+        &mut self,
+        handle: &Resource<PluginEvent>,
+        keys: impl FnOnce(&PluginEvent) -> Vec<String>,
+    ) -> wasmtime::Result<()> {
+        self.journal(handle, |journal, event| {
+            let keys = keys(event);
+            journal.keep_members(&event.properties, keys)
+        })
     }
 }
 
@@ -144,6 +274,9 @@ impl HostEvent for HostState {
             return Ok(Err(invalid("the event name must not be empty")));
         }
         self.charge_output(name.len() as u64)?;
+        self.journal(&handle, |journal, event| {
+            journal.name.get_or_insert_with(|| event.name.clone());
+        })?;
         self.event_mut(&handle)?.name = name;
         Ok(Ok(()))
     }
@@ -161,6 +294,11 @@ impl HostEvent for HostState {
             return Ok(Err(invalid("the distinct id must not be empty")));
         }
         self.charge_output(id.len() as u64)?;
+        self.journal(&handle, |journal, event| {
+            journal
+                .distinct_id
+                .get_or_insert_with(|| event.distinct_id.clone());
+        })?;
         self.event_mut(&handle)?.distinct_id = id;
         Ok(Ok(()))
     }
@@ -183,6 +321,11 @@ impl HostEvent for HostState {
             }
         };
         self.charge_output(timestamp.len() as u64)?;
+        self.journal(&handle, |journal, event| {
+            journal
+                .timestamp
+                .get_or_insert_with(|| event.timestamp.clone());
+        })?;
         self.event_mut(&handle)?.timestamp = crate::runtime::format_timestamp(parsed.to_utc());
         Ok(Ok(()))
     }
@@ -214,6 +357,7 @@ impl HostEvent for HostState {
                 ))));
             }
         };
+        self.journal_members(&handle, |_| vec![key.clone()])?;
         self.event_mut(&handle)?.properties.insert(key, value);
         Ok(Ok(()))
     }
@@ -223,6 +367,7 @@ impl HostEvent for HostState {
         handle: Resource<PluginEvent>,
         key: String,
     ) -> wasmtime::Result<bool> {
+        self.journal_members(&handle, |_| vec![key.clone()])?;
         Ok(self
             .event_mut(&handle)?
             .properties
@@ -249,6 +394,9 @@ impl HostEvent for HostState {
             Ok(_) => return Ok(Err(invalid("properties must be a JSON object"))),
             Err(err) => return Ok(Err(EventError::InvalidJson(err.to_string()))),
         };
+        self.journal(&handle, |journal, event| {
+            journal.keep_all(&event.properties)
+        })?;
         self.event_mut(&handle)?.properties = properties;
         Ok(Ok(()))
     }
@@ -283,6 +431,7 @@ impl HostEvent for HostState {
             Err(err) => return Ok(Err(err)),
         };
         self.charge_output(plan.written)?;
+        self.journal_members(&handle, |event| plan.roots(&event.properties))?;
         Ok(Ok(plan.apply(&mut self.event_mut(&handle)?.properties)))
     }
 
@@ -293,6 +442,13 @@ impl HostEvent for HostState {
     ) -> wasmtime::Result<u32> {
         let written = self.table.get(&plan)?.written;
         self.charge_output(written)?;
+        if self.call.input == Some(handle.rep()) {
+            let roots = self
+                .table
+                .get(&plan)?
+                .roots(&self.event(&handle)?.properties);
+            self.journal_members(&handle, |_| roots)?;
+        }
         // The plan and the event are both in the table: take the event out
         // for the moment it is changed.
         let mut properties = std::mem::take(&mut self.event_mut(&handle)?.properties);
@@ -318,10 +474,15 @@ impl HostEvent for HostState {
     ) -> wasmtime::Result<Result<(), EventError>> {
         let written: usize = replacements.iter().map(|r| r.value.len()).sum();
         self.charge_output(written as u64)?;
-        let replacements = replacements
+        let replacements: Vec<(u32, String)> = replacements
             .into_iter()
             .map(|r| (r.index, r.value))
             .collect();
+        self.journal_members(&handle, |event| {
+            let mut indexes: Vec<u32> = replacements.iter().map(|(index, _)| *index).collect();
+            indexes.sort_unstable();
+            props::leaf_roots(&event.properties, &whole, &indexes)
+        })?;
         let properties = &mut self.event_mut(&handle)?.properties;
         Ok(props::replace_leaves(properties, &whole, replacements)
             .map_err(EventError::InvalidValue))

@@ -457,6 +457,13 @@ pub enum ExportFailure {
     Plugin(#[from] PluginError),
 }
 
+/// A failed `transform`: why, and the input as it was before the call.
+#[derive(Debug)]
+pub struct TransformFailure {
+    pub error: PluginError,
+    pub input: PluginEvent,
+}
+
 fn epoch_ticks(deadline: Duration) -> u64 {
     // One extra tick: the current one may be about to end.
     (deadline.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1
@@ -577,24 +584,55 @@ impl PluginInstance {
     /// Runs `transform` on one event. Returns the events that go on: the
     /// changed event, none if dropped, or its replacements.
     pub fn transform(&mut self, event: PluginEvent) -> Result<Vec<PluginEvent>, PluginError> {
-        self.require(Hook::Transform)?;
-        self.ensure_live()?;
+        self.transform_keeping_input(event)
+            .map_err(|failure| failure.error)
+    }
+
+    /// Like [`PluginInstance::transform`], but a failure hands the input
+    /// back as it was before the call, whatever the plugin changed in it
+    /// before failing or trapping: what the failure policy passes on or
+    /// dead-letters.
+    pub fn transform_keeping_input(
+        &mut self,
+        event: PluginEvent,
+    ) -> Result<Vec<PluginEvent>, TransformFailure> {
+        if let Err(error) = self
+            .require(Hook::Transform)
+            .and_then(|()| self.ensure_live())
+        {
+            return Err(TransformFailure {
+                error,
+                input: event,
+            });
+        }
         let deadline = self.context.limits.transform_deadline;
         let (uuid, timestamp) = (event.uuid.clone(), event.timestamp.clone());
-        self.run(
+        let mut input = Some(event);
+        let mut failed_input = None;
+        let result = self.run(
             Phase::Transform,
             deadline,
             Some((&uuid, &timestamp)),
             |live| {
-                let handle = live.store.data_mut().table.push(event)?;
-                let lent = Resource::<PluginEvent>::new_borrow(handle.rep());
-                let outcome = live.hooks.transform(&mut live.store, lent)?;
                 let state = live.store.data_mut();
-                let input = state.table.delete(handle)?;
-                Ok(match outcome {
-                    Ok(bindings::Outcome::Keep) => Ok(vec![input]),
-                    Ok(bindings::Outcome::Drop) => Ok(Vec::new()),
-                    Ok(bindings::Outcome::Replace(handles)) => {
+                let handle = state.table.push(input.take().expect("the input"))?;
+                state.call.input = Some(handle.rep());
+                let lent = Resource::<PluginEvent>::new_borrow(handle.rep());
+                let outcome = live.hooks.transform(&mut live.store, lent);
+                let state = live.store.data_mut();
+                let mut input = state.table.delete(handle)?;
+                let outcome = match outcome {
+                    Ok(Ok(outcome)) => outcome,
+                    failed => {
+                        std::mem::take(&mut state.call.journal).restore(&mut input);
+                        failed_input = Some(input);
+                        return failed.map(|outcome| outcome.map(|_| Vec::new()));
+                    }
+                };
+                Ok(Ok(match outcome {
+                    bindings::Outcome::Keep => vec![input],
+                    bindings::Outcome::Drop => Vec::new(),
+                    bindings::Outcome::Replace(handles) => {
                         let mut seen = HashSet::new();
                         let mut events = Vec::with_capacity(handles.len());
                         for handle in handles {
@@ -608,12 +646,20 @@ impl PluginInstance {
                             }
                             events.push(event);
                         }
-                        Ok(events)
+                        events
                     }
-                    Err(message) => Err(message),
-                })
+                }))
             },
-        )
+        );
+        result.map_err(|error| TransformFailure {
+            error,
+            // The table gives back what was pushed into it; without the
+            // input a caller could only make one up, so a broken table
+            // stops the caller instead (a worker's batch stays queued).
+            input: failed_input
+                .or(input)
+                .expect("the resource table gives the input back"),
+        })
     }
 
     /// Runs `export-batch` on stored events.

@@ -59,6 +59,10 @@ pub struct CallState {
     pub created_events: u32,
     pub input_uuid: String,
     pub input_timestamp: String,
+    /// The input event's handle during `transform`, and what the call
+    /// changed in it.
+    pub input: Option<u32>,
+    pub journal: super::event::Journal,
 }
 
 /// The data of one store: one live instance of one install.
