@@ -216,16 +216,29 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// An event as an outbox row carries it, and as destinations receive it.
-pub fn outbox_payload(event: &super::QueuedEvent, person_id: Option<&str>) -> Value {
-    serde_json::json!({
-        "uuid": event.uuid,
-        "event": event.event,
-        "distinct_id": event.distinct_id,
-        "person_id": person_id,
-        "timestamp": event.timestamp,
-        "properties": event.properties,
+/// An event as an outbox row carries it, and as destinations receive it:
+/// `{uuid, event, distinct_id, person_id, timestamp, properties}`,
+/// serialised from the stored event without copying it.
+#[derive(Serialize)]
+struct OutboxPayload<'a> {
+    uuid: &'a str,
+    event: &'a str,
+    distinct_id: &'a str,
+    person_id: Option<&'a str>,
+    timestamp: &'a str,
+    properties: &'a serde_json::Map<String, Value>,
+}
+
+pub fn outbox_payload(event: &super::QueuedEvent, person_id: Option<&str>) -> String {
+    serde_json::to_string(&OutboxPayload {
+        uuid: &event.uuid,
+        event: &event.event,
+        distinct_id: &event.distinct_id,
+        person_id,
+        timestamp: &event.timestamp,
+        properties: &event.properties,
     })
+    .expect("events serialise")
 }
 
 /// A destination install that new events of a project are copied to.
@@ -262,30 +275,36 @@ impl Store {
             .collect())
     }
 
-    /// Copies newly stored events into the outboxes of the destinations
-    /// whose filter they match.
+    /// Copies newly stored events, each with the person it resolved to,
+    /// into the outboxes of the destinations whose filter they match. An
+    /// event's payload is made only when some destination wants it.
     pub(super) async fn fan_out(
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         backend: Backend,
-        stored: &[(String, Value)],
+        stored: &[(&str, &super::QueuedEvent, &str)],
     ) -> Result<()> {
         let mut routes: HashMap<&str, Vec<Route>> = HashMap::new();
-        let mut rows: Vec<(String, String, String, String)> = Vec::new();
-        for (project_id, payload) in stored {
-            if !routes.contains_key(project_id.as_str()) {
+        let mut rows: Vec<(&str, String, &str, String)> = Vec::new();
+        for &(project_id, event, person_id) in stored {
+            if !routes.contains_key(project_id) {
                 let found = Self::routes(tx, project_id).await?;
                 routes.insert(project_id, found);
             }
-            let name = payload["event"].as_str().unwrap_or_default();
-            for route in &routes[project_id.as_str()] {
-                if route.settings.wants(name) {
-                    rows.push((
-                        project_id.clone(),
-                        route.plugin_config_id.clone(),
-                        payload["uuid"].as_str().unwrap_or_default().to_string(),
-                        payload.to_string(),
-                    ));
-                }
+            let wanted: Vec<&Route> = routes[project_id]
+                .iter()
+                .filter(|route| route.settings.wants(&event.event))
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let payload = outbox_payload(event, Some(person_id));
+            for route in wanted {
+                rows.push((
+                    project_id,
+                    route.plugin_config_id.clone(),
+                    event.uuid.as_str(),
+                    payload.clone(),
+                ));
             }
         }
         let now = now_ms();
@@ -297,9 +316,9 @@ impl Store {
             let mut query = sqlx::query(&sql);
             for (project_id, config_id, uuid, payload) in chunk {
                 query = query
-                    .bind(project_id.as_str())
+                    .bind(*project_id)
                     .bind(config_id.as_str())
-                    .bind(uuid.as_str())
+                    .bind(*uuid)
                     .bind(payload.as_str())
                     .bind(now);
             }
