@@ -364,8 +364,8 @@ impl Store {
     ///
     /// On SQLite the claim takes its turn at the write lock with the other
     /// writers of the process, rather than retrying in SQLite's busy
-    /// handler. Either way its commit need not survive power loss: a lost
-    /// lease only lets the rows be claimed again.
+    /// handler, and its commit need not survive power loss: a lost lease
+    /// only lets the rows be claimed again.
     pub async fn claim_outbox(
         &self,
         plugin_config_id: &str,
@@ -387,17 +387,24 @@ impl Store {
                           ORDER BY id LIMIT $6{lock})
              RETURNING id, event_uuid, payload, attempts, first_failed_at"
         );
-        let (mut tx, _turn) = self.write_with(super::db::Commit::Redoable).await?;
-        let rows = sqlx::query(&sql)
+        let query = sqlx::query(&sql)
             .bind(owner)
             .bind(now + lease.as_millis() as i64)
             .bind(plugin_config_id)
             .bind(after)
             .bind(now)
-            .bind(limit as i64)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .bind(limit as i64);
+        let rows = match self.backend() {
+            Backend::Sqlite => {
+                let (mut tx, _turn) = self.write_with(super::db::Commit::Redoable).await?;
+                let rows = query.fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+                rows
+            }
+            // One statement, one round trip: a transaction around it would
+            // add three.
+            Backend::Postgres => query.fetch_all(&self.pool).await?,
+        };
         let mut claimed: Vec<OutboxRow> = rows
             .iter()
             .map(|row| OutboxRow {
