@@ -45,6 +45,12 @@ const REFRESH: Duration = Duration::from_secs(1);
 /// missed (another process stored events, or a retry came due).
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
+/// How often a busy lane's claims start again from the head of the outbox,
+/// for rows its cursor passed: retries that came due, leases that ran out,
+/// rows another lane gave back, and rows of a transaction that committed
+/// after a later one (PostgreSQL hands out ids before commit).
+const REWIND_EVERY: Duration = Duration::from_secs(1);
+
 /// Runs the lanes of every active destination until `stop`, restarting a
 /// destination's lanes when its install changes.
 pub async fn run_delivery(state: AppState, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -209,6 +215,10 @@ async fn lane(state: AppState, destination: Arc<Destination>, mut stop: watch::R
     let config = &destination.config;
     let settings = &destination.settings;
     let mut instance: Option<PluginInstance> = None;
+    // Claims start after the last id this lane claimed; see
+    // `Store::claim_outbox`.
+    let mut after: i64 = 0;
+    let mut rewound_at = Instant::now();
     loop {
         if *stop.borrow() {
             break;
@@ -219,7 +229,14 @@ async fn lane(state: AppState, destination: Arc<Destination>, mut stop: watch::R
             }
             continue;
         }
-        let (ready, oldest) = match store.outbox_ready(&config.id, settings.batch_size).await {
+        if rewound_at.elapsed() >= REWIND_EVERY {
+            after = 0;
+            rewound_at = Instant::now();
+        }
+        let (ready, oldest) = match store
+            .outbox_ready(&config.id, after, settings.batch_size)
+            .await
+        {
             Ok(found) => found,
             Err(err) => {
                 tracing::error!(destination = %config.id, "failed to read the outbox: {err}");
@@ -229,6 +246,12 @@ async fn lane(state: AppState, destination: Arc<Destination>, mut stop: watch::R
                 continue;
             }
         };
+        if ready == 0 && after > 0 {
+            // Nothing past the cursor: look again from the head at once.
+            after = 0;
+            rewound_at = Instant::now();
+            continue;
+        }
         if ready == 0 {
             tokio::select! {
                 _ = state.wake_delivery.notified() => {}
@@ -265,11 +288,14 @@ async fn lane(state: AppState, destination: Arc<Destination>, mut stop: watch::R
         }
         let lease = state.config.lease;
         let rows = match store
-            .claim_outbox(&config.id, &owner, settings.batch_size, lease)
+            .claim_outbox(&config.id, &owner, after, settings.batch_size, lease)
             .await
         {
             Ok(rows) if rows.is_empty() => continue,
-            Ok(rows) => rows,
+            Ok(rows) => {
+                after = after.max(rows.last().map_or(0, |row| row.id));
+                rows
+            }
             Err(err) => {
                 tracing::error!(destination = %config.id, "failed to lease from the outbox: {err}");
                 if pause_for(IDLE_POLL, &mut stop).await {

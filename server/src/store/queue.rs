@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use sqlx::Row;
 
+use super::db::Commit;
 use super::{
     Backend, Claimed, ProcessedBatch, QueuedEvent, Result, Store, keyed_lookup, now_rfc3339,
     persons, values_placeholders,
@@ -217,7 +218,7 @@ impl Store {
         batch: &ProcessedBatch,
         next: Option<&Claim>,
     ) -> Result<Vec<Claimed>> {
-        let (mut tx, _turn) = self.write().await?;
+        let (mut tx, _turn) = self.write_with(Commit::Redoable).await?;
         let now = now_rfc3339();
         let backend = self.backend();
         if backend == Backend::Postgres {
@@ -283,15 +284,10 @@ impl Store {
             }
             query.execute(&mut *tx).await?;
         }
-        let stored: Vec<(String, serde_json::Value)> = fresh
+        let stored: Vec<(&str, &QueuedEvent, &str)> = fresh
             .iter()
             .zip(&person_ids)
-            .map(|((project_id, event), person_id)| {
-                (
-                    project_id.to_string(),
-                    super::delivery::outbox_payload(event, Some(person_id)),
-                )
-            })
+            .map(|((project_id, event), person_id)| (*project_id, *event, person_id.as_str()))
             .collect();
         Self::fan_out(&mut tx, backend, &stored).await?;
         Self::delete_claimed(&mut tx, backend, owner, ids).await?;
