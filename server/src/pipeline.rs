@@ -174,10 +174,11 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>) -> ProcessedBatch {
                         link.failures = 0;
                         next.extend(out);
                     }
-                    Err(TransformFailure {
-                        error: err,
-                        input: event,
-                    }) => {
+                    Err(failure) => {
+                        let TransformFailure {
+                            error: err,
+                            input: event,
+                        } = *failure;
                         link.failures += 1;
                         let message = err.to_string();
                         batch.logs.push((

@@ -595,15 +595,15 @@ impl PluginInstance {
     pub fn transform_keeping_input(
         &mut self,
         event: PluginEvent,
-    ) -> Result<Vec<PluginEvent>, TransformFailure> {
+    ) -> Result<Vec<PluginEvent>, Box<TransformFailure>> {
         if let Err(error) = self
             .require(Hook::Transform)
             .and_then(|()| self.ensure_live())
         {
-            return Err(TransformFailure {
+            return Err(Box::new(TransformFailure {
                 error,
                 input: event,
-            });
+            }));
         }
         let deadline = self.context.limits.transform_deadline;
         let (uuid, timestamp) = (event.uuid.clone(), event.timestamp.clone());
@@ -651,14 +651,16 @@ impl PluginInstance {
                 }))
             },
         );
-        result.map_err(|error| TransformFailure {
-            error,
-            // The table gives back what was pushed into it; without the
-            // input a caller could only make one up, so a broken table
-            // stops the caller instead (a worker's batch stays queued).
-            input: failed_input
-                .or(input)
-                .expect("the resource table gives the input back"),
+        result.map_err(|error| {
+            Box::new(TransformFailure {
+                error,
+                // The table gives back what was pushed into it; without the
+                // input a caller could only make one up, so a broken table
+                // stops the caller instead (a worker's batch stays queued).
+                input: failed_input
+                    .or(input)
+                    .expect("the resource table gives the input back"),
+            })
         })
     }
 
