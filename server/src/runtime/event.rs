@@ -82,16 +82,25 @@ impl EditPlan {
         Ok(plan)
     }
 
-    /// The top-level members applying the plan may alter.
-    fn roots(&self, properties: &Map<String, Value>) -> Vec<String> {
+    /// The top-level members applying the plan may alter, and whether it
+    /// may remove one that is there.
+    fn roots(&self, properties: &Map<String, Value>) -> (Vec<String>, bool) {
         // Members an earlier change alters are named by that change, so
         // looking every change up in the properties as they are now is
         // enough.
         let mut roots = Vec::new();
+        let mut reorders = false;
         for change in &self.changes {
             roots.extend(props::roots_of(properties, change));
+            reorders |= match change {
+                Change::Remove(path) | Change::Rename { path, .. } => {
+                    path.len() == 1 && properties.contains_key(&path[0])
+                }
+                Change::RemoveEverywhere(key) => properties.contains_key(key),
+                Change::Set { .. } => false,
+            };
         }
-        roots
+        (roots, reorders)
     }
 
     /// Applies the changes in order; returns how many took effect.
@@ -124,12 +133,17 @@ pub struct Journal {
 }
 
 impl Journal {
-    fn keep_members(&mut self, properties: &Map<String, Value>, keys: Vec<String>) {
+    /// Keeps the members `keys` as they are; `reorders` says the change
+    /// removes a member that is there (setting one in place keeps its
+    /// place, and one added at the end goes by being removed again), and
+    /// only then are the members' places kept too.
+    fn keep_members(&mut self, properties: &Map<String, Value>, keys: Vec<String>, reorders: bool) {
         if self.all.is_some() {
             return;
         }
-        self.order
-            .get_or_insert_with(|| properties.keys().cloned().collect());
+        if reorders && self.order.is_none() {
+            self.order = Some(properties.keys().cloned().collect());
+        }
         for key in keys {
             if self.members.iter().any(|(kept, _)| *kept == key) {
                 continue;
@@ -177,15 +191,18 @@ fn undo_members(
     order: Option<Vec<String>>,
     mut current: Map<String, Value>,
 ) -> Map<String, Value> {
-    let Some(order) = order else {
-        return current; // no member was changed
-    };
     for (key, before) in members {
         match before {
+            // In place if it is there; if not, it was removed, and `order`
+            // puts it back in its place below.
             Some(value) => current.insert(key, value),
-            None => current.remove(&key),
+            // Added at the end: removing it keeps the others' order.
+            None => current.shift_remove(&key),
         };
     }
+    let Some(order) = order else {
+        return current; // nothing was removed, so nothing moved
+    };
     let mut restored = Map::with_capacity(order.len());
     for key in order {
         if let Some(value) = current.remove(&key) {
@@ -226,11 +243,11 @@ impl HostState {
     fn journal_members(
         &mut self,
         handle: &Resource<PluginEvent>,
-        keys: impl FnOnce(&PluginEvent) -> Vec<String>,
+        keys: impl FnOnce(&PluginEvent) -> (Vec<String>, bool),
     ) -> wasmtime::Result<()> {
         self.journal(handle, |journal, event| {
-            let keys = keys(event);
-            journal.keep_members(&event.properties, keys)
+            let (keys, reorders) = keys(event);
+            journal.keep_members(&event.properties, keys, reorders)
         })
     }
 }
@@ -357,7 +374,7 @@ impl HostEvent for HostState {
                 ))));
             }
         };
-        self.journal_members(&handle, |_| vec![key.clone()])?;
+        self.journal_members(&handle, |_| (vec![key.clone()], false))?;
         self.event_mut(&handle)?.properties.insert(key, value);
         Ok(Ok(()))
     }
@@ -367,7 +384,9 @@ impl HostEvent for HostState {
         handle: Resource<PluginEvent>,
         key: String,
     ) -> wasmtime::Result<bool> {
-        self.journal_members(&handle, |_| vec![key.clone()])?;
+        self.journal_members(&handle, |event| {
+            (vec![key.clone()], event.properties.contains_key(&key))
+        })?;
         Ok(self
             .event_mut(&handle)?
             .properties
@@ -481,7 +500,10 @@ impl HostEvent for HostState {
         self.journal_members(&handle, |event| {
             let mut indexes: Vec<u32> = replacements.iter().map(|(index, _)| *index).collect();
             indexes.sort_unstable();
-            props::leaf_roots(&event.properties, &whole, &indexes)
+            (
+                props::leaf_roots(&event.properties, &whole, &indexes),
+                false,
+            )
         })?;
         let properties = &mut self.event_mut(&handle)?.properties;
         Ok(props::replace_leaves(properties, &whole, replacements)
