@@ -100,6 +100,28 @@ const SQLITE_WRITER_PRAGMAS: [&str; 8] = [
     "PRAGMA wal_autocheckpoint = 10000",
 ];
 
+/// A pool of connections to the SQLite file at `path`, each set up with
+/// `pragmas` when it opens.
+async fn sqlite_pool(
+    options: AnyPoolOptions,
+    url: &str,
+    path: &Path,
+    pragmas: &'static [&'static str],
+) -> anyhow::Result<AnyPool> {
+    options
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                for pragma in pragmas {
+                    sqlx::query(pragma).execute(&mut *conn).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await
+        .map_err(|err| anyhow::anyhow!("failed to open {}: {err}", path.display()))
+}
+
 impl Store {
     /// Connects to the configured database and runs its migrations.
     pub async fn open(config: &StoreConfig) -> anyhow::Result<Store> {
@@ -119,38 +141,27 @@ impl Store {
             )
         })?;
         let path = data_dir.join("sluice.db");
-        let pool = AnyPoolOptions::new()
-            .max_connections(4)
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    for pragma in SQLITE_PRAGMAS {
-                        sqlx::query(pragma).execute(&mut *conn).await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(&format!("sqlite://{}?mode=rwc", path.display()))
-            .await
-            .map_err(|err| anyhow::anyhow!("failed to open {}: {err}", path.display()))?;
+        let pool = sqlite_pool(
+            AnyPoolOptions::new().max_connections(4),
+            &format!("sqlite://{}?mode=rwc", path.display()),
+            &path,
+            &SQLITE_PRAGMAS,
+        )
+        .await?;
         sqlx::migrate!("../migrations/sqlite")
             .run(&pool)
             .await
             .map_err(|err| anyhow::anyhow!("failed to migrate {}: {err}", path.display()))?;
-        let writer = AnyPoolOptions::new()
-            .max_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    for pragma in SQLITE_WRITER_PRAGMAS {
-                        sqlx::query(pragma).execute(&mut *conn).await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(&format!("sqlite://{}", path.display()))
-            .await
-            .map_err(|err| anyhow::anyhow!("failed to open {}: {err}", path.display()))?;
+        let writer = sqlite_pool(
+            AnyPoolOptions::new()
+                .max_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None),
+            &format!("sqlite://{}", path.display()),
+            &path,
+            &SQLITE_WRITER_PRAGMAS,
+        )
+        .await?;
         Ok(Store {
             pool,
             writer: Some(writer),
