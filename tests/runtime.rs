@@ -259,6 +259,21 @@ fn a_huge_property_is_stopped_by_the_output_limit() {
 }
 
 #[test]
+fn reading_one_large_property_many_times_in_one_call_is_stopped_at_the_memory_limit() {
+    let runtime = runtime(Policy::default());
+    let plugin = runtime.load(&wasm("huge-output")).unwrap();
+    let mut instance = plugin.install(patient("huge-reads")).unwrap();
+    let err = instance
+        .transform(event("e", json!({"mode": "reads"})))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "huge-output@0.1.0 was stopped during transform: it tried to use more than its memory limit of 64 MiB"
+    );
+    assert_healthy_neighbour(&runtime);
+}
+
+#[test]
 fn emitting_too_many_events_is_stopped_by_the_output_limit() {
     let runtime = runtime(Policy::default());
     let plugin = runtime.load(&wasm("huge-output")).unwrap();

@@ -433,11 +433,22 @@ impl HostEvent for HostState {
         handle: Resource<PluginEvent>,
         keys: Vec<String>,
     ) -> wasmtime::Result<Vec<Option<String>>> {
+        // The same large property asked for many times would make the host
+        // build far more than the plugin could ever receive: stop at what
+        // fits in its memory.
+        let cap = self.install.limits.memory_bytes;
         let properties = &self.event(&handle)?.properties;
-        Ok(keys
-            .iter()
-            .map(|key| properties.get(key).map(Value::to_string))
-            .collect())
+        let mut values = Vec::with_capacity(keys.len());
+        let mut total = 0u64;
+        for key in &keys {
+            let value = properties.get(key).map(Value::to_string);
+            total += value.as_ref().map_or(0, |text| text.len() as u64);
+            if total > cap {
+                return Err(wasmtime::Error::new(LimitExceeded(TrapReason::Memory(cap))));
+            }
+            values.push(value);
+        }
+        Ok(values)
     }
 
     fn edit(
