@@ -108,6 +108,7 @@ pub async fn serve(
     let worker = tokio::spawn(pipeline::run_worker(state.clone(), stop_rx.clone()));
     let delivery = tokio::spawn(delivery::run_delivery(state.clone(), stop_rx.clone()));
     let scheduler = tokio::spawn(delivery::run_scheduler(state.clone(), stop_rx.clone()));
+    let checkpoints = tokio::spawn(store.clone().run_checkpoints(stop_rx.clone()));
     let monitor = tokio::spawn(queue::run_monitor(
         store.clone(),
         state.queue.clone(),
@@ -134,6 +135,7 @@ pub async fn serve(
     delivery.await??;
     scheduler.await??;
     monitor.await?;
+    checkpoints.await?;
     tracing::info!(queued = state.queue.depth(), "sluice stopped");
     store.close().await;
     Ok(())

@@ -83,12 +83,13 @@ const SQLITE_PRAGMAS: [&str; 6] = [
 ///   that the statement alone can be undone) stay in memory instead of a
 ///   temporary file: writing them was 8 % of the server's time in the load
 ///   benchmark.
-/// - A checkpoint copies every page changed since the last one from the
-///   WAL into the database, once however often it changed. Batches change
-///   the same pages over and over (the queue's, the ends of the time-ordered
-///   indexes), so checkpoints every 40 MiB of WAL instead of 4 MiB copy
-///   each of those once instead of ten times; they were a tenth of the
-///   server's time.
+/// - Checkpoints (copying pages from the WAL into the database) do not run
+///   here: a checkpoint that ran in the commit that crossed the threshold
+///   held the write lock for its whole copy, and capture's commits waited
+///   behind it. [`Store::checkpoint`] does that copy on another connection
+///   while writers go on. The threshold stays, far above what the
+///   checkpointer lets the WAL reach, for processes that run none (the
+///   CLI) and in case it falls behind.
 const SQLITE_WRITER_PRAGMAS: [&str; 8] = [
     "PRAGMA journal_mode = WAL",
     "PRAGMA synchronous = FULL",
@@ -97,8 +98,15 @@ const SQLITE_WRITER_PRAGMAS: [&str; 8] = [
     "PRAGMA mmap_size = 0",
     "PRAGMA cache_size = -65536",
     "PRAGMA temp_store = MEMORY",
-    "PRAGMA wal_autocheckpoint = 10000",
+    "PRAGMA wal_autocheckpoint = 100000",
 ];
+
+/// How often the SQLite WAL is copied into the database. Each round copies
+/// every page changed since the last once, however often it changed, so
+/// rounds much more frequent would copy the hot pages (the queue's, the
+/// ends of time-ordered indexes) over and over; much rarer ones let the WAL
+/// grow to hundreds of megabytes under load.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// A pool of connections to the SQLite file at `path`, each set up with
 /// `pragmas` when it opens.
@@ -394,6 +402,60 @@ impl Store {
                 .and_then(|p| serde_json::from_str(&p).ok())
                 .unwrap_or(serde_json::Value::Object(Default::default())),
         }))
+    }
+
+    /// Copies the SQLite WAL into the database file, so the WAL can start
+    /// over; a no-op on PostgreSQL. Returns the WAL's length in pages
+    /// before the copy.
+    ///
+    /// Two steps. The first copies what the WAL holds without the write
+    /// lock: SQLite lets a passive checkpoint run beside a writer, so the
+    /// bulk of the copy costs writers nothing. The second, with this
+    /// process's turn at the write lock, copies the few pages committed
+    /// meanwhile. Only a WAL copied in full is started over by the next
+    /// writer, and under steady load the first step alone never catches
+    /// up, so without the second the file grows for as long as the load
+    /// lasts. Neither step waits for readers; a long query holding an
+    /// old snapshot only delays the restart to a later round.
+    pub async fn checkpoint(&self) -> Result<i64> {
+        if self.backend != Backend::Sqlite {
+            return Ok(0);
+        }
+        let mut conn = self.pool.acquire().await?;
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut *conn)
+            .await?;
+        let pages: i64 = row.try_get(1)?;
+        let _turn = self.writers.clone().lock_owned().await;
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut *conn)
+            .await?;
+        Ok(pages)
+    }
+
+    /// Checkpoints the SQLite WAL every `CHECKPOINT_EVERY` until `stop`
+    /// turns true; returns at once on PostgreSQL, which checkpoints itself.
+    pub async fn run_checkpoints(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        if self.backend != Backend::Sqlite {
+            return;
+        }
+        let mut failing = false;
+        while !*stop.borrow() {
+            tokio::select! {
+                _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+                _ = stop.changed() => break,
+            }
+            match self.checkpoint().await {
+                Ok(_) => failing = false,
+                // Once per run of failures: the writer's own threshold
+                // still bounds the WAL meanwhile.
+                Err(err) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %err, "SQLite checkpoint failed; the WAL grows until it succeeds");
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     pub async fn close(&self) {
