@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The load tool, every setting the benchmarks quote, in one run: capture to
-# stored flat out, then at half that rate, on SQLite and on PostgreSQL;
-# then 5 projects with 20 plugin configs; then an offered rate above what
-# the server stores, to show capture pushing back. Builds what it needs.
+# stored flat out, then at half that rate and at that rate, on SQLite and
+# on PostgreSQL; then 5 projects with 20 plugin configs; then an offered
+# rate above what the server stores, to show capture pushing back. Builds
+# what it needs.
 #
-#   scripts/bench-load.sh              # everything (about 15 minutes)
+#   scripts/bench-load.sh              # everything (about 20 minutes)
 #   scripts/bench-load.sh sqlite       # only SQLite; or: postgres
 #
 # SLUICE_LOAD_POSTGRES names the PostgreSQL server (default: the local one);
@@ -35,6 +36,9 @@ run_backend() {
   rate=$(echo "$out" | sed -n 's/^capture -> stored: *\([0-9]*\) events\/s.*/\1/p')
   echo "== $backend: offered at half the stored rate ($((rate / 2)) events/s)"
   SLUICE_LOAD_RATE=$((rate / 2)) SLUICE_LOAD_SECONDS=20 load
+  # At the flat-out stored rate the queue should hold steady, not grow.
+  echo "== $backend: offered at the stored rate ($rate events/s) for 40 s"
+  SLUICE_LOAD_RATE=$rate SLUICE_LOAD_SECONDS=40 load
   echo "== $backend: 5 projects, 20 plugin configs, flat out"
   SLUICE_LOAD_PROJECTS=5 SLUICE_LOAD_CHAIN=4 load
   # Offered at twice what it stores, the queue fills by about the stored

@@ -26,6 +26,10 @@ use sluice::runtime::Policy;
 use sluice::server::{ServeConfig, open_store, serve};
 use sluice::store::StoreConfig;
 
+/// The allocator `sluice serve` runs with: the server runs in this process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()

@@ -166,6 +166,28 @@ impl Server {
     /// Resident memory in MiB: (all, peak, anonymous). SQLite's file is
     /// memory-mapped, so its pages that were read count in the first two;
     /// the anonymous part is the heap and stacks.
+    /// CPU time the server has used so far, user and system, from
+    /// `/proc/PID/stat` (in clock ticks of 1/100 s, as Linux reports them
+    /// to user space).
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // The command name may hold spaces; the fields count from after it.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime: fields 14 and 15 of the line, so 11 and 12
+        // counted from 0 after the name.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
     fn rss_mib(&self) -> (f64, f64, f64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
@@ -462,6 +484,9 @@ async fn main() {
     let watcher = tokio::spawn(watch_stored(pool.clone(), pending.clone(), done.clone()));
     let depth_samples = Arc::new(Mutex::new(Vec::<(f64, i64)>::new()));
     let url = format!("{}/batch/", server.base);
+    // From here: starting the server and installing plugins (which may
+    // compile them) is not the load's cost.
+    let cpu_at_start = server.cpu_seconds();
     let started = Instant::now();
     let sampler = {
         let pool = pool.clone();
@@ -558,6 +583,7 @@ async fn main() {
     }
     let accepted_in = started.elapsed();
     let (rss_loaded, _, anon_loaded) = server.rss_mib();
+    let cpu_before_drain = server.cpu_seconds() - cpu_at_start;
     // Whether the queue is empty, through its primary key: a COUNT(*)
     // every 20 ms read the whole queue on PostgreSQL (tens of thousands of
     // rows when capture runs ahead) and took CPU from the server it times.
@@ -576,6 +602,7 @@ async fn main() {
         // run of a few seconds.
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let server_cpu = server.cpu_seconds() - cpu_at_start;
     done.store(1, Ordering::Relaxed);
     let mut stored_latencies = watcher.await.unwrap();
     sampler.await.unwrap();
@@ -633,6 +660,11 @@ async fn main() {
     println!(
         "queue depth:              max {max_depth}; each second: {}",
         depth_curve.join(" ")
+    );
+    println!(
+        "server CPU:               {server_cpu:.1} s ({:.1} s of it after capture ended), {:.0} µs per stored event",
+        server_cpu - cpu_before_drain,
+        server_cpu * 1e6 / sent_events as f64
     );
     println!(
         "server RSS:               {rss_loaded:.0} MiB at the end of the load ({anon_loaded:.0} MiB anonymous), peak {rss_peak:.0} MiB"

@@ -18,6 +18,12 @@ use regex::Regex;
 use serde_json::{Map, Value, json};
 use sluice::runtime::{Install, PluginEvent, PluginInstance, Policy, Runtime, RuntimeConfig};
 
+/// The allocator `sluice serve` runs with, so the host's side of the chain
+/// costs here what it costs in the server; the floor and the native chain
+/// get it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
