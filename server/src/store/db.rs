@@ -108,6 +108,13 @@ const SQLITE_WRITER_PRAGMAS: [&str; 8] = [
 /// grow to hundreds of megabytes under load.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// Passes a checkpoint makes beside the writers, at most, before the one
+/// that holds the write lock; see [`Store::checkpoint`].
+const CHECKPOINT_PASSES: usize = 4;
+
+/// What a checkpoint may leave for its locked pass to copy, in pages.
+const CHECKPOINT_LOCKED_PAGES: i64 = 256;
+
 /// A pool of connections to the SQLite file at `path`, each set up with
 /// `pragmas` when it opens.
 async fn sqlite_pool(
@@ -410,9 +417,9 @@ impl Store {
     ///
     /// Two steps. The first copies what the WAL holds without the write
     /// lock: SQLite lets a passive checkpoint run beside a writer, so the
-    /// bulk of the copy costs writers nothing. The second, with this
-    /// process's turn at the write lock, copies the few pages committed
-    /// meanwhile. Only a WAL copied in full is started over by the next
+    /// bulk of the copy costs writers nothing; it goes again while writers
+    /// committed much meanwhile. The second, with this process's turn at
+    /// the write lock, copies the few pages committed since. Only a WAL copied in full is started over by the next
     /// writer, and under steady load the first step alone never catches
     /// up, so without the second the file grows for as long as the load
     /// lasts. Neither step waits for readers; a long query holding an
@@ -422,10 +429,22 @@ impl Store {
             return Ok(0);
         }
         let mut conn = self.pool.acquire().await?;
-        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .fetch_one(&mut *conn)
-            .await?;
-        let pages: i64 = row.try_get(1)?;
+        let mut pages = None;
+        // Each pass copies what was committed during the one before, so a
+        // few passes leave little for the locked one: a locked pass right
+        // after the first held capture's commits for 15 to 20 ms at 5,000
+        // events a second.
+        for _ in 0..CHECKPOINT_PASSES {
+            let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&mut *conn)
+                .await?;
+            let (log, copied): (i64, i64) = (row.try_get(1)?, row.try_get(2)?);
+            pages.get_or_insert(log);
+            if log - copied <= CHECKPOINT_LOCKED_PAGES {
+                break;
+            }
+        }
+        let pages = pages.unwrap_or(0);
         let _turn = self.writers.clone().lock_owned().await;
         sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&mut *conn)

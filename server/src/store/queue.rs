@@ -131,25 +131,29 @@ impl Store {
         match self.backend() {
             Backend::Sqlite => {
                 let mut conn = self.pool.acquire().await?;
-                self.claim_in(&mut conn, owner, claim).await
+                let rows = self.claim_in(&mut conn, owner, claim).await?;
+                drop(conn);
+                parse_claimed(rows)
             }
             Backend::Postgres => {
                 let mut tx = self.pool.begin().await?;
-                let claimed = self.claim_in(&mut tx, owner, claim).await?;
+                let rows = self.claim_in(&mut tx, owner, claim).await?;
                 tx.commit().await?;
-                Ok(claimed)
+                parse_claimed(rows)
             }
         }
     }
 
     /// Leases ready rows with ids above `claim.after`. Rows whose lease
-    /// expired (their worker died) are ready again.
+    /// expired (their worker died) are ready again. The rows come back as
+    /// stored: parsing them is for after the transaction (see
+    /// [`parse_claimed`]).
     async fn claim_in(
         &self,
         conn: &mut sqlx::AnyConnection,
         owner: &str,
         claim: &Claim,
-    ) -> Result<Vec<Claimed>> {
+    ) -> Result<Vec<sqlx::any::AnyRow>> {
         let rows = match self.backend() {
             // One process owns a SQLite file (its write lock serialises
             // writers anyway), so the worker's lease lives in memory: it
@@ -189,20 +193,7 @@ impl Store {
                 .await?
             }
         };
-        let mut claimed = Vec::with_capacity(rows.len());
-        for row in rows {
-            let payload: String = row.get("payload");
-            let event: QueuedEvent = serde_json::from_str(&payload).map_err(|err| {
-                sqlx::Error::Decode(format!("queue row holds a malformed event: {err}").into())
-            })?;
-            claimed.push(Claimed {
-                id: row.get("id"),
-                project_id: row.get("project_id"),
-                event,
-            });
-        }
-        claimed.sort_by_key(|c| c.id);
-        Ok(claimed)
+        Ok(rows)
     }
 
     /// Stores the events made from claimed rows, applying their person
@@ -218,6 +209,17 @@ impl Store {
         batch: &ProcessedBatch,
         next: Option<&Claim>,
     ) -> Result<Vec<Claimed>> {
+        // Everything that needs no database is done before the write lock
+        // is taken, or after it is given back: on SQLite every capture
+        // commit waits for this transaction, and serialising 500 events'
+        // properties inside it, or parsing the next 500, held them up.
+        let properties: Vec<String> = batch
+            .events
+            .iter()
+            .map(|(_, event)| {
+                serde_json::to_string(&event.properties).expect("properties serialise")
+            })
+            .collect();
         let (mut tx, _turn) = self.write_with(Commit::Redoable).await?;
         let now = now_rfc3339();
         let backend = self.backend();
@@ -254,15 +256,23 @@ impl Store {
             .await?;
         }
 
-        let fresh = Self::unstored(&mut tx, backend, &batch.events).await?;
-        let person_ids = persons::resolve(&mut tx, backend, &fresh).await?;
-        let rows: Vec<(&str, &QueuedEvent, &str, String)> = fresh
+        let fresh_indexes = Self::unstored(&mut tx, backend, &batch.events).await?;
+        let fresh: Vec<(&str, &QueuedEvent)> = fresh_indexes
             .iter()
+            .map(|&i| (batch.events[i].0.as_str(), &batch.events[i].1))
+            .collect();
+        let person_ids = persons::resolve(&mut tx, backend, &fresh).await?;
+        let rows: Vec<(&str, &QueuedEvent, &str, &str)> = fresh
+            .iter()
+            .zip(&fresh_indexes)
             .zip(&person_ids)
-            .map(|((project_id, event), person_id)| {
-                let properties =
-                    serde_json::to_string(&event.properties).expect("properties serialise");
-                (*project_id, *event, person_id.as_str(), properties)
+            .map(|(((project_id, event), &i), person_id)| {
+                (
+                    *project_id,
+                    *event,
+                    person_id.as_str(),
+                    properties[i].as_str(),
+                )
             })
             .collect();
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -280,7 +290,7 @@ impl Store {
                     .bind(*person_id)
                     .bind(event.timestamp.as_str())
                     .bind(event.received_at.as_str())
-                    .bind(properties.as_str());
+                    .bind(*properties);
             }
             query.execute(&mut *tx).await?;
         }
@@ -296,17 +306,18 @@ impl Store {
             None => Vec::new(),
         };
         tx.commit().await?;
-        Ok(claimed)
+        drop(_turn);
+        parse_claimed(claimed)
     }
 
-    /// The events of a batch that are not stored yet, in order, each
-    /// (project, uuid) once: a client may send an event twice in one batch,
-    /// and a replayed event may already be stored.
-    async fn unstored<'a>(
+    /// The indexes of the events of a batch that are not stored yet, in
+    /// order, each (project, uuid) once: a client may send an event twice
+    /// in one batch, and a replayed event may already be stored.
+    async fn unstored(
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         backend: Backend,
-        events: &'a [(String, QueuedEvent)],
-    ) -> Result<Vec<(&'a str, &'a QueuedEvent)>> {
+        events: &[(String, QueuedEvent)],
+    ) -> Result<Vec<usize>> {
         let mut by_project: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (project_id, event) in events {
             by_project.entry(project_id).or_default().push(&event.uuid);
@@ -326,8 +337,11 @@ impl Store {
         }
         Ok(events
             .iter()
-            .filter(|(project_id, event)| seen.insert((project_id.clone(), event.uuid.clone())))
-            .map(|(project_id, event)| (project_id.as_str(), event))
+            .enumerate()
+            .filter(|(_, (project_id, event))| {
+                seen.insert((project_id.clone(), event.uuid.clone()))
+            })
+            .map(|(i, _)| i)
             .collect())
     }
 
@@ -388,4 +402,22 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Parses leased queue rows into events, in id order.
+fn parse_claimed(rows: Vec<sqlx::any::AnyRow>) -> Result<Vec<Claimed>> {
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let payload: String = row.get("payload");
+        let event: QueuedEvent = serde_json::from_str(&payload).map_err(|err| {
+            sqlx::Error::Decode(format!("queue row holds a malformed event: {err}").into())
+        })?;
+        claimed.push(Claimed {
+            id: row.get("id"),
+            project_id: row.get("project_id"),
+            event,
+        });
+    }
+    claimed.sort_by_key(|c| c.id);
+    Ok(claimed)
 }
