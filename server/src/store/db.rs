@@ -112,7 +112,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// that holds the write lock; see [`Store::checkpoint`].
 const CHECKPOINT_PASSES: usize = 4;
 
-/// What a checkpoint may leave for its locked pass to copy, in pages.
+/// New WAL pages since the previous pass below which a checkpoint stops
+/// passing beside the writers and takes the lock for the rest.
 const CHECKPOINT_LOCKED_PAGES: i64 = 256;
 
 /// A pool of connections to the SQLite file at `path`, each set up with
@@ -419,32 +420,37 @@ impl Store {
     /// lock: SQLite lets a passive checkpoint run beside a writer, so the
     /// bulk of the copy costs writers nothing; it goes again while writers
     /// committed much meanwhile. The second, with this process's turn at
-    /// the write lock, copies the few pages committed since. Only a WAL copied in full is started over by the next
-    /// writer, and under steady load the first step alone never catches
-    /// up, so without the second the file grows for as long as the load
-    /// lasts. Neither step waits for readers; a long query holding an
+    /// the write lock, copies the few pages committed since. Only a WAL
+    /// copied in full is started over by the next writer, and under steady
+    /// load the first step alone never catches up, so without the second
+    /// the file grows for as long as the load lasts. Neither step waits for readers; a long query holding an
     /// old snapshot only delays the restart to a later round.
     pub async fn checkpoint(&self) -> Result<i64> {
         if self.backend != Backend::Sqlite {
             return Ok(0);
         }
         let mut conn = self.pool.acquire().await?;
-        let mut pages = None;
-        // Each pass copies what was committed during the one before, so a
-        // few passes leave little for the locked one: a locked pass right
-        // after the first held capture's commits for 15 to 20 ms at 5,000
-        // events a second.
+        // Each pass copies the WAL as it was when the pass began, so what
+        // it leaves is what was committed while it ran; the next pass
+        // copies that, and is shorter. Once a pass found little new, the
+        // locked one has little left: a locked pass right after the first
+        // held capture's commits for 15 to 20 ms at 5,000 events a second.
+        let mut first = None;
+        let mut previous = i64::MIN;
         for _ in 0..CHECKPOINT_PASSES {
             let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                 .fetch_one(&mut *conn)
                 .await?;
-            let (log, copied): (i64, i64) = (row.try_get(1)?, row.try_get(2)?);
-            pages.get_or_insert(log);
-            if log - copied <= CHECKPOINT_LOCKED_PAGES {
+            // The WAL's length in pages when the pass began; it starts
+            // over from 0 when a writer restarts it.
+            let log: i64 = row.try_get(1)?;
+            first.get_or_insert(log);
+            if log <= previous.saturating_add(CHECKPOINT_LOCKED_PAGES) {
                 break;
             }
+            previous = log;
         }
-        let pages = pages.unwrap_or(0);
+        let pages = first.unwrap_or(0);
         let _turn = self.writers.clone().lock_owned().await;
         sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&mut *conn)
