@@ -163,9 +163,6 @@ impl Server {
         Server { child, base }
     }
 
-    /// Resident memory in MiB: (all, peak, anonymous). SQLite's file is
-    /// memory-mapped, so its pages that were read count in the first two;
-    /// the anonymous part is the heap and stacks.
     /// CPU time the server has used so far, user and system, from
     /// `/proc/PID/stat` (in clock ticks of 1/100 s, as Linux reports them
     /// to user space).
@@ -188,6 +185,9 @@ impl Server {
         (ticks(11) + ticks(12)) / 100.0
     }
 
+    /// Resident memory in MiB: (all, peak, anonymous). SQLite's file is
+    /// memory-mapped, so its pages that were read count in the first two;
+    /// the anonymous part is the heap and stacks.
     fn rss_mib(&self) -> (f64, f64, f64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();

@@ -423,8 +423,9 @@ impl Store {
     /// the write lock, copies the few pages committed since. Only a WAL
     /// copied in full is started over by the next writer, and under steady
     /// load the first step alone never catches up, so without the second
-    /// the file grows for as long as the load lasts. Neither step waits for readers; a long query holding an
-    /// old snapshot only delays the restart to a later round.
+    /// the file grows for as long as the load lasts. Neither step waits
+    /// for readers; a long query holding an old snapshot only delays the
+    /// restart to a later round.
     pub async fn checkpoint(&self) -> Result<i64> {
         if self.backend != Backend::Sqlite {
             return Ok(0);

@@ -220,7 +220,7 @@ impl Store {
                 serde_json::to_string(&event.properties).expect("properties serialise")
             })
             .collect();
-        let (mut tx, _turn) = self.write_with(Commit::Redoable).await?;
+        let (mut tx, turn) = self.write_with(Commit::Redoable).await?;
         let now = now_rfc3339();
         let backend = self.backend();
         if backend == Backend::Postgres {
@@ -306,7 +306,7 @@ impl Store {
             None => Vec::new(),
         };
         tx.commit().await?;
-        drop(_turn);
+        drop(turn);
         parse_claimed(claimed)
     }
 
