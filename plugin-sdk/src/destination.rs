@@ -78,6 +78,22 @@ impl ExportError {
         ExportError::Permanent(message.to_string())
     }
 
+    /// The same error with its message rewritten, keeping whether it is
+    /// retryable and any requested delay: for saying what the plugin was
+    /// doing, such as `err.map_message(|m| format!("cannot reach {url}: {m}"))`.
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> Self {
+        match self {
+            ExportError::Retryable {
+                message,
+                retry_after,
+            } => ExportError::Retryable {
+                message: f(message),
+                retry_after,
+            },
+            ExportError::Permanent(message) => ExportError::Permanent(f(message)),
+        }
+    }
+
     pub(crate) fn into_wit(self) -> WitExportError {
         use crate::__private::bindings::exports::sluice::plugin::destination::RetryableError;
         match self {
@@ -133,3 +149,28 @@ impl From<serde_json::Error> for ExportError {
 }
 
 impl std::error::Error for ExportError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewritten_message_keeps_the_kind_of_error_and_its_delay() {
+        let prefix = |message: String| format!("cannot reach x: {message}");
+        let retry = ExportError::Retryable {
+            message: "timed out".into(),
+            retry_after: Some(Duration::from_secs(3)),
+        };
+        assert_eq!(
+            retry.map_message(prefix),
+            ExportError::Retryable {
+                message: "cannot reach x: timed out".into(),
+                retry_after: Some(Duration::from_secs(3)),
+            }
+        );
+        assert_eq!(
+            ExportError::permanent("denied").map_message(prefix),
+            ExportError::permanent("cannot reach x: denied")
+        );
+    }
+}

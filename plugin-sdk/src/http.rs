@@ -147,6 +147,19 @@ impl Request {
     }
 }
 
+/// Whether `url` starts with `http://` or `https://` (in any case) and has
+/// something after it.
+///
+/// Check a configured URL with it in [`Plugin::new`](crate::Plugin::new), so
+/// a missing scheme fails the install instead of every request. The host
+/// still checks the rest when it sends.
+pub fn is_absolute_url(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    ["http://", "https://"]
+        .iter()
+        .any(|scheme| lower.starts_with(scheme) && lower.len() > scheme.len())
+}
+
 /// A response with its whole body.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Response {
@@ -318,6 +331,15 @@ mod tests {
     fn form_bodies_are_url_encoded() {
         let request = Request::post("https://x").form(&[("a b", "c&d=é")]);
         assert_eq!(request.body.unwrap(), b"a+b=c%26d%3D%C3%A9");
+    }
+
+    #[test]
+    fn absolute_urls_need_an_http_scheme_and_something_after_it() {
+        assert!(is_absolute_url("https://api.example.com/v1"));
+        assert!(is_absolute_url("HTTP://10.0.0.1:8080"));
+        for url in ["", "api.example.com", "https://", "ftp://example.com"] {
+            assert!(!is_absolute_url(url), "{url}");
+        }
     }
 
     #[test]

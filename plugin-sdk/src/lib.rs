@@ -38,6 +38,12 @@
 //! macros), [`kv`], [`http`], [`metrics`], [`clock`] and [`random`]. On
 //! native targets they talk to the [`testing::MockHost`], so a plugin's own
 //! `cargo test` runs without WebAssembly.
+//!
+//! Other modules help with common plugin work: [`json`](mod@json) names
+//! config values in error messages, [`template`] fills `{{placeholder}}`
+//! text and JSON from an event, and [`person`] reads the person updates
+//! (`$identify`, `$set`, `$set_once`) that CRM-like destinations keep in
+//! step.
 
 #![warn(missing_docs)]
 
@@ -52,10 +58,13 @@ pub mod props;
 
 pub mod clock;
 pub mod http;
+pub mod json;
 pub mod kv;
 pub mod log;
 pub mod metrics;
+pub mod person;
 pub mod random;
+pub mod template;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
@@ -206,7 +215,7 @@ pub mod __private {
     #[allow(missing_docs, clippy::all)]
     pub mod bindings {
         wit_bindgen::generate!({
-            path: "../wit/v0.2.0",
+            path: "wit/v0.2.0",
             world: "plugin",
             pub_export_macro: true,
             export_macro_name: "__sluice_export_plugin",

@@ -16,19 +16,59 @@
 //! assert_eq!(host.requests().len(), 1);
 //! ```
 //!
-//! [`setup`] and [`transform`] run a plugin's hooks the way the host does.
+//! [`setup`] and [`transform`] run a plugin's hooks the way the host does;
+//! the other functions are the fixtures and checks most plugin tests need:
+//!
+//! ```
+//! use sluice_plugin_sdk::http::{Request, Response};
+//! use sluice_plugin_sdk::testing::{self, MockHost};
+//! use sluice_plugin_sdk::{Error, ExportError, ExportedEvent, Plugin, Result, Value, json};
+//!
+//! struct Forward {
+//!     url: String,
+//! }
+//!
+//! impl Plugin for Forward {
+//!     type Config = Value;
+//!
+//!     fn new(config: Value) -> Result<Self> {
+//!         match config["url"].as_str() {
+//!             Some(url) => Ok(Forward { url: url.into() }),
+//!             None => Err(Error::msg("url is required")),
+//!         }
+//!     }
+//!
+//!     fn export(&mut self, events: Vec<ExportedEvent>) -> Result<(), ExportError> {
+//!         Request::post(&self.url).json(&events)?.send()?.error_for_status()?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! assert_eq!(testing::refusal::<Forward>(json!({})), "url is required");
+//!
+//! let host = MockHost::install();
+//! host.on_http(|_| Ok(Response::new(400, "no")));
+//! let mut plugin: Forward = testing::plugin(json!({"url": "https://example.com"}));
+//! let err = plugin
+//!     .export(vec![testing::exported_event("id-1", "signed up", json!({}))])
+//!     .unwrap_err();
+//! assert_eq!(testing::permanent(err), "HTTP 400: no");
+//! let request = &host.requests()[0];
+//! assert_eq!(testing::header(request, "Content-Type"), Some("application/json"));
+//! assert_eq!(testing::json_body(request)[0]["uuid"], json!("id-1"));
+//! ```
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::http::{HttpError, Request, Response};
 use crate::kv::KvError;
 use crate::log::Level;
 use crate::metrics::MetricsError;
-use crate::{Error, Event, EventRef, Outcome, Plugin, Result};
+use crate::{Error, Event, EventRef, ExportError, ExportedEvent, Outcome, Plugin, Result};
 
 /// One line a plugin logged.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,6 +301,70 @@ pub fn setup<P: Plugin>(config: Value) -> Result<P> {
     P::new(config)
 }
 
+/// Creates a plugin from a JSON config the test expects it to accept.
+///
+/// # Panics
+///
+/// With the plugin's message when it refuses the config.
+pub fn plugin<P: Plugin>(config: Value) -> P {
+    match setup::<P>(config) {
+        Ok(plugin) => plugin,
+        Err(err) => panic!("config refused: {err}"),
+    }
+}
+
+/// The message a plugin refuses a JSON config with, as the operator would
+/// see it on the install.
+///
+/// # Panics
+///
+/// When the plugin accepts the config.
+pub fn refusal<P: Plugin>(config: Value) -> String {
+    match setup::<P>(config) {
+        Ok(_) => panic!("config accepted, but the test expects a refusal"),
+        Err(err) => err.to_string(),
+    }
+}
+
+/// `base` with the top-level fields of `changes` put in, replacing any it
+/// has: a valid test config with a few fields changed.
+///
+/// # Panics
+///
+/// When either is not a JSON object.
+pub fn merged(base: Value, changes: Value) -> Value {
+    let (Value::Object(mut config), Value::Object(changes)) = (base, changes) else {
+        panic!("a config and its changes must be JSON objects");
+    };
+    config.extend(changes);
+    Value::Object(config)
+}
+
+/// The config a plugin's manifest gives by default, after checking that
+/// every field under `[config]` has a description, since the console shows
+/// it to the operator.
+///
+/// `manifest` is the plugin's `plugin.toml` read into a [`Value`], with the
+/// `toml` crate for instance. Add the required fields to the result and
+/// [`setup`] the plugin with it, to check that the defaults are valid.
+///
+/// # Panics
+///
+/// When a field has no description.
+pub fn manifest_defaults(manifest: &Value) -> Map<String, Value> {
+    let empty = Map::new();
+    let fields = manifest["config"].as_object().unwrap_or(&empty);
+    let mut defaults = Map::new();
+    for (name, field) in fields {
+        let description = field["description"].as_str().unwrap_or("");
+        assert!(!description.trim().is_empty(), "{name} has no description");
+        if let Some(default) = field.get("default") {
+            defaults.insert(name.clone(), default.clone());
+        }
+    }
+    defaults
+}
+
 /// Runs `Plugin::transform` on an event and returns what the host would go
 /// on with: the changed event, nothing if dropped, or the replacements.
 pub fn transform<P: Plugin>(plugin: &mut P, mut event: Event) -> Result<Vec<Event>> {
@@ -284,5 +388,62 @@ pub fn event(name: &str, distinct_id: &str, properties: Value) -> Event {
             Value::Null => serde_json::Map::new(),
             other => panic!("test event properties must be a JSON object, got {other}"),
         },
+    }
+}
+
+/// A stored event for testing [`Plugin::export`]: distinct id `user-1`,
+/// person `person-1` and timestamp 2024-01-01T00:00:00.000Z. Change the
+/// rest with struct update syntax, such as
+/// `ExportedEvent { person_id: None, ..exported_event("id-1", "paid", json!({})) }`.
+pub fn exported_event(uuid: &str, name: &str, properties: Value) -> ExportedEvent {
+    ExportedEvent {
+        uuid: uuid.into(),
+        name: name.into(),
+        distinct_id: "user-1".into(),
+        person_id: Some("person-1".into()),
+        timestamp: "2024-01-01T00:00:00.000Z".into(),
+        properties: match properties {
+            Value::Object(map) => map,
+            Value::Null => Map::new(),
+            other => panic!("test event properties must be a JSON object, got {other}"),
+        },
+    }
+}
+
+/// The value of a header the plugin sent, by case-insensitive name.
+///
+/// # Panics
+///
+/// When the request carries the header more than once: receivers differ in
+/// which copy they read.
+pub fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
+    let mut values = request
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name));
+    let value = values.next().map(|(_, v)| v.as_str());
+    assert!(values.next().is_none(), "header {name} is sent twice");
+    value
+}
+
+/// The request's body read as JSON.
+///
+/// # Panics
+///
+/// When the request has no body or the body is not JSON.
+pub fn json_body(request: &Request) -> Value {
+    let body = request.body.as_deref().expect("the request has a body");
+    serde_json::from_slice(body).expect("the request body is JSON")
+}
+
+/// The message of a permanent export error.
+///
+/// # Panics
+///
+/// When the error is retryable.
+pub fn permanent(err: ExportError) -> String {
+    match err {
+        ExportError::Permanent(message) => message,
+        other => panic!("expected a permanent error, got {other:?}"),
     }
 }

@@ -238,18 +238,9 @@ impl ServiceAccount {
             HttpError::Denied(reason) => ExportError::permanent(format!(
                 "cannot reach the key file's token_uri {uri}: {reason}. The plugin may reach oauth2.googleapis.com and the api_base host"
             )),
-            other => match ExportError::from(other) {
-                ExportError::Retryable {
-                    message,
-                    retry_after,
-                } => ExportError::Retryable {
-                    message: format!("cannot reach Google's token endpoint {uri}: {message}"),
-                    retry_after,
-                },
-                ExportError::Permanent(message) => ExportError::permanent(format!(
-                    "cannot reach Google's token endpoint {uri}: {message}"
-                )),
-            },
+            other => ExportError::from(other).map_message(|message| {
+                format!("cannot reach Google's token endpoint {uri}: {message}")
+            }),
         }
     }
 

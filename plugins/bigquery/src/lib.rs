@@ -458,9 +458,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use sluice_plugin_sdk::Map;
     use sluice_plugin_sdk::http::Method;
-    use sluice_plugin_sdk::testing::{self, MockHost};
+    use sluice_plugin_sdk::testing::{self, MockHost, header, json_body, permanent};
 
     const PRIVATE_KEY: &str = include_str!("../../../tests/fixtures/bigquery-test-key.pem");
     const TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
@@ -488,32 +487,17 @@ mod tests {
     }
 
     fn with(changes: Value) -> Value {
-        let mut config = config();
-        for (k, v) in changes.as_object().unwrap() {
-            config[k] = v.clone();
-        }
-        config
+        testing::merged(config(), changes)
     }
 
     fn bigquery(config: Value) -> BigQuery {
-        testing::setup::<BigQuery>(config).expect("config accepted")
-    }
-
-    fn refusal(config: Value) -> String {
-        match testing::setup::<BigQuery>(config) {
-            Ok(_) => panic!("config should be refused"),
-            Err(err) => err.to_string(),
-        }
+        testing::plugin(config)
     }
 
     fn event(uuid: &str, properties: Value) -> ExportedEvent {
         ExportedEvent {
-            uuid: uuid.into(),
-            name: "signed up".into(),
-            distinct_id: "user-1".into(),
-            person_id: Some("person-1".into()),
             timestamp: "2024-05-01T12:00:00.000Z".into(),
-            properties: properties.as_object().unwrap().clone(),
+            ..testing::exported_event(uuid, "signed up", properties)
         }
     }
 
@@ -521,18 +505,6 @@ mod tests {
         (0..n)
             .map(|i| event(&format!("e{i}"), json!({"n": i})))
             .collect()
-    }
-
-    fn body(request: &Request) -> Value {
-        serde_json::from_slice(request.body.as_deref().unwrap()).unwrap()
-    }
-
-    fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-        request
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
     }
 
     fn json_response(status: u16, body: Value) -> Response {
@@ -573,7 +545,7 @@ mod tests {
                 .strip_prefix("Bearer ")
                 .unwrap()
                 .to_string();
-            Ok(data(&token, &body(request)))
+            Ok(data(&token, &json_body(request)))
         });
     }
 
@@ -594,7 +566,7 @@ mod tests {
     fn rows_per_request(host: &MockHost) -> Vec<usize> {
         inserts(host)
             .iter()
-            .map(|r| body(r)["rows"].as_array().unwrap().len())
+            .map(|r| json_body(r)["rows"].as_array().unwrap().len())
             .collect()
     }
 
@@ -634,7 +606,7 @@ mod tests {
         assert_eq!(header(insert, "authorization"), Some("Bearer token-1"));
         assert_eq!(header(insert, "content-type"), Some("application/json"));
         assert_eq!(
-            body(insert),
+            json_body(insert),
             json!({
                 "skipInvalidRows": false,
                 "ignoreUnknownValues": false,
@@ -663,7 +635,7 @@ mod tests {
         plugin.export(events(1200)).expect("delivered");
         assert_eq!(rows_per_request(&host), [500, 500, 200]);
         assert_eq!(
-            body(&inserts(&host)[2])["rows"][199]["insertId"],
+            json_body(&inserts(&host)[2])["rows"][199]["insertId"],
             json!("e1199")
         );
         assert_eq!(token_requests(&host), 1);
@@ -699,9 +671,7 @@ mod tests {
                 event("huge", json!({"blob": "x".repeat(MAX_REQUEST_BYTES)})),
             ])
             .unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert!(
             message.starts_with("event(s) huge are too large for BigQuery"),
             "{message}"
@@ -752,7 +722,7 @@ mod tests {
         plugin.export(events(3)).expect("delivered after renewal");
         let inserts = inserts(&host);
         assert_eq!(inserts.len(), 2);
-        assert_eq!(body(&inserts[0]), body(&inserts[1]));
+        assert_eq!(json_body(&inserts[0]), json_body(&inserts[1]));
         assert_eq!(header(&inserts[1], "authorization"), Some("Bearer token-2"));
 
         serve(&host, |_, _| {
@@ -763,9 +733,7 @@ mod tests {
             )
         });
         let err = plugin.export(events(1)).unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert!(
             message.contains("refused a freshly issued access token"),
             "{message}"
@@ -797,9 +765,7 @@ mod tests {
         });
         let mut plugin = bigquery(config());
         let err = plugin.export(events(700)).unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert_eq!(
             message,
             "BigQuery refused 1 row(s) of 500 for my-project.analytics.events, so it inserted none of that request (499 other row(s) held back). Fix the table's schema or the events, then replay the dead letters: e3: invalid at timestamp: Could not parse 'yesterday' as a timestamp."
@@ -895,9 +861,7 @@ mod tests {
             let answer = reply.clone();
             serve(&host, move |_, _| answer.clone());
             let err = plugin.export(events(1)).unwrap_err();
-            let ExportError::Permanent(message) = err else {
-                panic!("{err:?}")
-            };
+            let message = testing::permanent(err);
             assert!(message.contains(expected), "{message}");
         }
     }
@@ -913,9 +877,7 @@ mod tests {
         });
         let mut plugin = bigquery(config());
         let err = plugin.export(events(1)).unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert!(
             message.contains("(invalid_grant: Invalid JWT Signature.)"),
             "{message}"
@@ -947,9 +909,7 @@ mod tests {
         key["token_uri"] = json!("https://evil.test/token");
         let mut plugin = bigquery(with(json!({"service_account_key": key.to_string()})));
         let err = plugin.export(events(1)).unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert!(
             message.contains("cannot reach the key file's token_uri https://evil.test/token"),
             "{message}"
@@ -972,7 +932,7 @@ mod tests {
             insert.url,
             "http://127.0.0.1:9050/bigquery/v2/projects/example.com:my-project/datasets/analytics/tables/events%202024/insertAll"
         );
-        assert_eq!(body(insert)["ignoreUnknownValues"], json!(true));
+        assert_eq!(json_body(insert)["ignoreUnknownValues"], json!(true));
     }
 
     #[test]
@@ -997,7 +957,7 @@ mod tests {
             ),
         ];
         for (change, expected) in cases {
-            let err = refusal(with(change.clone()));
+            let err = testing::refusal::<BigQuery>(with(change.clone()));
             assert!(err.contains(expected), "{change}: {err}");
         }
     }
@@ -1008,14 +968,7 @@ mod tests {
             toml::from_str(include_str!("../plugin.toml")).expect("plugin.toml parses");
         assert_eq!(manifest["hooks"], json!(["export"]));
         assert_eq!(manifest["capabilities"]["kv"], json!(true));
-        let mut given = Map::new();
-        for (name, field) in manifest["config"].as_object().unwrap() {
-            let description = field["description"].as_str().unwrap_or("");
-            assert!(!description.trim().is_empty(), "{name} has no description");
-            if let Some(default) = field.get("default") {
-                given.insert(name.clone(), default.clone());
-            }
-        }
+        let mut given = testing::manifest_defaults(&manifest);
         assert_eq!(given["api_base"], json!(default_api_base()));
         for (k, v) in config().as_object().unwrap() {
             given.insert(k.clone(), v.clone());

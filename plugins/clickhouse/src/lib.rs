@@ -444,46 +444,36 @@ mod tests {
 
     use flate2::read::GzDecoder;
     use sluice_plugin_sdk::http::{HttpError, Method};
-    use sluice_plugin_sdk::testing::{self, MockHost};
-    use sluice_plugin_sdk::{Map, Value, json};
+    use sluice_plugin_sdk::testing::{self, MockHost, header};
+    use sluice_plugin_sdk::{Value, json};
 
     use super::*;
 
     const URL: &str = "http://clickhouse.internal:8123";
 
     fn config(extra: Value) -> Value {
-        let mut config = json!({
+        let required = json!({
             "url": URL,
             "database": "analytics",
             "table": "events",
             "user": "sluice",
             "password": "s3cret",
         });
-        for (key, value) in extra.as_object().unwrap() {
-            config[key] = value.clone();
-        }
-        config
+        testing::merged(required, extra)
     }
 
     fn clickhouse(extra: Value) -> ClickHouse {
-        testing::setup::<ClickHouse>(config(extra)).expect("valid config")
+        testing::plugin(config(extra))
     }
 
     fn refusal(extra: Value) -> String {
-        match testing::setup::<ClickHouse>(config(extra)) {
-            Ok(_) => panic!("config should be refused"),
-            Err(err) => err.to_string(),
-        }
+        testing::refusal::<ClickHouse>(config(extra))
     }
 
     fn event(uuid: &str, properties: Value) -> ExportedEvent {
         ExportedEvent {
-            uuid: uuid.into(),
-            name: "signed up".into(),
-            distinct_id: "user-1".into(),
-            person_id: Some("person-1".into()),
             timestamp: "2024-05-01T12:00:00.123Z".into(),
-            properties: properties.as_object().cloned().unwrap_or_default(),
+            ..testing::exported_event(uuid, "signed up", properties)
         }
     }
 
@@ -514,14 +504,6 @@ mod tests {
         clickhouse(json!({}))
             .export(vec![event("id-1", json!({}))])
             .unwrap_err()
-    }
-
-    fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-        request
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
     }
 
     fn query_params(request: &Request) -> Vec<(String, String)> {
@@ -934,14 +916,7 @@ mod tests {
             manifest["capabilities"]["http_hosts"],
             json!(["{config.url}"])
         );
-        let mut config = Map::new();
-        for (name, field) in manifest["config"].as_object().unwrap() {
-            let description = field["description"].as_str().unwrap_or("");
-            assert!(!description.trim().is_empty(), "{name} has no description");
-            if let Some(default) = field.get("default") {
-                config.insert(name.clone(), default.clone());
-            }
-        }
+        let mut config = testing::manifest_defaults(&manifest);
         config.insert("url".into(), json!(URL));
         config.insert("table".into(), json!("events"));
         let plugin =

@@ -22,9 +22,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_plugin_sdk::http::{Request, Response};
+use sluice_plugin_sdk::http::{self, Request, Response};
 use sluice_plugin_sdk::{
-    Error, ExportError, ExportedEvent, Map, Plugin, Result, Value, info, json, register_plugin,
+    Error, ExportError, ExportedEvent, Map, Plugin, Result, Value, info, json, person,
+    register_plugin,
 };
 
 /// HubSpot's limit on inputs in one batch request.
@@ -113,11 +114,7 @@ impl Plugin for HubSpot {
             ));
         }
         let base_url = config.base_url.trim().trim_end_matches('/').to_string();
-        let lower = base_url.to_ascii_lowercase();
-        let has_host = ["http://", "https://"]
-            .iter()
-            .any(|scheme| lower.starts_with(scheme) && lower.len() > scheme.len());
-        if !has_host {
+        if !http::is_absolute_url(&base_url) {
             return Err(Error::msg(format!(
                 "base_url must be an absolute https:// URL such as https://api.hubapi.com; got {base_url:?}"
             )));
@@ -193,7 +190,7 @@ impl HubSpot {
         let mut contacts: Vec<Contact> = Vec::new();
         let mut by_id: HashMap<String, usize> = HashMap::new();
         let mut skipped = Vec::new();
-        for event in events.iter().filter(|event| updates_person(event)) {
+        for event in events.iter().filter(|event| person::is_update(event)) {
             let Some(id) = self.contact_id(event) else {
                 skipped.push(event.uuid.clone());
                 continue;
@@ -208,7 +205,7 @@ impl HubSpot {
             });
             let contact = &mut contacts[index];
             contact.uuids.push(event.uuid.clone());
-            for (key, value) in person_properties(event, "$set_once") {
+            for (key, value) in person::set_once(event) {
                 if let Some(name) = self.hubspot_name(key) {
                     contact
                         .properties
@@ -216,7 +213,7 @@ impl HubSpot {
                         .or_insert_with(|| Value::String(stringify(value)));
                 }
             }
-            for (key, value) in person_properties(event, "$set") {
+            for (key, value) in person::set(event) {
                 if let Some(name) = self.hubspot_name(key) {
                     contact
                         .properties
@@ -235,23 +232,14 @@ impl HubSpot {
     /// The contact's id from the event, normalised so that one contact
     /// spelled two ways is still one input.
     fn contact_id(&self, event: &ExportedEvent) -> Option<String> {
-        let value = self.id_sources.iter().find_map(|source| {
-            ["$set", "$set_once"]
-                .iter()
-                .find_map(|bag| {
-                    event
-                        .properties
-                        .get(*bag)
-                        .and_then(Value::as_object)
-                        .and_then(|bag| bag.get(source))
-                })
-                .or_else(|| event.properties.get(source))
-                .and_then(id_text)
-        })?;
+        let value = self
+            .id_sources
+            .iter()
+            .find_map(|source| person::property(event, source).and_then(id_text))?;
         if self.id_property == "email" {
             // HubSpot compares emails without regard to case.
             let email = value.to_lowercase();
-            return looks_like_email(&email).then_some(email);
+            return person::looks_like_email(&email).then_some(email);
         }
         Some(value)
     }
@@ -298,31 +286,6 @@ impl HubSpot {
     }
 }
 
-/// Whether the event changes a person: an identify, or person properties.
-fn updates_person(event: &ExportedEvent) -> bool {
-    let has = |bag: &str| {
-        event
-            .properties
-            .get(bag)
-            .and_then(Value::as_object)
-            .is_some_and(|map| !map.is_empty())
-    };
-    matches!(event.name.as_str(), "$identify" | "identify") || has("$set") || has("$set_once")
-}
-
-fn person_properties<'a>(
-    event: &'a ExportedEvent,
-    bag: &str,
-) -> impl Iterator<Item = (&'a str, &'a Value)> {
-    event
-        .properties
-        .get(bag)
-        .and_then(Value::as_object)
-        .into_iter()
-        .flatten()
-        .map(|(key, value)| (key.as_str(), value))
-}
-
 fn id_text(value: &Value) -> Option<String> {
     let text = match value {
         Value::String(text) => text.trim().to_string(),
@@ -330,22 +293,6 @@ fn id_text(value: &Value) -> Option<String> {
         _ => return None,
     };
     (!text.is_empty()).then_some(text)
-}
-
-/// Enough to keep obvious non-addresses ("unknown", "") out of a batch that
-/// HubSpot would refuse over them.
-fn looks_like_email(text: &str) -> bool {
-    match text.split_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty()
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-                && !text.contains(char::is_whitespace)
-                && !domain.contains('@')
-        }
-        None => false,
-    }
 }
 
 /// HubSpot takes every property value as a string: null clears the
@@ -571,7 +518,7 @@ fn mapping(config: &Value) -> Result<Vec<(String, String)>> {
     let Value::Object(map) = config else {
         return Err(Error::msg(format!(
             "property_mapping must be a JSON object of Sluice property name to HubSpot property name, such as {{\"first_name\": \"firstname\"}}; got {}",
-            json_kind(config)
+            json::kind(config)
         )));
     };
     map.iter()
@@ -579,7 +526,7 @@ fn mapping(config: &Value) -> Result<Vec<(String, String)>> {
             let Value::String(hubspot) = hubspot else {
                 return Err(Error::msg(format!(
                     "property_mapping: `{sluice}` must map to a HubSpot property name (a string), got {}",
-                    json_kind(hubspot)
+                    json::kind(hubspot)
                 )));
             };
             let hubspot = hubspot.trim();
@@ -601,18 +548,6 @@ fn check_property_name(name: &str, at: &str) -> Result<()> {
     Ok(())
 }
 
-fn json_kind(value: &Value) -> String {
-    match value {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) if s.chars().count() > 40 => "a string".into(),
-        Value::String(s) => format!("the string \"{s}\""),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
-    }
-}
-
 register_plugin!(HubSpot);
 
 #[cfg(test)]
@@ -622,35 +557,18 @@ mod tests {
 
     use super::*;
     use sluice_plugin_sdk::http::{HttpError, Method};
-    use sluice_plugin_sdk::testing::{self, MockHost};
+    use sluice_plugin_sdk::testing::{self, MockHost, header, json_body, permanent};
 
     const ENDPOINT: &str = "https://api.hubapi.com/crm/v3/objects/contacts/batch/upsert";
 
     fn hubspot(config: Value) -> HubSpot {
-        match testing::setup::<HubSpot>(config) {
-            Ok(plugin) => plugin,
-            Err(err) => panic!("config refused: {err}"),
-        }
-    }
-
-    fn refusal(config: Value) -> String {
-        match testing::setup::<HubSpot>(config) {
-            Ok(_) => panic!("config accepted"),
-            Err(err) => err.to_string(),
-        }
+        testing::plugin(config)
     }
 
     fn event(uuid: &str, name: &str, properties: Value) -> ExportedEvent {
         ExportedEvent {
-            uuid: uuid.into(),
-            name: name.into(),
-            distinct_id: "user-1".into(),
             person_id: None,
-            timestamp: "2024-01-01T00:00:00.000Z".into(),
-            properties: match properties {
-                Value::Object(map) => map,
-                other => panic!("properties must be an object, got {other}"),
-            },
+            ..testing::exported_event(uuid, name, properties)
         }
     }
 
@@ -662,7 +580,7 @@ mod tests {
     fn saving() -> MockHost {
         let host = MockHost::install();
         host.on_http(|request| {
-            let inputs = body(request)["inputs"].as_array().unwrap().clone();
+            let inputs = json_body(request)["inputs"].as_array().unwrap().clone();
             let results: Vec<Value> = inputs
                 .iter()
                 .map(|input| json!({"id": "1", "properties": input["properties"], "new": true}))
@@ -682,30 +600,11 @@ mod tests {
         host
     }
 
-    fn body(request: &Request) -> Value {
-        serde_json::from_slice(request.body.as_deref().expect("a body")).expect("a JSON body")
-    }
-
     fn inputs(host: &MockHost) -> Vec<Value> {
         host.requests()
             .iter()
-            .flat_map(|r| body(r)["inputs"].as_array().unwrap().clone())
+            .flat_map(|r| json_body(r)["inputs"].as_array().unwrap().clone())
             .collect()
-    }
-
-    fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-        request
-            .headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn permanent(err: ExportError) -> String {
-        match err {
-            ExportError::Permanent(message) => message,
-            other => panic!("expected a permanent error, got {other:?}"),
-        }
     }
 
     #[test]
@@ -736,7 +635,7 @@ mod tests {
         assert_eq!(header(request, "authorization"), Some("Bearer pat-na1-abc"));
         assert_eq!(header(request, "content-type"), Some("application/json"));
         assert_eq!(
-            body(request),
+            json_body(request),
             json!({"inputs": [{
                 "idProperty": "email",
                 "id": "ada@example.com",
@@ -901,7 +800,7 @@ mod tests {
         let sizes: Vec<usize> = host
             .requests()
             .iter()
-            .map(|r| body(r)["inputs"].as_array().unwrap().len())
+            .map(|r| json_body(r)["inputs"].as_array().unwrap().len())
             .collect();
         assert_eq!(sizes, [100, 100, 50]);
         let all = inputs(&host);
@@ -1098,7 +997,7 @@ mod tests {
     fn a_partial_failure_names_the_refused_events_and_keeps_sending_other_chunks() {
         let host = MockHost::install();
         host.on_http(|request| {
-            let inputs = body(request)["inputs"].as_array().unwrap().clone();
+            let inputs = json_body(request)["inputs"].as_array().unwrap().clone();
             let bad: Vec<&Value> = inputs
                 .iter()
                 .filter(|i| i["id"].as_str().unwrap().ends_with(".invalid"))
@@ -1200,6 +1099,7 @@ mod tests {
 
     #[test]
     fn bad_config_is_refused_with_a_clear_message() {
+        let refusal = testing::refusal::<HubSpot>;
         let err = refusal(json!({"token": " "}));
         assert!(err.contains("token is empty"), "{err}");
         let err = refusal(json!({"token": "t", "base_url": "api.hubapi.com"}));
@@ -1236,15 +1136,7 @@ mod tests {
             json!(["{config.base_url}"])
         );
         assert_eq!(manifest["config"]["token"]["type"], json!("secret"));
-        let fields = manifest["config"].as_object().unwrap();
-        let mut config = Map::new();
-        for (name, field) in fields {
-            let description = field["description"].as_str().unwrap_or("");
-            assert!(!description.trim().is_empty(), "{name} has no description");
-            if let Some(default) = field.get("default") {
-                config.insert(name.clone(), default.clone());
-            }
-        }
+        let mut config = testing::manifest_defaults(&manifest);
         assert_eq!(config["property_mapping"], default_mapping());
         assert_eq!(config["base_url"], json!(default_base_url()));
         assert_eq!(config["id_property"], json!(default_id_property()));

@@ -509,45 +509,35 @@ mod tests {
 
     use flate2::read::GzDecoder;
     use sluice_plugin_sdk::http::{HttpError, Method};
-    use sluice_plugin_sdk::testing::{self, MockHost};
-    use sluice_plugin_sdk::{Map, Value, json};
+    use sluice_plugin_sdk::testing::{self, MockHost, header};
+    use sluice_plugin_sdk::{Value, json};
 
     use super::*;
 
     const SECRET: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
 
     fn config(extra: Value) -> Value {
-        let mut config = json!({
+        let required = json!({
             "region": "eu-west-1",
             "bucket": "events-bucket",
             "access_key_id": "AKIAIOSFODNN7EXAMPLE",
             "secret_access_key": SECRET,
         });
-        for (key, value) in extra.as_object().unwrap() {
-            config[key] = value.clone();
-        }
-        config
+        testing::merged(required, extra)
     }
 
     fn s3(extra: Value) -> S3 {
-        testing::setup::<S3>(config(extra)).expect("valid config")
+        testing::plugin(config(extra))
     }
 
     fn refusal(extra: Value) -> String {
-        match testing::setup::<S3>(config(extra)) {
-            Ok(_) => panic!("config should be refused"),
-            Err(err) => err.to_string(),
-        }
+        testing::refusal::<S3>(config(extra))
     }
 
     fn event(uuid: &str, timestamp: &str, properties: Value) -> ExportedEvent {
         ExportedEvent {
-            uuid: uuid.into(),
-            name: "signed up".into(),
-            distinct_id: "user-1".into(),
-            person_id: Some("person-1".into()),
             timestamp: timestamp.into(),
-            properties: properties.as_object().cloned().unwrap_or_default(),
+            ..testing::exported_event(uuid, "signed up", properties)
         }
     }
 
@@ -557,14 +547,6 @@ mod tests {
             Ok(Response::new(status, body).with_header("content-type", "application/xml"))
         });
         host
-    }
-
-    fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-        request
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
     }
 
     fn gunzip(bytes: &[u8]) -> String {
@@ -1058,14 +1040,8 @@ mod tests {
         let manifest: Value =
             toml::from_str(include_str!("../plugin.toml")).expect("plugin.toml parses");
         assert_eq!(manifest["hooks"], json!(["export"]));
-        let fields = manifest["config"].as_object().unwrap();
-        let mut config = Map::new();
-        for (name, field) in fields {
-            let description = field["description"].as_str().unwrap_or("");
-            assert!(!description.trim().is_empty(), "{name} has no description");
-            if let Some(default) = field.get("default") {
-                config.insert(name.clone(), default.clone());
-            }
+        let mut config = testing::manifest_defaults(&manifest);
+        for (name, field) in manifest["config"].as_object().unwrap() {
             if field.get("required") == Some(&json!(true)) {
                 config.insert(name.clone(), self::config(json!({}))[name].clone());
             }

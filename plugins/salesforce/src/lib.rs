@@ -36,13 +36,14 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_plugin_sdk::http::{HttpError, Request, Response};
+use sluice_plugin_sdk::http::{self, HttpError, Request, Response};
 use sluice_plugin_sdk::{
-    Error, ExportError, ExportedEvent, Map, Plugin, Result, Value, info, register_plugin, warn,
+    Error, ExportError, ExportedEvent, Map, Plugin, Result, Value, info, json, register_plugin,
+    warn,
 };
 
 use oauth::{Credentials, Session};
-use records::{Mapping, Record, check_api_name, json_kind, parse_defaults};
+use records::{Mapping, Record, check_api_name, parse_defaults};
 
 /// sObject Collections take at most 200 records per call.
 const MAX_RECORDS_PER_CALL: usize = 200;
@@ -563,14 +564,10 @@ fn log_api_usage(response: &Response) {
 
 fn absolute_url(url: &str, setting: &str) -> Result<String> {
     let url = url.trim().trim_end_matches('/');
-    let lower = url.to_ascii_lowercase();
-    let has_host = ["https://", "http://"]
-        .iter()
-        .any(|scheme| lower.starts_with(scheme) && lower.len() > scheme.len());
-    if !has_host {
+    if !http::is_absolute_url(url) {
         return Err(Error::msg(format!(
             "{setting} must be an absolute https:// URL, such as https://login.salesforce.com; got {}",
-            json_kind(&Value::String(url.to_string()))
+            json::kind(&Value::String(url.to_string()))
         )));
     }
     Ok(url.to_string())
@@ -607,7 +604,7 @@ mod tests {
     use sluice_plugin_sdk::http::{Method, Request};
     use sluice_plugin_sdk::json;
     use sluice_plugin_sdk::log::Level;
-    use sluice_plugin_sdk::testing::{self, MockHost};
+    use sluice_plugin_sdk::testing::{self, MockHost, header, json_body, permanent};
 
     const LOGIN: &str = "https://login.salesforce.com";
     const INSTANCE: &str = "https://acme.my.salesforce.com";
@@ -624,32 +621,18 @@ mod tests {
     }
 
     fn with(changes: Value) -> Value {
-        let mut config = config();
-        for (k, v) in changes.as_object().unwrap() {
-            config[k] = v.clone();
-        }
-        config
+        testing::merged(config(), changes)
     }
 
     fn salesforce(config: Value) -> Salesforce {
-        testing::setup::<Salesforce>(config).expect("config accepted")
-    }
-
-    fn refusal(config: Value) -> String {
-        match testing::setup::<Salesforce>(config) {
-            Ok(_) => panic!("config should be refused"),
-            Err(err) => err.to_string(),
-        }
+        testing::plugin(config)
     }
 
     fn identify(uuid: &str, distinct_id: &str, set: Value) -> ExportedEvent {
         ExportedEvent {
-            uuid: uuid.into(),
-            name: "$identify".into(),
             distinct_id: distinct_id.into(),
-            person_id: Some("person-1".into()),
             timestamp: "2024-05-01T12:00:00.000Z".into(),
-            properties: json!({"$set": set}).as_object().unwrap().clone(),
+            ..testing::exported_event(uuid, "$identify", json!({"$set": set}))
         }
     }
 
@@ -671,18 +654,6 @@ mod tests {
 
     fn failed(code: &str, message: &str, fields: Value) -> Value {
         json!({"id": null, "success": false, "created": false, "errors": [{"statusCode": code, "message": message, "fields": fields}]})
-    }
-
-    fn body(request: &Request) -> Value {
-        serde_json::from_slice(request.body.as_deref().unwrap_or(b"null")).unwrap()
-    }
-
-    fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-        request
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
     }
 
     fn form(request: &Request) -> Vec<(String, String)> {
@@ -725,7 +696,7 @@ mod tests {
                 .strip_prefix("Bearer ")
                 .unwrap()
                 .to_string();
-            Ok(data(&token, &body(request)))
+            Ok(data(&token, &json_body(request)))
         });
     }
 
@@ -784,7 +755,7 @@ mod tests {
         assert_eq!(header(upsert, "authorization"), Some("Bearer token-1"));
         assert_eq!(header(upsert, "content-type"), Some("application/json"));
         assert_eq!(
-            body(upsert),
+            json_body(upsert),
             json!({
                 "allOrNone": false,
                 "records": [{
@@ -836,8 +807,8 @@ mod tests {
                 request.url,
                 "https://acme.my.salesforce.com/services/data/v58.0/composite/sobjects/Contact/Ext__c"
             );
-            assert_eq!(body(request)["records"][0]["attributes"], json!({"type": "Contact"}));
-            Ok(all_created(&body(request)))
+            assert_eq!(json_body(request)["records"][0]["attributes"], json!({"type": "Contact"}));
+            Ok(all_created(&json_body(request)))
         });
         let mut plugin = salesforce(with(
             json!({"object": "Contact", "api_version": "v58.0", "external_id_field": "Ext__c"}),
@@ -864,10 +835,10 @@ mod tests {
         plugin.export(events).expect("delivered");
         let sizes: Vec<usize> = upserts(&host)
             .iter()
-            .map(|r| body(r)["records"].as_array().unwrap().len())
+            .map(|r| json_body(r)["records"].as_array().unwrap().len())
             .collect();
         assert_eq!(sizes, [200, 200, 50]);
-        let last = body(&upserts(&host)[2]);
+        let last = json_body(&upserts(&host)[2]);
         assert_eq!(last["records"][49]["Sluice_Id__c"], json!("u449"));
         assert_eq!(token_requests(&host), 1, "one sign-in for the whole batch");
     }
@@ -915,8 +886,8 @@ mod tests {
         let upserts = upserts(&host);
         assert_eq!(upserts.len(), 2);
         assert_eq!(
-            body(&upserts[0]),
-            body(&upserts[1]),
+            json_body(&upserts[0]),
+            json_body(&upserts[1]),
             "the same call is retried"
         );
         assert_eq!(header(&upserts[1], "authorization"), Some("Bearer token-2"));
@@ -936,9 +907,7 @@ mod tests {
         let err = plugin
             .export(vec![identify("e1", "u1", json!({}))])
             .unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert!(
             message.contains(
                 "freshly issued access token (INVALID_SESSION_ID: Session expired or invalid)"
@@ -994,9 +963,7 @@ mod tests {
         let err = plugin
             .export(vec![identify("e1", "u1", json!({}))])
             .unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert!(
             message.contains("invalid_grant: expired access/refresh token"),
             "{message}"
@@ -1008,9 +975,7 @@ mod tests {
         let err = plugin
             .export(vec![identify("e1", "u1", json!({}))])
             .unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert!(
             message.contains("check `client_id` and `client_secret`"),
             "{message}"
@@ -1098,9 +1063,7 @@ mod tests {
                 json!([{"message": "No such column 'Plan__c' on sobject of type Lead", "errorCode": "INVALID_FIELD"}]),
             )
         });
-        let ExportError::Permanent(message) = plugin.export(batch()).unwrap_err() else {
-            panic!()
-        };
+        let message = permanent(plugin.export(batch()).unwrap_err());
         assert!(
             message.contains("INVALID_FIELD: No such column 'Plan__c'"),
             "{message}"
@@ -1116,9 +1079,7 @@ mod tests {
                 json!([{"message": "Provided external ID field does not exist or is not accessible: Sluice_Id__c", "errorCode": "NOT_FOUND"}]),
             )
         });
-        let ExportError::Permanent(message) = plugin.export(batch()).unwrap_err() else {
-            panic!()
-        };
+        let message = permanent(plugin.export(batch()).unwrap_err());
         assert!(
             message.contains("check `object`, `external_id_field`"),
             "{message}"
@@ -1130,9 +1091,7 @@ mod tests {
                 json!([{"message": "insufficient access rights on object id", "errorCode": "INSUFFICIENT_ACCESS_OR_READONLY"}]),
             )
         });
-        let ExportError::Permanent(message) = plugin.export(batch()).unwrap_err() else {
-            panic!()
-        };
+        let message = permanent(plugin.export(batch()).unwrap_err());
         assert!(
             message.contains("give the integration user create and edit access to Lead"),
             "{message}"
@@ -1169,14 +1128,14 @@ mod tests {
         let upserts = upserts(&host);
         assert_eq!(upserts.len(), 2);
         assert!(
-            body(&upserts[0])["records"]
+            json_body(&upserts[0])["records"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .all(|r| r.get("Company").is_none())
         );
         assert_eq!(
-            body(&upserts[1])["records"],
+            json_body(&upserts[1])["records"],
             json!([{"attributes": {"type": "Lead"}, "Sluice_Id__c": "u2", "LastName": "Hopper", "Company": "Unknown"}])
         );
     }
@@ -1198,9 +1157,7 @@ mod tests {
         let err = plugin
             .export(vec![identify("e1", "u1", json!({}))])
             .unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert!(
             message.contains("event(s) e1 (distinct id \"u1\"): REQUIRED_FIELD_MISSING: Required fields are missing: [Company] [Company] (add the field to `field_mapping` or `defaults`)"),
             "{message}"
@@ -1247,9 +1204,7 @@ mod tests {
         events[3] = identify("bad-1", "u3", json!({"email": "bad"}));
         events.push(identify("bad-2", "u3", json!({"first_name": "Ada"})));
         let err = plugin.export(events).unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert_eq!(
             message,
             "Salesforce refused 1 of 250 Lead record(s); the others were written. Fix the mapping or the data in Salesforce, then replay the dead letters: event(s) bad-1, bad-2 (distinct id \"u3\"): INVALID_EMAIL_ADDRESS: Email: invalid email address: bad [Email]"
@@ -1316,7 +1271,7 @@ mod tests {
             if header(request, "authorization") == Some("Bearer token-1") {
                 return Ok(json_response(401, json!([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}])));
             }
-            Ok(all_created(&body(request)))
+            Ok(all_created(&json_body(request)))
         });
         let mut plugin = salesforce(config());
         plugin
@@ -1343,9 +1298,7 @@ mod tests {
         let err = plugin
             .export(vec![identify("e1", "u1", json!({}))])
             .unwrap_err();
-        let ExportError::Permanent(message) = err else {
-            panic!("{err:?}")
-        };
+        let message = permanent(err);
         assert!(
             message.contains("https://acme.my.salesforce.mil named by the token response"),
             "{message}"
@@ -1409,7 +1362,7 @@ mod tests {
             (json!({"object": "Account"}), "invalid config"),
         ];
         for (change, expected) in cases {
-            let err = refusal(with(change.clone()));
+            let err = testing::refusal::<Salesforce>(with(change.clone()));
             assert!(err.contains(expected), "{change}: {err}");
         }
     }
@@ -1420,15 +1373,7 @@ mod tests {
             toml::from_str(include_str!("../plugin.toml")).expect("plugin.toml parses");
         assert_eq!(manifest["hooks"], json!(["export"]));
         assert_eq!(manifest["capabilities"]["kv"], json!(true));
-        let fields = manifest["config"].as_object().unwrap();
-        let mut given = Map::new();
-        for (name, field) in fields {
-            let description = field["description"].as_str().unwrap_or("");
-            assert!(!description.trim().is_empty(), "{name} has no description");
-            if let Some(default) = field.get("default") {
-                given.insert(name.clone(), default.clone());
-            }
-        }
+        let mut given = testing::manifest_defaults(&manifest);
         assert_eq!(given["field_mapping"], default_field_mapping());
         assert_eq!(given["login_url"], json!(default_login_url()));
         assert_eq!(given["api_version"], json!(default_api_version()));

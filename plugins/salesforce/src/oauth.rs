@@ -172,18 +172,9 @@ fn login_unreachable(login_url: &str, err: HttpError) -> ExportError {
         HttpError::Denied(reason) => {
             ExportError::permanent(format!("cannot reach login_url {login_url}: {reason}"))
         }
-        other => match ExportError::from(other) {
-            ExportError::Retryable {
-                message,
-                retry_after,
-            } => ExportError::Retryable {
-                message: format!("cannot reach Salesforce at {login_url} to sign in: {message}"),
-                retry_after,
-            },
-            ExportError::Permanent(message) => ExportError::permanent(format!(
-                "cannot reach Salesforce at {login_url} to sign in: {message}"
-            )),
-        },
+        other => ExportError::from(other).map_message(|message| {
+            format!("cannot reach Salesforce at {login_url} to sign in: {message}")
+        }),
     }
 }
 

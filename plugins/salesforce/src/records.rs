@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use sluice_plugin_sdk::{Error, ExportedEvent, Map, Result, Value};
+use sluice_plugin_sdk::{Error, ExportedEvent, Map, Result, Value, json};
 
 /// The event a client sends when a user is identified.
 const IDENTIFY: &str = "$identify";
@@ -31,7 +31,7 @@ impl Mapping {
         let Value::Object(map) = config else {
             return Err(Error::msg(format!(
                 "field_mapping must be a JSON object of Salesforce field to Sluice property, such as {{\"Email\": \"email\"}}; got {}",
-                json_kind(config)
+                json::kind(config)
             )));
         };
         let mut fields = Vec::with_capacity(map.len());
@@ -49,7 +49,7 @@ impl Mapping {
                 other => {
                     return Err(Error::msg(format!(
                         "field_mapping: the value of `{field}` must be a Sluice property name, got {}",
-                        json_kind(other)
+                        json::kind(other)
                     )));
                 }
             }
@@ -121,7 +121,7 @@ pub fn parse_defaults(config: &Value, external_id_field: &str) -> Result<Map<Str
     let Value::Object(map) = config else {
         return Err(Error::msg(format!(
             "defaults must be a JSON object of Salesforce field to value, such as {{\"Company\": \"Unknown\"}}; got {}",
-            json_kind(config)
+            json::kind(config)
         )));
     };
     for (field, value) in map {
@@ -134,7 +134,7 @@ pub fn parse_defaults(config: &Value, external_id_field: &str) -> Result<Map<Str
         if !matches!(value, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
             return Err(Error::msg(format!(
                 "defaults: the value of `{field}` must be a string, number or boolean, got {}",
-                json_kind(value)
+                json::kind(value)
             )));
         }
     }
@@ -189,18 +189,6 @@ fn salesforce_value(value: &Value) -> Value {
     match value {
         Value::Object(_) | Value::Array(_) => Value::String(value.to_string()),
         scalar => scalar.clone(),
-    }
-}
-
-pub fn json_kind(value: &Value) -> String {
-    match value {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) if s.chars().count() > 40 => "a string".into(),
-        Value::String(s) => format!("the string \"{s}\""),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
     }
 }
 

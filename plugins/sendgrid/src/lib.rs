@@ -20,9 +20,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_plugin_sdk::http::{Request, Response};
+use sluice_plugin_sdk::http::{self, Request, Response};
 use sluice_plugin_sdk::{
-    Error, ExportError, ExportedEvent, Map, Plugin, Result, Value, clock, info, json,
+    Error, ExportError, ExportedEvent, Map, Plugin, Result, Value, clock, info, json, person,
     register_plugin, warn,
 };
 
@@ -151,11 +151,7 @@ impl Plugin for SendGrid {
             ));
         }
         let base_url = config.base_url.trim().trim_end_matches('/').to_string();
-        let lower = base_url.to_ascii_lowercase();
-        let has_host = ["http://", "https://"]
-            .iter()
-            .any(|scheme| lower.starts_with(scheme) && lower.len() > scheme.len());
-        if !has_host {
+        if !http::is_absolute_url(&base_url) {
             return Err(Error::msg(format!(
                 "base_url must be an absolute https:// URL such as https://api.sendgrid.com; got {base_url:?}"
             )));
@@ -229,7 +225,7 @@ impl SendGrid {
         let mut by_email: HashMap<String, usize> = HashMap::new();
         let mut skipped = Vec::new();
         let mut dropped = Vec::new();
-        for event in events.iter().filter(|event| updates_person(event)) {
+        for event in events.iter().filter(|event| person::is_update(event)) {
             let Some(email) = self.email(event) else {
                 skipped.push(event.uuid.as_str());
                 continue;
@@ -243,21 +239,22 @@ impl SendGrid {
             });
             let contact = &mut contacts[index];
             contact.uuids.push(event.uuid.clone());
-            for (bag, overwrite) in [("$set_once", false), ("$set", true)] {
-                for (key, value) in person_properties(event, bag) {
-                    // A null would clear the field; SendGrid keeps what is
-                    // not sent, which is the safer reading of "no value".
-                    if value.is_null() {
-                        continue;
-                    }
-                    if let Some(field) = lookup(&self.fields, key).filter(|f| *f != "email") {
-                        put(&mut contact.fields, field, text(value), overwrite);
-                    }
-                    if let Some(id) = lookup(&self.custom_fields, key) {
-                        match custom_value(id, value) {
-                            Some(value) => put(&mut contact.custom_fields, id, value, overwrite),
-                            None => dropped.push(format!("{key} of {}", event.uuid)),
-                        }
+            // `$set_once` first, so `$set` of the same event wins.
+            let once = person::set_once(event).map(|(key, value)| (key, value, false));
+            let set = person::set(event).map(|(key, value)| (key, value, true));
+            for (key, value, overwrite) in once.chain(set) {
+                // A null would clear the field; SendGrid keeps what is
+                // not sent, which is the safer reading of "no value".
+                if value.is_null() {
+                    continue;
+                }
+                if let Some(field) = lookup(&self.fields, key).filter(|f| *f != "email") {
+                    put(&mut contact.fields, field, text(value), overwrite);
+                }
+                if let Some(id) = lookup(&self.custom_fields, key) {
+                    match custom_value(id, value) {
+                        Some(value) => put(&mut contact.custom_fields, id, value, overwrite),
+                        None => dropped.push(format!("{key} of {}", event.uuid)),
                     }
                 }
             }
@@ -288,14 +285,14 @@ impl SendGrid {
             .find_map(|source| person_value(event, source))?
             .trim()
             .to_lowercase();
-        looks_like_email(&email).then_some(email)
+        person::looks_like_email(&email).then_some(email)
     }
 
     fn external_id(&self, event: &ExportedEvent) -> Option<String> {
         let id = match &self.external_id {
             ExternalId::None => return None,
             ExternalId::DistinctId => event.distinct_id.trim().to_string(),
-            ExternalId::Property(name) => match person_value_json(event, name)? {
+            ExternalId::Property(name) => match person::property(event, name)? {
                 Value::String(text) => text.trim().to_string(),
                 Value::Number(number) => number.to_string(),
                 _ => return None,
@@ -459,48 +456,8 @@ fn describe(response: &Response) -> String {
     }
 }
 
-/// Whether the event changes a person: an identify, or person properties.
-fn updates_person(event: &ExportedEvent) -> bool {
-    let has = |bag: &str| {
-        event
-            .properties
-            .get(bag)
-            .and_then(Value::as_object)
-            .is_some_and(|map| !map.is_empty())
-    };
-    matches!(event.name.as_str(), "$identify" | "identify") || has("$set") || has("$set_once")
-}
-
-fn person_properties<'a>(
-    event: &'a ExportedEvent,
-    bag: &str,
-) -> impl Iterator<Item = (&'a str, &'a Value)> {
-    event
-        .properties
-        .get(bag)
-        .and_then(Value::as_object)
-        .into_iter()
-        .flatten()
-        .map(|(key, value)| (key.as_str(), value))
-}
-
-/// A person property: from `$set`, then `$set_once`, then the event's own
-/// properties.
-fn person_value_json<'a>(event: &'a ExportedEvent, name: &str) -> Option<&'a Value> {
-    ["$set", "$set_once"]
-        .iter()
-        .find_map(|bag| {
-            event
-                .properties
-                .get(*bag)
-                .and_then(Value::as_object)
-                .and_then(|bag| bag.get(name))
-        })
-        .or_else(|| event.properties.get(name))
-}
-
 fn person_value<'a>(event: &'a ExportedEvent, name: &str) -> Option<&'a str> {
-    person_value_json(event, name).and_then(Value::as_str)
+    person::property(event, name).and_then(Value::as_str)
 }
 
 fn lookup<'a>(mapping: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -541,22 +498,6 @@ fn custom_value(id: &str, value: &Value) -> Option<Value> {
     }
 }
 
-/// Enough to keep obvious non-addresses out of a request SendGrid would
-/// refuse over them.
-fn looks_like_email(text: &str) -> bool {
-    match text.split_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty()
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-                && !text.contains(char::is_whitespace)
-                && !domain.contains('@')
-        }
-        None => false,
-    }
-}
-
 fn list<'a>(items: impl Iterator<Item = &'a str>) -> String {
     let items: Vec<&str> = items.collect();
     let mut out = items
@@ -578,7 +519,7 @@ fn list_ids(config: &Value) -> Result<Vec<String>> {
         other => {
             return Err(Error::msg(format!(
                 "list_ids must be a JSON array of list IDs, such as [\"ca7a3796-e8a8-4029-9ccb-df8937940562\"]; got {}",
-                json_kind(other)
+                json::kind(other)
             )));
         }
     };
@@ -589,7 +530,7 @@ fn list_ids(config: &Value) -> Result<Vec<String>> {
             Value::String(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
             other => Err(Error::msg(format!(
                 "list_ids[{i}] must be a list ID (a non-empty string), got {}",
-                json_kind(other)
+                json::kind(other)
             ))),
         })
         .collect()
@@ -603,7 +544,7 @@ fn string_map(config: &Value, at: &str, what: &str) -> Result<Vec<(String, Strin
         other => {
             return Err(Error::msg(format!(
                 "{at} must be a JSON object of Sluice property name to {what}; got {}",
-                json_kind(other)
+                json::kind(other)
             )));
         }
     };
@@ -614,22 +555,10 @@ fn string_map(config: &Value, at: &str, what: &str) -> Result<Vec<(String, Strin
             }
             other => Err(Error::msg(format!(
                 "{at}.{sluice} must be {what} (a non-empty string), got {}",
-                json_kind(other)
+                json::kind(other)
             ))),
         })
         .collect()
-}
-
-fn json_kind(value: &Value) -> String {
-    match value {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) if s.chars().count() > 40 => "a string".into(),
-        Value::String(s) => format!("the string \"{s}\""),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
-    }
 }
 
 register_plugin!(SendGrid);
@@ -642,37 +571,21 @@ mod tests {
     use super::*;
     use sluice_plugin_sdk::http::{HttpError, Method};
     use sluice_plugin_sdk::log::Level;
-    use sluice_plugin_sdk::testing::{self, MockHost};
+    use sluice_plugin_sdk::testing::{self, MockHost, header, json_body, permanent};
 
     const ENDPOINT: &str = "https://api.sendgrid.com/v3/marketing/contacts";
     /// The mock host's clock, 2024-01-01T00:00:00Z, in seconds.
     const NOW_SECS: u64 = 1_704_067_200;
 
     fn sendgrid(config: Value) -> SendGrid {
-        match testing::setup::<SendGrid>(config) {
-            Ok(plugin) => plugin,
-            Err(err) => panic!("config refused: {err}"),
-        }
-    }
-
-    fn refusal(config: Value) -> String {
-        match testing::setup::<SendGrid>(config) {
-            Ok(_) => panic!("config accepted"),
-            Err(err) => err.to_string(),
-        }
+        testing::plugin(config)
     }
 
     fn event(uuid: &str, name: &str, distinct_id: &str, properties: Value) -> ExportedEvent {
         ExportedEvent {
-            uuid: uuid.into(),
-            name: name.into(),
             distinct_id: distinct_id.into(),
             person_id: None,
-            timestamp: "2024-01-01T00:00:00.000Z".into(),
-            properties: match properties {
-                Value::Object(map) => map,
-                other => panic!("properties must be an object, got {other}"),
-            },
+            ..testing::exported_event(uuid, name, properties)
         }
     }
 
@@ -700,30 +613,11 @@ mod tests {
         host
     }
 
-    fn body(request: &Request) -> Value {
-        serde_json::from_slice(request.body.as_deref().expect("a body")).expect("a JSON body")
-    }
-
     fn contacts(host: &MockHost) -> Vec<Value> {
         host.requests()
             .iter()
-            .flat_map(|r| body(r)["contacts"].as_array().unwrap().clone())
+            .flat_map(|r| json_body(r)["contacts"].as_array().unwrap().clone())
             .collect()
-    }
-
-    fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-        request
-            .headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn permanent(err: ExportError) -> String {
-        match err {
-            ExportError::Permanent(message) => message,
-            other => panic!("expected a permanent error, got {other:?}"),
-        }
     }
 
     #[test]
@@ -754,7 +648,7 @@ mod tests {
         assert_eq!(header(request, "accept"), Some("application/json"));
         assert_eq!(header(request, "content-type"), Some("application/json"));
         assert_eq!(
-            body(request),
+            json_body(request),
             json!({
                 "list_ids": ["ca7a3796-e8a8-4029-9ccb-df8937940562"],
                 "contacts": [{
@@ -824,14 +718,14 @@ mod tests {
 
         let requests = host.requests();
         assert_eq!(
-            body(&requests[0]),
+            json_body(&requests[0]),
             json!({"contacts": [
                 {"email": "a@example.com", "external_id": "42"},
                 {"email": "b@example.com"},
             ]})
         );
         assert_eq!(
-            body(&requests[1]),
+            json_body(&requests[1]),
             json!({"contacts": [{"email": "c@example.com"}]})
         );
     }
@@ -889,10 +783,13 @@ mod tests {
         let requests = host.requests();
         let sizes: Vec<usize> = requests
             .iter()
-            .map(|r| body(r)["contacts"].as_array().unwrap().len())
+            .map(|r| json_body(r)["contacts"].as_array().unwrap().len())
             .collect();
         assert_eq!(sizes, [30_000, 30_000, 1]);
-        assert_eq!(body(&requests[2])["contacts"][0]["email"], "u60000@x.io");
+        assert_eq!(
+            json_body(&requests[2])["contacts"][0]["email"],
+            "u60000@x.io"
+        );
         assert!(
             host.logs()
                 .last()
@@ -925,7 +822,7 @@ mod tests {
         for request in &requests {
             let bytes = request.body.as_ref().unwrap().len();
             assert!(bytes <= MAX_BODY_BYTES, "{bytes} bytes");
-            let parsed = body(request);
+            let parsed = json_body(request);
             assert_eq!(parsed["list_ids"], json!(["l-1"]));
             total += parsed["contacts"].as_array().unwrap().len();
         }
@@ -1113,6 +1010,7 @@ mod tests {
 
     #[test]
     fn bad_config_is_refused_with_a_clear_message() {
+        let refusal = testing::refusal::<SendGrid>;
         let err = refusal(json!({"api_key": ""}));
         assert!(err.contains("api_key is empty"), "{err}");
         let err = refusal(json!({"api_key": "k", "base_url": "api.sendgrid.com"}));
@@ -1150,15 +1048,7 @@ mod tests {
             json!(["{config.base_url}"])
         );
         assert_eq!(manifest["config"]["api_key"]["type"], json!("secret"));
-        let fields = manifest["config"].as_object().unwrap();
-        let mut config = Map::new();
-        for (name, field) in fields {
-            let description = field["description"].as_str().unwrap_or("");
-            assert!(!description.trim().is_empty(), "{name} has no description");
-            if let Some(default) = field.get("default") {
-                config.insert(name.clone(), default.clone());
-            }
-        }
+        let mut config = testing::manifest_defaults(&manifest);
         assert_eq!(config["field_mapping"], default_field_mapping());
         assert_eq!(config["external_id"], json!(default_external_id()));
         assert_eq!(config["base_url"], json!(default_base_url()));

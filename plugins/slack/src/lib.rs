@@ -14,18 +14,16 @@
 //! The webhook URL is the credential, so it never reaches a log line or an
 //! error message.
 
-mod template;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_plugin_sdk::http::{HttpError, Request, Response};
+use sluice_plugin_sdk::http::{self, HttpError, Request, Response};
+use sluice_plugin_sdk::template::{Json, Text};
 use sluice_plugin_sdk::{
-    Error, ExportError, ExportedEvent, Map, Plugin, Result, Value, info, kv, register_plugin, warn,
+    Error, ExportError, ExportedEvent, Map, Plugin, Result, Value, info, json, kv, register_plugin,
+    warn,
 };
-
-use template::{Json, Text};
 
 /// How long a posted uuid is remembered: longer than the host keeps
 /// retrying a batch, short enough that the store stays small.
@@ -68,11 +66,7 @@ impl Plugin for Slack {
 
     fn new(config: Config) -> Result<Self> {
         let webhook_url = config.webhook_url.trim().to_string();
-        let lower = webhook_url.to_ascii_lowercase();
-        let has_host = ["http://", "https://"]
-            .iter()
-            .any(|scheme| lower.starts_with(scheme) && lower.len() > scheme.len());
-        if !has_host {
+        if !http::is_absolute_url(&webhook_url) {
             // The value itself stays out of the message: it is a secret.
             return Err(Error::msg(
                 "webhook_url must be the https:// URL Slack shows for the incoming webhook, such as https://hooks.slack.com/services/T…/B…/…",
@@ -145,16 +139,16 @@ impl Slack {
     /// blocks falls back to the event name.
     fn message(&self, event: &ExportedEvent) -> Value {
         let mut message = Map::new();
-        let text = self.text.render(event);
+        let text = self.text.render_escaped(event, escape);
         match &self.blocks {
             Some(blocks) => {
                 if !text.trim().is_empty() {
                     message.insert("text".into(), Value::String(text));
                 }
-                message.insert("blocks".into(), blocks.render(event));
+                message.insert("blocks".into(), blocks.render_escaped(event, escape));
             }
             None if text.trim().is_empty() => {
-                message.insert("text".into(), Value::String(template::escaped(&event.name)));
+                message.insert("text".into(), Value::String(escaped(&event.name)));
             }
             None => {
                 message.insert("text".into(), Value::String(text));
@@ -198,18 +192,7 @@ impl Slack {
                 " ({n} of {total} message(s) were posted before and will not be posted again)"
             ),
         };
-        match err {
-            ExportError::Retryable {
-                message,
-                retry_after,
-            } => ExportError::Retryable {
-                message: format!("{message}{progress}"),
-                retry_after,
-            },
-            ExportError::Permanent(message) => {
-                ExportError::Permanent(format!("{message}{progress}"))
-            }
-        }
+        err.map_message(|message| format!("{message}{progress}"))
     }
 
     /// The host's network errors may quote the URL, which holds the secret.
@@ -299,7 +282,7 @@ fn event_names(config: &Value) -> Result<HashSet<String>> {
     let Value::Array(items) = config else {
         return Err(Error::msg(format!(
             "events must be a JSON array of the event names to post, such as [\"signed up\"]; got {}",
-            json_kind(config)
+            json::kind(config)
         )));
     };
     if items.is_empty() {
@@ -314,7 +297,7 @@ fn event_names(config: &Value) -> Result<HashSet<String>> {
             Value::String(name) if !name.is_empty() => Ok(name.clone()),
             other => Err(Error::msg(format!(
                 "events[{i}] must be an event name (a non-empty string), got {}",
-                json_kind(other)
+                json::kind(other)
             ))),
         })
         .collect()
@@ -326,7 +309,7 @@ fn compile_blocks(blocks: &Value) -> Result<Json> {
     let Value::Array(items) = blocks else {
         return Err(Error::msg(format!(
             "blocks must be a JSON array of Block Kit blocks, such as [{{\"type\": \"section\", \"text\": {{\"type\": \"mrkdwn\", \"text\": \"{{{{event}}}}\"}}}}]; got {}",
-            json_kind(blocks)
+            json::kind(blocks)
         )));
     };
     if items.is_empty() || items.len() > MAX_BLOCKS {
@@ -342,18 +325,30 @@ fn compile_blocks(blocks: &Value) -> Result<Json> {
             )));
         }
     }
-    Json::compile(blocks, "blocks")
+    // Block Kit wants text wherever a template has a placeholder.
+    Json::compile_as_text(blocks, "blocks")
 }
 
-fn json_kind(value: &Value) -> String {
-    match value {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) if s.chars().count() > 40 => "a string".into(),
-        Value::String(s) => format!("the string \"{s}\""),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
+/// `text` escaped for Slack.
+fn escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    escape(text, &mut out);
+    out
+}
+
+/// Slack reads `&`, `<` and `>` as control characters in message text;
+/// those three, and only those, are written as HTML entities. Templates
+/// escape only what placeholders insert, so the operator may format with
+/// mrkdwn and links while an event property can neither break the layout
+/// nor smuggle in a `<!channel>` mention.
+fn escape(text: &str, out: &mut String) {
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
     }
 }
 
@@ -366,37 +361,19 @@ mod tests {
 
     use super::*;
     use sluice_plugin_sdk::http::Method;
-    use sluice_plugin_sdk::json;
     use sluice_plugin_sdk::log::Level;
-    use sluice_plugin_sdk::testing::{self, MockHost};
+    use sluice_plugin_sdk::testing::{self, MockHost, json_body, permanent};
 
     const URL: &str = "https://hooks.slack.com/services/T0001/B0001/s3cr3tT0k3n";
 
     fn slack(config: Value) -> Slack {
-        match testing::setup::<Slack>(config) {
-            Ok(plugin) => plugin,
-            Err(err) => panic!("config refused: {err}"),
-        }
-    }
-
-    fn refusal(config: Value) -> String {
-        match testing::setup::<Slack>(config) {
-            Ok(_) => panic!("config accepted"),
-            Err(err) => err.to_string(),
-        }
+        testing::plugin(config)
     }
 
     fn event(uuid: &str, name: &str, properties: Value) -> ExportedEvent {
         ExportedEvent {
-            uuid: uuid.into(),
-            name: name.into(),
             distinct_id: "ada@example.com".into(),
-            person_id: Some("person-1".into()),
-            timestamp: "2024-01-01T00:00:00.000Z".into(),
-            properties: match properties {
-                Value::Object(map) => map,
-                other => panic!("properties must be an object, got {other}"),
-            },
+            ..testing::exported_event(uuid, name, properties)
         }
     }
 
@@ -411,17 +388,6 @@ mod tests {
         let host = MockHost::install();
         host.on_http(move |_| Ok(Response::new(status, body)));
         host
-    }
-
-    fn body(request: &Request) -> Value {
-        serde_json::from_slice(request.body.as_deref().expect("a body")).expect("a JSON body")
-    }
-
-    fn permanent(err: ExportError) -> String {
-        match err {
-            ExportError::Permanent(message) => message,
-            other => panic!("expected a permanent error, got {other:?}"),
-        }
     }
 
     #[test]
@@ -448,11 +414,11 @@ mod tests {
             );
         }
         assert_eq!(
-            body(&requests[0]),
+            json_body(&requests[0]),
             json!({"text": "ada@example.com did signed up"})
         );
         assert_eq!(
-            body(&requests[1]),
+            json_body(&requests[1]),
             json!({"text": "ada@example.com did paid"})
         );
     }
@@ -477,7 +443,7 @@ mod tests {
             )])
             .expect("delivered");
         assert_eq!(
-            body(&host.requests()[0])["text"],
+            json_body(&host.requests()[0])["text"],
             json!(
                 "<!here> *ada@example.com* paid 42.5 for &lt;b&gt;Tea &amp; cake&lt;/b&gt; via <https://x.test/id-1|&lt;!channel&gt;> {\"vip\":true}"
             )
@@ -505,7 +471,7 @@ mod tests {
             )])
             .expect("delivered");
         assert_eq!(
-            body(&host.requests()[0]),
+            json_body(&host.requests()[0]),
             json!({
                 "text": "paid: pro",
                 "blocks": [
@@ -539,8 +505,11 @@ mod tests {
             .expect("delivered");
 
         let requests = host.requests();
-        assert_eq!(body(&requests[0]), json!({"blocks": [{"type": "divider"}]}));
-        assert_eq!(body(&requests[1]), json!({"text": "a&lt;b"}));
+        assert_eq!(
+            json_body(&requests[0]),
+            json!({"blocks": [{"type": "divider"}]})
+        );
+        assert_eq!(json_body(&requests[1]), json!({"text": "a&lt;b"}));
     }
 
     #[test]
@@ -598,7 +567,7 @@ mod tests {
         let texts: Vec<Value> = host
             .requests()
             .iter()
-            .map(|r| body(r)["text"].clone())
+            .map(|r| json_body(r)["text"].clone())
             .collect();
         assert_eq!(texts.len(), 5, "only id-3 and id-4 are posted again");
         assert_eq!(posts.get(), 5);
@@ -700,7 +669,11 @@ mod tests {
         let host = MockHost::install();
         host.on_http(|request| {
             Ok(
-                if body(request)["text"].as_str().unwrap().contains("boom") {
+                if json_body(request)["text"]
+                    .as_str()
+                    .unwrap()
+                    .contains("boom")
+                {
                     Response::new(400, "invalid_blocks")
                 } else {
                     Response::new(200, "ok")
@@ -770,6 +743,7 @@ mod tests {
 
     #[test]
     fn bad_config_is_refused_with_a_clear_message() {
+        let refusal = testing::refusal::<Slack>;
         let err =
             refusal(json!({"webhook_url": "hooks.slack.com/services/T/B/secret", "events": ["e"]}));
         assert!(
@@ -801,6 +775,7 @@ mod tests {
 
     #[test]
     fn blocks_that_slack_would_always_refuse_are_refused_at_install() {
+        let refusal = testing::refusal::<Slack>;
         let err =
             refusal(json!({"webhook_url": URL, "events": ["e"], "blocks": {"type": "section"}}));
         assert!(
@@ -853,15 +828,7 @@ mod tests {
         );
         assert_eq!(manifest["capabilities"]["kv"], json!(true));
         assert_eq!(manifest["config"]["webhook_url"]["type"], json!("secret"));
-        let fields = manifest["config"].as_object().unwrap();
-        let mut config = Map::new();
-        for (name, field) in fields {
-            let description = field["description"].as_str().unwrap_or("");
-            assert!(!description.trim().is_empty(), "{name} has no description");
-            if let Some(default) = field.get("default") {
-                config.insert(name.clone(), default.clone());
-            }
-        }
+        let mut config = testing::manifest_defaults(&manifest);
         config.insert("webhook_url".into(), json!(URL));
         config.insert("events".into(), json!(["e"]));
         let plugin = slack(Value::Object(config));

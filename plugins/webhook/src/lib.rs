@@ -20,9 +20,10 @@ use std::fmt::Write as _;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
-use sluice_plugin_sdk::http::{Method, Request};
+use sluice_plugin_sdk::http::{self, Method, Request};
+use sluice_plugin_sdk::template::{Field, Json};
 use sluice_plugin_sdk::{
-    Error, ExportError, ExportedEvent, Map, Plugin, Result, Value, info, register_plugin,
+    Error, ExportError, ExportedEvent, Map, Plugin, Result, Value, info, json, register_plugin,
 };
 
 /// Lets receivers de-duplicate redelivered events without parsing the body.
@@ -74,7 +75,7 @@ struct Webhook {
     method: Method,
     /// Content-Type and the configured headers, sent on every request.
     headers: Vec<(String, String)>,
-    template: Template,
+    template: Json,
     mode: Mode,
     signer: Option<Signer>,
     /// Event names to send; empty sends every event.
@@ -86,11 +87,7 @@ impl Plugin for Webhook {
 
     fn new(config: Config) -> Result<Self> {
         let url = config.url.trim();
-        let lower = url.to_ascii_lowercase();
-        let has_host = ["http://", "https://"]
-            .iter()
-            .any(|scheme| lower.starts_with(scheme) && lower.len() > scheme.len());
-        if !has_host {
+        if !http::is_absolute_url(url) {
             return Err(Error::msg(
                 "url must be an absolute http:// or https:// URL, such as https://hooks.example.com/sluice",
             ));
@@ -113,8 +110,8 @@ impl Plugin for Webhook {
         };
 
         let template = match &config.body_template {
-            Some(template) => Template::compile(template, "body_template")?,
-            None => Template::default_record(),
+            Some(template) => Json::compile(template, "body_template")?,
+            None => default_record(),
         };
 
         Ok(Webhook {
@@ -189,7 +186,7 @@ fn headers(config: &Value, signer: Option<&Signer>) -> Result<Vec<(String, Strin
         other => {
             return Err(Error::msg(format!(
                 "headers must be a JSON object of header name to string value, such as {{\"Authorization\": \"Bearer …\"}}; got {}",
-                json_kind(other)
+                json::kind(other)
             )));
         }
     };
@@ -199,7 +196,7 @@ fn headers(config: &Value, signer: Option<&Signer>) -> Result<Vec<(String, Strin
         let Value::String(value) = value else {
             return Err(Error::msg(format!(
                 "headers: the value of `{name}` must be a string, got {}",
-                json_kind(value)
+                json::kind(value)
             )));
         };
         if value.contains(['\r', '\n']) {
@@ -245,7 +242,7 @@ fn event_names(config: &Value) -> Result<HashSet<String>> {
         other => {
             return Err(Error::msg(format!(
                 "events must be a JSON array of event names, such as [\"signed up\"]; got {}",
-                json_kind(other)
+                json::kind(other)
             )));
         }
     };
@@ -256,22 +253,10 @@ fn event_names(config: &Value) -> Result<HashSet<String>> {
             Value::String(name) => Ok(name.clone()),
             other => Err(Error::msg(format!(
                 "events[{i}] must be an event name (a string), got {}",
-                json_kind(other)
+                json::kind(other)
             ))),
         })
         .collect()
-}
-
-fn json_kind(value: &Value) -> String {
-    match value {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) if s.chars().count() > 40 => "a string".into(),
-        Value::String(s) => format!("the string \"{s}\""),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
-    }
 }
 
 /// HMAC-SHA256 keyed once, so each request only hashes its body.
@@ -300,247 +285,20 @@ impl Signer {
     }
 }
 
-/// A compiled `body_template`: the JSON tree with every string already
-/// split into text and placeholders.
-#[derive(Debug, PartialEq)]
-enum Template {
-    /// A subtree without placeholders, copied as is.
-    Literal(Value),
-    /// A string that is exactly one placeholder, replaced by the value with
-    /// its own JSON type.
-    Value(Field),
-    /// A string mixing text and placeholders, rendered as text.
-    Text(Vec<Piece>),
-    Array(Vec<Template>),
-    Object(Vec<(String, Template)>),
-}
-
-#[derive(Debug, PartialEq)]
-enum Piece {
-    Text(String),
-    Field(Field),
-}
-
-/// What a placeholder refers to.
-#[derive(Debug, PartialEq)]
-enum Field {
-    Uuid,
-    Event,
-    DistinctId,
-    PersonId,
-    Timestamp,
-    /// `properties` followed by a path of keys (or array indexes); an empty
-    /// path is the whole object.
-    Properties(Vec<String>),
-}
-
-/// A field's value in one event, borrowed until it is rendered.
-enum Found<'a> {
-    Missing,
-    Text(&'a str),
-    Json(&'a Value),
-    Object(&'a Map<String, Value>),
-}
-
-impl Template {
-    /// What an event looks like without a template: the exported event as
-    /// the SDK names its fields.
-    fn default_record() -> Template {
-        Template::Object(vec![
-            ("uuid".into(), Template::Value(Field::Uuid)),
-            ("event".into(), Template::Value(Field::Event)),
-            ("distinct_id".into(), Template::Value(Field::DistinctId)),
-            ("person_id".into(), Template::Value(Field::PersonId)),
-            ("timestamp".into(), Template::Value(Field::Timestamp)),
-            (
-                "properties".into(),
-                Template::Value(Field::Properties(Vec::new())),
-            ),
-        ])
-    }
-
-    /// `at` locates `value` in the config for error messages.
-    fn compile(value: &Value, at: &str) -> Result<Template> {
-        let template = match value {
-            Value::String(text) => {
-                let mut pieces = parse_text(text, at)?;
-                if !pieces.iter().any(|p| matches!(p, Piece::Field(_))) {
-                    Template::Literal(value.clone())
-                } else if pieces.len() == 1 {
-                    match pieces.pop() {
-                        Some(Piece::Field(field)) => Template::Value(field),
-                        _ => unreachable!("the only piece is a field"),
-                    }
-                } else {
-                    Template::Text(pieces)
-                }
-            }
-            Value::Array(items) => Template::Array(
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, item)| Template::compile(item, &format!("{at}[{i}]")))
-                    .collect::<Result<_>>()?,
-            ),
-            Value::Object(map) => Template::Object(
-                map.iter()
-                    .map(|(key, item)| {
-                        Ok((
-                            key.clone(),
-                            Template::compile(item, &format!("{at}.{key}"))?,
-                        ))
-                    })
-                    .collect::<Result<_>>()?,
-            ),
-            _ => Template::Literal(value.clone()),
-        };
-        // Collapsing placeholder-free containers makes rendering them one
-        // clone instead of a walk.
-        Ok(match template {
-            Template::Array(items) if items.iter().all(Template::is_literal) => {
-                Template::Literal(value.clone())
-            }
-            Template::Object(entries) if entries.iter().all(|(_, t)| t.is_literal()) => {
-                Template::Literal(value.clone())
-            }
-            other => other,
-        })
-    }
-
-    fn is_literal(&self) -> bool {
-        matches!(self, Template::Literal(_))
-    }
-
-    fn render(&self, event: &ExportedEvent) -> Value {
-        match self {
-            Template::Literal(value) => value.clone(),
-            Template::Value(field) => match field.find(event) {
-                Found::Missing => Value::Null,
-                Found::Text(text) => Value::String(text.to_string()),
-                Found::Json(value) => value.clone(),
-                Found::Object(map) => Value::Object(map.clone()),
-            },
-            Template::Text(pieces) => {
-                let mut out = String::new();
-                for piece in pieces {
-                    match piece {
-                        Piece::Text(text) => out.push_str(text),
-                        Piece::Field(field) => match field.find(event) {
-                            Found::Missing | Found::Json(Value::Null) => {}
-                            Found::Text(text) => out.push_str(text),
-                            Found::Json(Value::String(text)) => out.push_str(text),
-                            Found::Json(value) => {
-                                let _ = write!(out, "{value}");
-                            }
-                            Found::Object(map) => {
-                                let _ = write!(out, "{}", Value::Object(map.clone()));
-                            }
-                        },
-                    }
-                }
-                Value::String(out)
-            }
-            Template::Array(items) => {
-                Value::Array(items.iter().map(|item| item.render(event)).collect())
-            }
-            Template::Object(entries) => Value::Object(
-                entries
-                    .iter()
-                    .map(|(key, item)| (key.clone(), item.render(event)))
-                    .collect(),
-            ),
-        }
-    }
-}
-
-/// Splits a template string into text and placeholders.
-fn parse_text(text: &str, at: &str) -> Result<Vec<Piece>> {
-    let mut pieces = Vec::new();
-    let mut rest = text;
-    while let Some(open) = rest.find("{{") {
-        if open > 0 {
-            pieces.push(Piece::Text(rest[..open].to_string()));
-        }
-        let inner = &rest[open + 2..];
-        let close = inner.find("}}").ok_or_else(|| {
-            Error::msg(format!("{at}: `{{{{` is not closed by `}}}}` in {text:?}"))
-        })?;
-        pieces.push(Piece::Field(Field::parse(&inner[..close], at)?));
-        rest = &inner[close + 2..];
-    }
-    if !rest.is_empty() {
-        pieces.push(Piece::Text(rest.to_string()));
-    }
-    Ok(pieces)
-}
-
-impl Field {
-    fn parse(inner: &str, at: &str) -> Result<Field> {
-        let name = inner.trim();
-        let placeholder = format!("{{{{{name}}}}}");
-        let (root, path) = match name.split_once('.') {
-            Some((root, path)) => (root, Some(path)),
-            None => (name, None),
-        };
-        let field = match root {
-            "uuid" => Field::Uuid,
-            "event" => Field::Event,
-            "distinct_id" => Field::DistinctId,
-            "person_id" => Field::PersonId,
-            "timestamp" => Field::Timestamp,
-            "properties" => {
-                let path: Vec<String> = path
-                    .map(|p| p.split('.').map(str::to_string).collect())
-                    .unwrap_or_default();
-                if path.iter().any(String::is_empty) {
-                    return Err(Error::msg(format!(
-                        "{at}: placeholder `{placeholder}` has an empty segment in its path"
-                    )));
-                }
-                return Ok(Field::Properties(path));
-            }
-            _ => {
-                return Err(Error::msg(format!(
-                    "{at}: unknown placeholder `{placeholder}`; use {{{{uuid}}}}, {{{{event}}}}, {{{{distinct_id}}}}, {{{{person_id}}}}, {{{{timestamp}}}}, {{{{properties}}}} or {{{{properties.NAME}}}}"
-                )));
-            }
-        };
-        if path.is_some() {
-            return Err(Error::msg(format!(
-                "{at}: placeholder `{placeholder}` has a path, but only {{{{properties}}}} has nested fields"
-            )));
-        }
-        Ok(field)
-    }
-
-    fn find<'a>(&self, event: &'a ExportedEvent) -> Found<'a> {
-        match self {
-            Field::Uuid => Found::Text(&event.uuid),
-            Field::Event => Found::Text(&event.name),
-            Field::DistinctId => Found::Text(&event.distinct_id),
-            Field::PersonId => event
-                .person_id
-                .as_deref()
-                .map_or(Found::Missing, Found::Text),
-            Field::Timestamp => Found::Text(&event.timestamp),
-            Field::Properties(path) => {
-                let Some((first, rest)) = path.split_first() else {
-                    return Found::Object(&event.properties);
-                };
-                let mut value = event.properties.get(first);
-                for key in rest {
-                    value = match value {
-                        Some(Value::Object(map)) => map.get(key),
-                        Some(Value::Array(items)) => {
-                            key.parse::<usize>().ok().and_then(|i| items.get(i))
-                        }
-                        _ => None,
-                    };
-                }
-                value.map_or(Found::Missing, Found::Json)
-            }
-        }
-    }
+/// What an event looks like without a template: the exported event as the
+/// SDK names its fields.
+fn default_record() -> Json {
+    Json::Object(vec![
+        ("uuid".into(), Json::Value(Field::Uuid)),
+        ("event".into(), Json::Value(Field::Event)),
+        ("distinct_id".into(), Json::Value(Field::DistinctId)),
+        ("person_id".into(), Json::Value(Field::PersonId)),
+        ("timestamp".into(), Json::Value(Field::Timestamp)),
+        (
+            "properties".into(),
+            Json::Value(Field::Properties(Vec::new())),
+        ),
+    ])
 }
 
 register_plugin!(Webhook);
@@ -552,58 +310,20 @@ mod tests {
     use super::*;
     use sha2::Digest;
     use sluice_plugin_sdk::http::{HttpError, Response};
-    use sluice_plugin_sdk::json;
     use sluice_plugin_sdk::log::Level;
-    use sluice_plugin_sdk::testing::{self, MockHost};
+    use sluice_plugin_sdk::template::{Piece, Text};
+    use sluice_plugin_sdk::testing::{self, MockHost, exported_event, header, json_body};
 
     const URL: &str = "https://hooks.example.com/sluice";
 
     fn webhook(config: Value) -> Webhook {
-        match testing::setup::<Webhook>(config) {
-            Ok(plugin) => plugin,
-            Err(err) => panic!("config refused: {err}"),
-        }
-    }
-
-    fn refusal(config: Value) -> String {
-        match testing::setup::<Webhook>(config) {
-            Ok(_) => panic!("config accepted"),
-            Err(err) => err.to_string(),
-        }
-    }
-
-    fn event(uuid: &str, name: &str, properties: Value) -> ExportedEvent {
-        ExportedEvent {
-            uuid: uuid.into(),
-            name: name.into(),
-            distinct_id: "user-1".into(),
-            person_id: Some("person-1".into()),
-            timestamp: "2024-01-01T00:00:00.000Z".into(),
-            properties: match properties {
-                Value::Object(map) => map,
-                other => panic!("properties must be an object, got {other}"),
-            },
-        }
+        testing::plugin(config)
     }
 
     fn answering(status: u16) -> MockHost {
         let host = MockHost::install();
         host.on_http(move |_| Ok(Response::new(status, "")));
         host
-    }
-
-    fn body(request: &Request) -> Value {
-        serde_json::from_slice(request.body.as_deref().expect("a body")).expect("a JSON body")
-    }
-
-    fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-        let mut values = request
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name));
-        let value = values.next().map(|(_, v)| v.as_str());
-        assert!(values.next().is_none(), "header {name} is sent twice");
-        value
     }
 
     /// HMAC-SHA256 written out from RFC 2104 on plain SHA-256, so the test
@@ -631,11 +351,11 @@ mod tests {
     fn batch_mode_posts_one_array_of_default_records() {
         let host = answering(200);
         let mut plugin = webhook(json!({"url": URL}));
-        let mut anonymous = event("id-2", "pageview", json!({}));
+        let mut anonymous = exported_event("id-2", "pageview", json!({}));
         anonymous.person_id = None;
         plugin
             .export(vec![
-                event("id-1", "signed up", json!({"plan": "pro"})),
+                exported_event("id-1", "signed up", json!({"plan": "pro"})),
                 anonymous,
             ])
             .expect("delivered");
@@ -649,7 +369,7 @@ mod tests {
         assert_eq!(header(request, "x-sluice-event-ids"), Some("id-1,id-2"));
         assert_eq!(header(request, "x-sluice-signature"), None);
         assert_eq!(
-            body(request),
+            json_body(request),
             json!([
                 {
                     "uuid": "id-1",
@@ -669,7 +389,7 @@ mod tests {
                 },
             ])
         );
-        let record = &body(request)[0];
+        let record = &json_body(request)[0];
         let keys: Vec<&String> = record.as_object().unwrap().keys().collect();
         assert_eq!(
             keys,
@@ -690,8 +410,8 @@ mod tests {
         let mut plugin = webhook(json!({"url": URL}));
         plugin
             .export(vec![
-                event("id-1", "a", json!({})),
-                event("id-2", "b", json!({})),
+                exported_event("id-1", "a", json!({})),
+                exported_event("id-2", "b", json!({})),
             ])
             .expect("delivered");
         let logs = host.logs();
@@ -721,7 +441,7 @@ mod tests {
                 "{{event}}": "keys are not templated",
             },
         }));
-        let mut anonymous = event(
+        let mut anonymous = exported_event(
             "id-1",
             "upgraded",
             json!({"plan": {"name": "pro", "annual": true}, "seats": 5, "tags": ["a", "b"]}),
@@ -730,7 +450,7 @@ mod tests {
         plugin.export(vec![anonymous]).expect("delivered");
 
         assert_eq!(
-            body(&host.requests()[0]),
+            json_body(&host.requests()[0]),
             json!({
                 "text": "upgraded by user-1: pro for 5 seats",
                 "seats": 5,
@@ -749,19 +469,22 @@ mod tests {
 
     #[test]
     fn a_template_is_compiled_once_with_constant_parts_left_as_literals() {
-        let template = Template::compile(
+        let template = Json::compile(
             &json!({"fixed": {"a": [1, "b"]}, "name": "{{event}}", "note": "{{event}}!"}),
             "body_template",
         )
         .unwrap();
         assert_eq!(
             template,
-            Template::Object(vec![
-                ("fixed".into(), Template::Literal(json!({"a": [1, "b"]}))),
-                ("name".into(), Template::Value(Field::Event)),
+            Json::Object(vec![
+                ("fixed".into(), Json::Literal(json!({"a": [1, "b"]}))),
+                ("name".into(), Json::Value(Field::Event)),
                 (
                     "note".into(),
-                    Template::Text(vec![Piece::Field(Field::Event), Piece::Text("!".into())])
+                    Json::Text(Text::from(vec![
+                        Piece::Field(Field::Event),
+                        Piece::Text("!".into())
+                    ]))
                 ),
             ])
         );
@@ -772,7 +495,11 @@ mod tests {
         let host = answering(200);
         let mut plugin = webhook(json!({"url": URL, "secret": "s3cr3t"}));
         plugin
-            .export(vec![event("id-1", "signed up", json!({"plan": "pro"}))])
+            .export(vec![exported_event(
+                "id-1",
+                "signed up",
+                json!({"plan": "pro"}),
+            )])
             .expect("delivered");
 
         let request = &host.requests()[0];
@@ -815,7 +542,7 @@ mod tests {
             "signature_header": "X-Hub-Signature-256",
         }));
         plugin
-            .export(vec![event("id-1", "a", json!({}))])
+            .export(vec![exported_event("id-1", "a", json!({}))])
             .expect("delivered");
         let request = &host.requests()[0];
         assert_eq!(request.method, Method::Put);
@@ -835,7 +562,7 @@ mod tests {
             "headers": {"Authorization": "Bearer t0ken", "Content-Type": "application/vnd.acme+json"},
         }));
         plugin
-            .export(vec![event("id-1", "a", json!({}))])
+            .export(vec![exported_event("id-1", "a", json!({}))])
             .expect("delivered");
         let request = &host.requests()[0];
         assert_eq!(header(request, "authorization"), Some("Bearer t0ken"));
@@ -851,9 +578,9 @@ mod tests {
         let mut plugin = webhook(json!({"url": URL, "mode": "each", "method": "PATCH"}));
         plugin
             .export(vec![
-                event("id-1", "a", json!({"n": 1})),
-                event("id-2", "b", json!({"n": 2})),
-                event("id-3", "c", json!({"n": 3})),
+                exported_event("id-1", "a", json!({"n": 1})),
+                exported_event("id-2", "b", json!({"n": 2})),
+                exported_event("id-3", "c", json!({"n": 3})),
             ])
             .expect("delivered");
 
@@ -863,7 +590,7 @@ mod tests {
             let uuid = format!("id-{}", i + 1);
             assert_eq!(request.method, Method::Patch);
             assert_eq!(header(request, "x-sluice-event-ids"), Some(uuid.as_str()));
-            let record = body(request);
+            let record = json_body(request);
             assert!(record.is_object(), "each mode sends a bare record");
             assert_eq!(record["uuid"], json!(uuid));
             assert_eq!(record["properties"]["n"], json!(i + 1));
@@ -885,9 +612,9 @@ mod tests {
         let mut plugin = webhook(json!({"url": URL, "mode": "each"}));
         let err = plugin
             .export(vec![
-                event("id-1", "a", json!({})),
-                event("id-2", "b", json!({})),
-                event("id-3", "c", json!({})),
+                exported_event("id-1", "a", json!({})),
+                exported_event("id-2", "b", json!({})),
+                exported_event("id-3", "c", json!({})),
             ])
             .unwrap_err();
         assert_eq!(
@@ -906,9 +633,9 @@ mod tests {
         let mut plugin = webhook(json!({"url": URL, "events": ["signed up", "upgraded"]}));
         plugin
             .export(vec![
-                event("id-1", "pageview", json!({})),
-                event("id-2", "signed up", json!({})),
-                event("id-3", "upgraded", json!({})),
+                exported_event("id-1", "pageview", json!({})),
+                exported_event("id-2", "signed up", json!({})),
+                exported_event("id-3", "upgraded", json!({})),
             ])
             .expect("delivered");
         let requests = host.requests();
@@ -917,7 +644,7 @@ mod tests {
             header(&requests[0], "x-sluice-event-ids"),
             Some("id-2,id-3")
         );
-        assert_eq!(body(&requests[0]).as_array().unwrap().len(), 2);
+        assert_eq!(json_body(&requests[0]).as_array().unwrap().len(), 2);
     }
 
     #[test]
@@ -925,7 +652,7 @@ mod tests {
         let host = answering(500);
         let mut plugin = webhook(json!({"url": URL, "events": ["signed up"]}));
         plugin
-            .export(vec![event("id-1", "pageview", json!({}))])
+            .export(vec![exported_event("id-1", "pageview", json!({}))])
             .expect("nothing to deliver is success");
         plugin
             .export(Vec::new())
@@ -938,7 +665,7 @@ mod tests {
         let _host = answering(500);
         let mut plugin = webhook(json!({"url": URL}));
         let err = plugin
-            .export(vec![event("id-1", "a", json!({}))])
+            .export(vec![exported_event("id-1", "a", json!({}))])
             .unwrap_err();
         assert!(
             matches!(
@@ -958,7 +685,7 @@ mod tests {
         host.on_http(|_| Ok(Response::new(429, "slow down").with_header("Retry-After", "30")));
         let mut plugin = webhook(json!({"url": URL}));
         let err = plugin
-            .export(vec![event("id-1", "a", json!({}))])
+            .export(vec![exported_event("id-1", "a", json!({}))])
             .unwrap_err();
         assert_eq!(
             err,
@@ -975,7 +702,7 @@ mod tests {
         host.on_http(|_| Ok(Response::new(400, "missing field email")));
         let mut plugin = webhook(json!({"url": URL}));
         let err = plugin
-            .export(vec![event("id-1", "a", json!({}))])
+            .export(vec![exported_event("id-1", "a", json!({}))])
             .unwrap_err();
         assert_eq!(
             err,
@@ -989,19 +716,20 @@ mod tests {
         host.on_http(|_| Err(HttpError::Timeout));
         let mut plugin = webhook(json!({"url": URL}));
         let err = plugin
-            .export(vec![event("id-1", "a", json!({}))])
+            .export(vec![exported_event("id-1", "a", json!({}))])
             .unwrap_err();
         assert!(matches!(err, ExportError::Retryable { .. }), "{err:?}");
 
         host.on_http(|_| Err(HttpError::Denied("hooks.example.com is not allowed".into())));
         let err = plugin
-            .export(vec![event("id-1", "a", json!({}))])
+            .export(vec![exported_event("id-1", "a", json!({}))])
             .unwrap_err();
         assert!(matches!(err, ExportError::Permanent(_)), "{err:?}");
     }
 
     #[test]
     fn headers_that_are_not_an_object_of_strings_are_refused() {
+        let refusal = testing::refusal::<Webhook>;
         let err = refusal(json!({"url": URL, "headers": ["Authorization: x"]}));
         assert!(
             err.contains("headers must be a JSON object") && err.contains("an array"),
@@ -1023,7 +751,9 @@ mod tests {
 
     #[test]
     fn an_unknown_placeholder_is_refused_by_name_and_place() {
-        let err = refusal(json!({"url": URL, "body_template": {"user": ["{{foo}}"]}}));
+        let err = testing::refusal::<Webhook>(
+            json!({"url": URL, "body_template": {"user": ["{{foo}}"]}}),
+        );
         assert!(
             err.contains("body_template.user[0]: unknown placeholder `{{foo}}`"),
             "{err}"
@@ -1033,6 +763,7 @@ mod tests {
 
     #[test]
     fn malformed_placeholders_are_refused() {
+        let refusal = testing::refusal::<Webhook>;
         let err = refusal(json!({"url": URL, "body_template": "{{event.name}}"}));
         assert!(
             err.contains("`{{event.name}}` has a path, but only {{properties}}"),
@@ -1049,6 +780,7 @@ mod tests {
 
     #[test]
     fn other_bad_config_is_refused_with_a_clear_message() {
+        let refusal = testing::refusal::<Webhook>;
         let err = refusal(json!({"url": "hooks.example.com/sluice"}));
         assert!(
             err.contains("url must be an absolute http:// or https:// URL"),
@@ -1073,15 +805,7 @@ mod tests {
             manifest["capabilities"]["http_hosts"],
             json!(["{config.url}"])
         );
-        let fields = manifest["config"].as_object().unwrap();
-        let mut config = Map::new();
-        for (name, field) in fields {
-            let description = field["description"].as_str().unwrap_or("");
-            assert!(!description.trim().is_empty(), "{name} has no description");
-            if let Some(default) = field.get("default") {
-                config.insert(name.clone(), default.clone());
-            }
-        }
+        let mut config = testing::manifest_defaults(&manifest);
         config.insert("url".into(), json!(URL));
         let plugin = webhook(Value::Object(config));
         assert_eq!(plugin.mode, Mode::Batch);
