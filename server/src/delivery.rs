@@ -1,5 +1,5 @@
 //! Delivery: moves events from each destination's outbox into its plugin's
-//! `export-batch`, and runs scheduled tasks.
+//! `export-batch`.
 //!
 //! Each enabled, unpaused destination install gets `concurrency` lanes per
 //! process. A lane leases a batch from the outbox (waiting up to `linger_ms`
@@ -25,21 +25,19 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::pipeline::instantiate;
-use crate::runtime::{
-    ExportFailure, ExportedEvent, Hook, LogLevel, LogRecord, PluginInstance, format_timestamp,
-};
-use crate::server::AppState;
+use crate::configs::{self, ConfigWatch};
+use crate::loader;
+use crate::model::{AttemptOutcome, format_timestamp};
+use crate::queue::Wakeups;
+use crate::runtime::{ExportFailure, ExportedEvent, LogLevel, LogRecord, PluginInstance, Runtime};
 use crate::store::{
     Attempt, DeliveryRecord, DeliverySettings, Disposition, OutboxRow, PluginConfig, Store,
     now_rfc3339,
 };
+use crate::supervisor::Health;
 
 /// Batches dead-lettered in a row after which a destination is paused.
 pub const PAUSE_AFTER_DEAD_BATCHES: i64 = 5;
-
-/// How often the set of destinations and schedules is checked for changes.
-const REFRESH: Duration = Duration::from_secs(1);
 
 /// How long an idle lane waits before looking again, in case a wake-up was
 /// missed (another process stored events, or a retry came due).
@@ -51,30 +49,38 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 /// after a later one (PostgreSQL hands out ids before commit).
 const REWIND_EVERY: Duration = Duration::from_secs(1);
 
+/// What delivery needs: the outboxes, the plugins, the published configs
+/// and the wake-up the worker sends when events reach an outbox.
+#[derive(Clone)]
+pub struct Delivery {
+    pub store: Store,
+    pub runtime: Runtime,
+    pub configs: ConfigWatch,
+    pub wake: Wakeups,
+    /// How long a leased batch stays with a lane.
+    pub lease: Duration,
+}
+
 /// Runs the lanes of every active destination until `stop`, restarting a
 /// destination's lanes when its install changes.
-pub async fn run_delivery(state: AppState, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run_delivery(
+    delivery: Delivery,
+    health: Health,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let mut running: HashMap<String, Lanes> = HashMap::new();
-    let mut stamp = String::new();
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        match state.store.plugin_configs_stamp().await {
-            Ok(now) if now != stamp => match state.store.enabled_plugin_configs().await {
-                Ok(configs) => {
-                    reconcile(&state, &mut running, configs).await;
-                    stamp = now;
-                }
-                Err(err) => tracing::error!("failed to load destinations: {err}"),
+    let mut configs = delivery.configs.subscribe();
+    let mut snapshot = configs::first(&mut configs, &mut stop).await;
+    while let Some(current) = snapshot {
+        reconcile(&delivery, &mut running, &current).await;
+        health.ready();
+        snapshot = tokio::select! {
+            changed = configs.changed() => match changed {
+                Ok(()) => configs.borrow_and_update().clone(),
+                Err(_) => None,
             },
-            Ok(_) => {}
-            Err(err) => tracing::error!("failed to check destinations: {err}"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(REFRESH) => {}
-            _ = stop.changed() => {}
-        }
+            _ = stop.changed() => None,
+        };
     }
     for (_, lanes) in running.drain() {
         lanes.stop().await;
@@ -106,19 +112,14 @@ fn fingerprint(config: &PluginConfig) -> String {
 }
 
 async fn reconcile(
-    state: &AppState,
+    delivery: &Delivery,
     running: &mut HashMap<String, Lanes>,
-    configs: Vec<PluginConfig>,
+    configs: &[PluginConfig],
 ) {
     let active: HashMap<String, PluginConfig> = configs
-        .into_iter()
-        .filter(|c| {
-            c.manifest
-                .as_ref()
-                .is_some_and(|m| m.has_hook(Hook::Export))
-        })
-        .filter(|c| c.paused_reason.is_none())
-        .map(|c| (c.id.clone(), c))
+        .iter()
+        .filter(|c| c.is_destination() && c.paused_reason.is_none())
+        .map(|c| (c.id.clone(), c.clone()))
         .collect();
     let stale: Vec<String> = running
         .iter()
@@ -142,7 +143,7 @@ async fn reconcile(
         let (stop_tx, stop_rx) = watch::channel(false);
         let destination = Arc::new(Destination::new(config));
         let tasks = (0..destination.settings.concurrency)
-            .map(|_| tokio::spawn(lane(state.clone(), destination.clone(), stop_rx.clone())))
+            .map(|_| tokio::spawn(lane(delivery.clone(), destination.clone(), stop_rx.clone())))
             .collect();
         running.insert(
             id,
@@ -209,9 +210,9 @@ async fn pause_for(wait: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-async fn lane(state: AppState, destination: Arc<Destination>, mut stop: watch::Receiver<bool>) {
+async fn lane(delivery: Delivery, destination: Arc<Destination>, mut stop: watch::Receiver<bool>) {
     let owner = format!("delivery-{}", uuid::Uuid::new_v4());
-    let store = &state.store;
+    let store = &delivery.store;
     let config = &destination.config;
     let settings = &destination.settings;
     let mut instance: Option<PluginInstance> = None;
@@ -254,7 +255,7 @@ async fn lane(state: AppState, destination: Arc<Destination>, mut stop: watch::R
         }
         if ready == 0 {
             tokio::select! {
-                _ = state.wake_delivery.notified() => {}
+                _ = delivery.wake.delivery.notified() => {}
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = stop.changed() => break,
             }
@@ -286,7 +287,7 @@ async fn lane(state: AppState, destination: Arc<Destination>, mut stop: watch::R
         if !slot.is_zero() && pause_for(slot, &mut stop).await {
             break;
         }
-        let lease = state.config.lease;
+        let lease = delivery.lease;
         let rows = match store
             .claim_outbox(&config.id, &owner, after, settings.batch_size, lease)
             .await
@@ -304,7 +305,7 @@ async fn lane(state: AppState, destination: Arc<Destination>, mut stop: watch::R
                 continue;
             }
         };
-        let record = deliver(&state, &destination, &owner, &mut instance, rows).await;
+        let record = deliver(&delivery, &destination, &owner, &mut instance, rows).await;
         match record.disposition {
             Disposition::Retry { at } => {
                 let wait = at - chrono::Utc::now().timestamp_millis();
@@ -357,7 +358,7 @@ enum Outcome {
 
 /// Exports one leased batch and decides what becomes of it.
 async fn deliver(
-    state: &AppState,
+    delivery: &Delivery,
     destination: &Destination,
     owner: &str,
     instance: &mut Option<PluginInstance>,
@@ -367,15 +368,15 @@ async fn deliver(
     let started = Instant::now();
     let mut logs = Vec::new();
     let mut status_code = None;
-    let outcome = match take_instance(state, config, instance).await {
-        Err(reason) => Outcome::Retryable {
-            message: reason,
+    let outcome = match take_instance(delivery, config, instance).await {
+        Err(err) => Outcome::Retryable {
+            message: err.to_string(),
             retry_after: None,
         },
         Ok(live) => {
             let events: Vec<ExportedEvent> = rows.iter().map(exported).collect();
             let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
-            match export_keeping_lease(&state.store, owner, &ids, state.config.lease, live, events)
+            match export_keeping_lease(&delivery.store, owner, &ids, delivery.lease, live, events)
                 .await
             {
                 Some((mut live, result)) => {
@@ -444,7 +445,7 @@ async fn deliver(
         Outcome::Permanent(message) => (Disposition::DeadLetter, Some(message), None),
     };
     if matches!(disposition, Disposition::DeadLetter) && pause.is_none() {
-        let in_row = state
+        let in_row = delivery
             .store
             .dead_batches_in_row(&config.id)
             .await
@@ -458,14 +459,14 @@ async fn deliver(
         }
     }
     let outcome = match disposition {
-        Disposition::Delivered => "delivered",
-        Disposition::Retry { .. } => "retrying",
-        Disposition::DeadLetter => "dead_lettered",
+        Disposition::Delivered => AttemptOutcome::Delivered,
+        Disposition::Retry { .. } => AttemptOutcome::Retrying,
+        Disposition::DeadLetter => AttemptOutcome::DeadLettered,
     };
     if let Some(error) = &error {
         logs.push(LogRecord {
             at: now_rfc3339(),
-            level: if outcome == "retrying" {
+            level: if outcome == AttemptOutcome::Retrying {
                 LogLevel::Warn
             } else {
                 LogLevel::Error
@@ -484,7 +485,7 @@ async fn deliver(
         attempt: Attempt {
             at: format_timestamp(chrono::Utc::now()),
             events: rows.len() as i64,
-            outcome: outcome.into(),
+            outcome,
             status_code: status_code.map(i64::from),
             latency_ms: started.elapsed().as_millis() as i64,
             error,
@@ -496,14 +497,18 @@ async fn deliver(
     }
 }
 
+/// The lane's instance, started if it has none. Any failure to start is
+/// retried like a failed export: a plugin that cannot start by its own
+/// fault ends in dead letters and a paused destination, the usual outcome
+/// of retries that never succeed.
 async fn take_instance(
-    state: &AppState,
+    delivery: &Delivery,
     config: &PluginConfig,
     instance: &mut Option<PluginInstance>,
-) -> Result<PluginInstance, String> {
+) -> Result<PluginInstance, loader::StartError> {
     match instance.take() {
         Some(live) => Ok(live),
-        None => instantiate(&state.store, &state.runtime, config).await,
+        None => loader::start(&delivery.store, &delivery.runtime, config).await,
     }
 }
 
@@ -551,165 +556,10 @@ fn backoff(settings: &DeliverySettings, attempts: i64) -> Duration {
     Duration::from_millis((ceiling as f64 * fraction) as u64)
 }
 
-/// One scheduled task of one install.
-struct Scheduled {
-    config: PluginConfig,
-    task: String,
-    schedule: cron::Schedule,
-    next: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-/// Runs the `[[schedule]]` tasks of enabled installs. Every process keeps
-/// the same timetable; the first to claim a fire time in the store runs it,
-/// so each fire runs once however many processes there are.
-pub async fn run_scheduler(state: AppState, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    use std::str::FromStr;
-    let owner = format!("scheduler-{}", uuid::Uuid::new_v4());
-    let mut stamp = String::new();
-    let mut tasks: Vec<Scheduled> = Vec::new();
-    let mut instances: HashMap<String, PluginInstance> = HashMap::new();
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        if let Ok(now) = state.store.plugin_configs_stamp().await
-            && now != stamp
-            && let Ok(configs) = state.store.enabled_plugin_configs().await
-        {
-            stamp = now;
-            instances.clear();
-            let after = chrono::Utc::now();
-            tasks = configs
-                .into_iter()
-                .flat_map(|config| {
-                    let schedules = config
-                        .manifest
-                        .as_ref()
-                        .map(|m| m.schedule.clone())
-                        .unwrap_or_default();
-                    schedules.into_iter().filter_map(move |s| {
-                        let schedule = cron::Schedule::from_str(&s.cron).ok()?;
-                        let next = schedule.after(&after).next();
-                        Some(Scheduled {
-                            config: config.clone(),
-                            task: s.name,
-                            schedule,
-                            next,
-                        })
-                    })
-                })
-                .collect();
-        }
-        let now = chrono::Utc::now();
-        for scheduled in tasks.iter_mut() {
-            let Some(due) = scheduled.next.filter(|due| *due <= now) else {
-                continue;
-            };
-            scheduled.next = scheduled.schedule.after(&now).next();
-            let fire_at = format_timestamp(due);
-            match state
-                .store
-                .claim_scheduled_run(&scheduled.config.id, &scheduled.task, &fire_at, &owner)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(err) => {
-                    tracing::error!("failed to claim a scheduled run: {err}");
-                    continue;
-                }
-            }
-            let logs = run_task(&state, scheduled, &fire_at, &mut instances).await;
-            if let Err(err) = state
-                .store
-                .append_plugin_logs(&scheduled.config.id, &logs)
-                .await
-            {
-                tracing::error!("failed to write a task's log: {err}");
-            }
-        }
-        let wait = tasks
-            .iter()
-            .filter_map(|s| s.next)
-            .min()
-            .and_then(|next| (next - chrono::Utc::now()).to_std().ok())
-            .unwrap_or(REFRESH)
-            .min(REFRESH);
-        if pause_for(wait, &mut stop).await {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// Runs one fire of a task and returns its log, with a line saying how it
-/// ended.
-async fn run_task(
-    state: &AppState,
-    scheduled: &Scheduled,
-    fire_at: &str,
-    instances: &mut HashMap<String, PluginInstance>,
-) -> Vec<LogRecord> {
-    let config = &scheduled.config;
-    let instance = match instances.remove(&config.id) {
-        Some(instance) => Ok(instance),
-        None => instantiate(&state.store, &state.runtime, config).await,
-    };
-    let line = |level, message: String| LogRecord {
-        at: now_rfc3339(),
-        level,
-        message,
-        fields: Vec::new(),
-        event_uuid: None,
-    };
-    let mut instance = match instance {
-        Ok(instance) => instance,
-        Err(reason) => {
-            return vec![line(
-                LogLevel::Error,
-                format!(
-                    "scheduled task `{}` ({fire_at}) did not run: {reason}",
-                    scheduled.task
-                ),
-            )];
-        }
-    };
-    let task = scheduled.task.clone();
-    let Ok((mut instance, result)) = tokio::task::spawn_blocking(move || {
-        let result = instance.run_task(&task);
-        (instance, result)
-    })
-    .await
-    else {
-        return vec![line(
-            LogLevel::Error,
-            format!(
-                "scheduled task `{}` ({fire_at}) panicked in the host",
-                scheduled.task
-            ),
-        )];
-    };
-    let (mut logs, _) = instance.take_activity();
-    logs.push(match result {
-        Ok(()) => line(
-            LogLevel::Info,
-            format!("scheduled task `{}` ({fire_at}) finished", scheduled.task),
-        ),
-        Err(err) => line(
-            LogLevel::Error,
-            format!(
-                "scheduled task `{}` ({fire_at}) failed: {err}",
-                scheduled.task
-            ),
-        ),
-    });
-    instances.insert(config.id.clone(), instance);
-    logs
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::FailurePolicy;
 
     #[test]
     fn backoff_doubles_from_the_initial_delay_with_jitter_up_to_the_cap() {
@@ -751,7 +601,7 @@ mod tests {
                 config: Value::Null,
                 enabled: true,
                 position: 0,
-                failure_policy: "open".into(),
+                failure_policy: FailurePolicy::Open,
                 consecutive_failures: 0,
                 disabled_reason: None,
                 delivery: config_settings.clone(),

@@ -9,19 +9,24 @@
 //! [`AUTO_DISABLE_AFTER`] events in a row is disabled with the reason shown.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::configs::{self, ConfigWatch};
+use crate::loader;
+use crate::model::FailurePolicy;
+use crate::queue::{QueueGauge, Wakeups};
 use crate::runtime::{
-    Hook, Install, LogLevel, LogRecord, PluginEvent, PluginInstance, Runtime, TransformFailure,
+    Hook, LogLevel, LogRecord, PluginEvent, PluginInstance, Runtime, TransformFailure,
 };
-use crate::server::AppState;
 use crate::store::{
     Backend, Claim, Claimed, DeadLetter, PluginConfig, PluginHealth, ProcessedBatch, QueuedEvent,
     Store,
 };
+use crate::supervisor::Health;
 
 /// Rows leased per round trip.
 const CLAIM_BATCH: u32 = 500;
@@ -40,6 +45,8 @@ pub const AUTO_DISABLE_AFTER: i64 = 10;
 /// One plugin config of a chain, instantiated.
 struct Link {
     config_id: String,
+    /// The install as it was started; a change starts it again.
+    updated_at: String,
     fail_closed: bool,
     instance: PluginInstance,
     /// As stored; a change is written back with the batch.
@@ -48,82 +55,66 @@ struct Link {
     disabled_reason: Option<String>,
 }
 
-/// Every project's chain, rebuilt when any plugin config changes.
+/// Every project's chain, kept in step with the published configs.
 #[derive(Default)]
 struct Chains {
-    stamp: String,
     by_project: HashMap<String, Vec<Link>>,
 }
 
 impl Chains {
-    async fn refresh(&mut self, store: &Store, runtime: &Runtime) -> anyhow::Result<()> {
-        let stamp = store.plugin_configs_stamp().await?;
-        if stamp == self.stamp {
-            return Ok(());
-        }
+    /// Rebuilds the chains from `configs`, keeping the instances of
+    /// installs that did not change. A plugin that cannot start by its own
+    /// fault is disabled with the reason; one the host could not start
+    /// fails the whole update, so that no event runs through a chain that
+    /// lacks a link (a scrubber, say) and the install stays enabled.
+    async fn update(
+        &mut self,
+        configs: &[PluginConfig],
+        store: &Store,
+        runtime: &Runtime,
+    ) -> anyhow::Result<()> {
+        let mut running: HashMap<String, Link> = std::mem::take(&mut self.by_project)
+            .into_values()
+            .flatten()
+            .map(|link| (link.config_id.clone(), link))
+            .collect();
         let mut by_project: HashMap<String, Vec<Link>> = HashMap::new();
-        for config in store.enabled_plugin_configs().await? {
-            // Destinations get their events from delivery, not the chain.
-            let transforms = config
-                .manifest
-                .as_ref()
-                .is_none_or(|m| m.has_hook(Hook::Transform));
-            if !transforms {
-                continue;
-            }
-            match instantiate(store, runtime, &config).await {
-                Ok(instance) if !instance.plugin().manifest().has_hook(Hook::Transform) => {}
-                Ok(instance) => by_project
-                    .entry(config.project_id.clone())
-                    .or_default()
-                    .push(Link {
-                        config_id: config.id,
-                        fail_closed: config.failure_policy == "closed",
+        for config in configs.iter().filter(|c| c.is_transformation()) {
+            let link = match running.remove(&config.id) {
+                Some(link) if link.updated_at == config.updated_at => link,
+                _ => match loader::start(store, runtime, config).await {
+                    Ok(instance) if !instance.plugin().manifest().has_hook(Hook::Transform) => {
+                        continue;
+                    }
+                    Ok(instance) => Link {
+                        config_id: config.id.clone(),
+                        updated_at: config.updated_at.clone(),
+                        fail_closed: config.failure_policy == FailurePolicy::Closed,
                         instance,
                         stored_failures: config.consecutive_failures,
                         failures: config.consecutive_failures,
                         disabled_reason: None,
-                    }),
-                Err(reason) => {
-                    tracing::warn!(plugin_config = %config.id, "disabling plugin config: {reason}");
-                    store.disable_plugin_config(&config.id, &reason).await?;
-                }
-            }
+                    },
+                    Err(err) if err.is_plugin_fault() => {
+                        tracing::warn!(plugin_config = %config.id, "disabling plugin config: {err}");
+                        store
+                            .disable_plugin_config(&config.id, &err.to_string())
+                            .await?;
+                        continue;
+                    }
+                    Err(err) => {
+                        anyhow::bail!("failed to start plugin config {}: {err}", config.id)
+                    }
+                },
+            };
+            by_project
+                .entry(config.project_id.clone())
+                .or_default()
+                .push(link);
         }
-        // Disabling changed the stamp; read it after, so the next round does
-        // not rebuild for our own change.
-        self.stamp = store.plugin_configs_stamp().await?;
         self.by_project = by_project;
         Ok(())
     }
-}
-
-pub(crate) async fn instantiate(
-    store: &Store,
-    runtime: &Runtime,
-    config: &PluginConfig,
-) -> Result<PluginInstance, String> {
-    let wasm = store
-        .plugin_wasm(&config.plugin_sha256)
-        .await
-        .map_err(|err| format!("failed to read the plugin: {err}"))?
-        .ok_or_else(|| format!("plugin {} is not installed", config.plugin_sha256))?;
-    let runtime = runtime.clone();
-    let install = Install {
-        install_id: config.id.clone(),
-        config: config.config.clone(),
-        limits: None,
-    };
-    tokio::task::spawn_blocking(move || {
-        let plugin = runtime
-            .load(&wasm)
-            .map_err(|err| format!("failed to load the plugin: {err}"))?;
-        plugin
-            .install(install)
-            .map_err(|err| format!("failed to start: {err}"))
-    })
-    .await
-    .map_err(|err| format!("failed to start: {err}"))?
 }
 
 fn to_plugin_event(event: QueuedEvent) -> PluginEvent {
@@ -276,13 +267,13 @@ impl ClaimCursor {
         }
     }
 
-    fn next(&mut self, state: &AppState) -> Claim {
+    fn next(&mut self, lease: Duration) -> Claim {
         if self.periodic && self.rewound_at.elapsed() >= REWIND_EVERY {
             self.rewind();
         }
         Claim {
             limit: CLAIM_BATCH,
-            lease: state.config.lease,
+            lease,
             after: self.after,
         }
     }
@@ -307,43 +298,79 @@ struct Processed {
     chain_time: Duration,
 }
 
+/// What the worker needs: the queue and the tables it stores into, the
+/// plugins, and the signals it shares with capture and delivery.
+#[derive(Clone)]
+pub struct Worker {
+    pub store: Store,
+    pub runtime: Runtime,
+    pub configs: ConfigWatch,
+    pub queue: Arc<QueueGauge>,
+    pub wake: Wakeups,
+    /// How long claimed rows stay with this worker.
+    pub lease: Duration,
+}
+
 /// The worker: each round runs one claimed batch through the chains on a
 /// blocking thread while, at the same time, one transaction stores the
 /// batch processed in the round before and leases the next. Batches are
 /// stored in the order they were claimed, and the chains and the database
 /// keep both cores busy.
-pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+///
+/// A store error ends the worker, after it gives its leases back: nothing
+/// it held is lost, and its supervisor reports it and starts it again.
+pub async fn run_worker(
+    worker: Worker,
+    health: Health,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let owner = format!("worker-{}", uuid::Uuid::new_v4());
+    let result = work(&worker, &owner, &health, &mut stop).await;
+    if let Err(err) = worker.store.release(&owner).await {
+        tracing::error!("failed to give back queued rows: {err}; their lease will run out");
+    }
+    result
+}
+
+async fn work(
+    worker: &Worker,
+    owner: &str,
+    health: &Health,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let store = &worker.store;
+    let mut configs = worker.configs.subscribe();
+    let Some(snapshot) = configs::first(&mut configs, stop).await else {
+        return Ok(());
+    };
     let mut chains = Chains::default();
-    let mut cursor = ClaimCursor::new(state.store.backend());
+    chains.update(&snapshot, store, &worker.runtime).await?;
+    let mut cursor = ClaimCursor::new(store.backend());
     let mut claimed: Vec<Claimed> = Vec::new();
     let mut processed: Option<Processed> = None;
     loop {
         if *stop.borrow() {
             break;
         }
-        if let Err(err) = chains.refresh(&state.store, &state.runtime).await {
-            tracing::error!("failed to load plugin configs: {err:#}");
-            tokio::time::sleep(IDLE_POLL).await;
-            continue;
+        if configs.has_changed().unwrap_or(false) {
+            let snapshot = configs.borrow_and_update().clone();
+            if let Some(snapshot) = snapshot {
+                chains.update(&snapshot, store, &worker.runtime).await?;
+            }
         }
         if claimed.is_empty() && processed.is_none() {
-            claimed = match state.store.claim(&owner, &cursor.next(&state)).await {
-                Ok(claimed) => claimed,
-                Err(err) => {
-                    tracing::error!("failed to lease queued events: {err}");
-                    tokio::time::sleep(IDLE_POLL).await;
-                    continue;
-                }
-            };
+            claimed = store.claim(owner, &cursor.next(worker.lease)).await?;
+            health.ready();
             if claimed.is_empty() {
                 if cursor.rewind() {
                     continue;
                 }
                 tokio::select! {
-                    _ = state.wake_worker.notified() => {}
+                    _ = worker.wake.worker.notified() => {}
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                     _ = stop.changed() => {}
+                    // Waking marks the change seen; the top of the loop must still see it.
+                    _ = configs.changed() => configs.mark_changed(),
                 }
                 continue;
             }
@@ -357,12 +384,23 @@ pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> any
             let batch = (!to_process.is_empty()).then(|| process(&mut chains, to_process));
             (chains, ids, batch, started.elapsed())
         });
-        let next = cursor.next(&state);
+        let next = cursor.next(worker.lease);
         let stored = match processed.take() {
-            Some(done) => (store(&state, &owner, &done, Some(&next)).await, Some(done)),
+            Some(done) => store_batch(worker, owner, &done, Some(&next))
+                .await
+                .map_err(|err| {
+                    anyhow::anyhow!(
+                        "failed to store {} events of {} queued rows: {err}; they stay queued",
+                        done.batch.events.len(),
+                        done.ids.len()
+                    )
+                }),
             // Nothing to store yet: lease the next batch on its own, so the
             // next round has both a batch to process and one to store.
-            None => (state.store.claim(&owner, &next).await, None),
+            None => store
+                .claim(owner, &next)
+                .await
+                .map_err(|err| anyhow::anyhow!("failed to lease queued events: {err}")),
         };
         let (returned, ids, batch, chain_time) = processing.await?;
         chains = returned;
@@ -371,72 +409,51 @@ pub async fn run_worker(state: AppState, mut stop: watch::Receiver<bool>) -> any
             batch,
             chain_time,
         });
-        match stored {
-            (Ok(next_batch), _) => {
-                cursor.advance(&next_batch);
-                claimed = next_batch;
-            }
-            (Err(err), Some(done)) => {
-                tracing::error!(
-                    "failed to store {} events of {} queued rows: {err}; they will be retried",
-                    done.batch.events.len(),
-                    done.ids.len()
-                );
-                if let Err(err) = state.store.release_rows(&owner, &done.ids).await {
-                    tracing::error!(
-                        "failed to give back queued rows: {err}; their lease will run out"
-                    );
-                }
-                cursor.rewind();
-                tokio::time::sleep(IDLE_POLL).await;
-            }
-            (Err(err), None) => {
-                tracing::error!("failed to lease queued events: {err}");
-                tokio::time::sleep(IDLE_POLL).await;
-            }
-        }
+        let next_batch = stored?;
+        health.ready();
+        cursor.advance(&next_batch);
+        claimed = next_batch;
     }
     if let Some(done) = processed.take()
-        && let Err(err) = store(&state, &owner, &done, None).await
+        && let Err(err) = store_batch(worker, owner, &done, None).await
     {
         tracing::error!(
             "failed to store the last {} events before stopping: {err}; they stay queued",
             done.batch.events.len()
         );
     }
-    state.store.release(&owner).await?;
     Ok(())
 }
 
 /// Stores a processed batch and, with `next`, leases the next one in the
 /// same transaction.
-async fn store(
-    state: &AppState,
+async fn store_batch(
+    worker: &Worker,
     owner: &str,
     done: &Processed,
     next: Option<&Claim>,
 ) -> crate::store::Result<Vec<Claimed>> {
     let started = Instant::now();
-    let claimed = state
+    let claimed = worker
         .store
         .complete(owner, &done.ids, &done.batch, next)
         .await?;
-    stored(state, done, started);
+    stored(worker, done, started);
     Ok(claimed)
 }
 
-fn stored(state: &AppState, done: &Processed, started: Instant) {
-    state.queue.removed(done.ids.len());
+fn stored(worker: &Worker, done: &Processed, started: Instant) {
+    worker.queue.removed(done.ids.len());
     // Only a round with a large batch says what the pipeline can do: a
     // small one means it keeps up, and its fixed costs would make the
     // pipeline look slower than it is. Chains and storing overlap, so a
     // round takes the longer of the two.
     if done.ids.len() >= CLAIM_BATCH as usize / 2 {
-        state
+        worker
             .queue
             .record_round(done.ids.len(), started.elapsed().max(done.chain_time));
     }
-    state.wake_delivery.notify_waiters();
+    worker.wake.delivery.notify_waiters();
     tracing::debug!(
         rows = done.ids.len(),
         events = done.batch.events.len(),

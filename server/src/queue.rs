@@ -200,3 +200,13 @@ mod tests {
         assert_eq!(gauge.oldest_age(), Duration::ZERO);
     }
 }
+
+/// Wake-ups between the rooms of the data flow: capture and replay wake the
+/// worker when events are queued; the worker and the API wake delivery
+/// when events reach an outbox or a destination changes. Each side also
+/// polls, so a missed wake-up only delays.
+#[derive(Clone, Debug, Default)]
+pub struct Wakeups {
+    pub worker: std::sync::Arc<tokio::sync::Notify>,
+    pub delivery: std::sync::Arc<tokio::sync::Notify>,
+}

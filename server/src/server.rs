@@ -1,80 +1,40 @@
-//! `serve(config, listener, shutdown)`: the whole server. It opens the store,
-//! starts the pipeline worker, delivery and the scheduler, and serves the HTTP API until `shutdown`
-//! resolves, then stops accepting, lets the worker finish its batch and
-//! gives back its leases.
+//! `serve(config, listener, shutdown)`: the composition root. It opens the
+//! store, hands each part of the server the handles it needs, runs the
+//! background tasks under a `Supervisor` beside the HTTP listener until
+//! `shutdown` resolves, then stops accepting, lets the worker finish its
+//! batch and gives back its leases.
+//!
+//! Nothing else in the crate imports this module.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 
-use crate::capture::{GroupCommit, TokenCache};
-use crate::query::QueryLimits;
-use crate::queue::QueueGauge;
-use crate::runtime::{Policy, Runtime, RuntimeConfig};
-use crate::store::{DEFAULT_LEASE, Store, StoreConfig};
-use crate::{api, capture, delivery, pipeline, queue};
+use crate::api::ApiState;
+use crate::capture::{CaptureState, GroupCommit, TokenCache};
+pub use crate::config::ServeConfig;
+use crate::configs::ConfigWatch;
+use crate::delivery::Delivery;
+use crate::pipeline::Worker;
+use crate::queue::{QueueGauge, Wakeups};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::scheduler::Scheduler;
+use crate::state::AppState;
+use crate::store::{Backend, Store, StoreConfig};
+use crate::supervisor::{Readiness, Supervisor, task};
+use crate::{api, capture, delivery, pipeline, queue, scheduler};
 
-/// Everything `sluice serve` is configured with.
-#[derive(Clone, Debug)]
-pub struct ServeConfig {
-    pub store: StoreConfig,
-    /// Largest request body, compressed or not.
-    pub max_body_bytes: usize,
-    /// Capture answers 503 once this many events wait in the queue.
-    pub max_queue_depth: i64,
-    /// Capture answers 503 once the oldest queued event has waited this
-    /// long: the pipeline is behind, and acknowledging more would promise
-    /// what it cannot store soon.
-    pub max_queue_age: Duration,
-    /// Record the client address as `$ip`.
-    pub record_ip: bool,
-    /// What plugins may do; see `runtime::Policy`.
-    pub policy: Policy,
-    /// How long a worker holds claimed queue rows before another process may
-    /// take them over.
-    pub lease: Duration,
-    /// What one analytics query may cost.
-    pub query_limits: QueryLimits,
-}
-
-impl ServeConfig {
-    pub fn with_data_dir(data_dir: PathBuf) -> Self {
-        ServeConfig {
-            store: StoreConfig::Sqlite { data_dir },
-            max_body_bytes: 20 << 20,
-            max_queue_depth: 1_000_000,
-            max_queue_age: Duration::from_secs(30),
-            record_ip: true,
-            policy: Policy::default(),
-            lease: DEFAULT_LEASE,
-            query_limits: QueryLimits::default(),
-        }
-    }
-}
-
-/// Shared by the handlers and the worker. Small on purpose.
-#[derive(Clone)]
-pub struct AppState {
-    pub store: Store,
-    pub config: Arc<ServeConfig>,
-    /// The capture queue's depth and oldest age, cheap enough to check on
-    /// every request.
-    pub queue: Arc<QueueGauge>,
-    /// Where capture writes: concurrent requests share commits.
-    pub commit: GroupCommit,
-    pub tokens: TokenCache,
-    pub wake_worker: Arc<Notify>,
-    /// Wakes idle delivery lanes when events reach an outbox.
-    pub wake_delivery: Arc<Notify>,
-    pub runtime: Runtime,
-}
+/// How long `/_ready` waits for the database.
+const READY_PING: Duration = Duration::from_secs(2);
 
 /// Opens the store named by `config`, running migrations.
 pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
@@ -87,56 +47,151 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let store = open_store(&config.store).await?;
-    let queue = Arc::new(QueueGauge::default());
-    queue.set(store.queue_status().await?);
+    let config = Arc::new(config);
+    let gauge = Arc::new(QueueGauge::default());
+    gauge.set(store.queue_status().await?);
     let runtime = Runtime::new(RuntimeConfig {
         policy: config.policy.clone(),
         ..RuntimeConfig::default()
     })?;
-    let state = AppState {
-        store: store.clone(),
-        config: Arc::new(config),
-        queue,
-        commit: GroupCommit::start(store.clone()),
-        tokens: TokenCache::default(),
-        wake_worker: Arc::new(Notify::new()),
-        wake_delivery: Arc::new(Notify::new()),
-        runtime,
-    };
+    let wake = Wakeups::default();
+    let configs = ConfigWatch::default();
+    let readiness = Arc::new(Readiness::default());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(pipeline::run_worker(state.clone(), stop_rx.clone()));
-    let delivery = tokio::spawn(delivery::run_delivery(state.clone(), stop_rx.clone()));
-    let scheduler = tokio::spawn(delivery::run_scheduler(state.clone(), stop_rx.clone()));
-    let checkpoints = tokio::spawn(store.clone().run_checkpoints(stop_rx.clone()));
-    let monitor = tokio::spawn(queue::run_monitor(
-        store.clone(),
-        state.queue.clone(),
-        state.config.max_queue_age,
-        stop_rx,
-    ));
+    let mut tasks = Supervisor::new(readiness.clone(), stop_rx);
+    tasks.spawn("config watcher", {
+        let (configs, store) = (configs.clone(), store.clone());
+        task(move |health, stop| configs.clone().run(store.clone(), health, stop))
+    });
+    let worker = Worker {
+        store: store.clone(),
+        runtime: runtime.clone(),
+        configs: configs.clone(),
+        queue: gauge.clone(),
+        wake: wake.clone(),
+        lease: config.lease,
+    };
+    tasks.spawn(
+        "pipeline worker",
+        task(move |health, stop| pipeline::run_worker(worker.clone(), health, stop)),
+    );
+    let delivery = Delivery {
+        store: store.clone(),
+        runtime: runtime.clone(),
+        configs: configs.clone(),
+        wake: wake.clone(),
+        lease: config.lease,
+    };
+    tasks.spawn(
+        "delivery",
+        task(move |health, stop| delivery::run_delivery(delivery.clone(), health, stop)),
+    );
+    let scheduler = Scheduler {
+        store: store.clone(),
+        runtime: runtime.clone(),
+        configs: configs.clone(),
+    };
+    tasks.spawn(
+        "scheduler",
+        task(move |health, stop| scheduler::run_scheduler(scheduler.clone(), health, stop)),
+    );
+    tasks.spawn("queue monitor", {
+        let (store, gauge, max_age) = (store.clone(), gauge.clone(), config.max_queue_age);
+        task(move |health, stop| {
+            health.ready();
+            let (store, gauge) = (store.clone(), gauge.clone());
+            async move {
+                queue::run_monitor(store, gauge, max_age, stop).await;
+                Ok(())
+            }
+        })
+    });
+    if store.backend() == Backend::Sqlite {
+        tasks.spawn("checkpoints", {
+            let store = store.clone();
+            task(move |health, stop| {
+                health.ready();
+                let store = store.clone();
+                async move {
+                    store.run_checkpoints(stop).await;
+                    Ok(())
+                }
+            })
+        });
+    }
 
+    let state = AppState {
+        capture: CaptureState {
+            store: store.clone(),
+            config: config.clone(),
+            queue: gauge.clone(),
+            commit: GroupCommit::start(store.clone()),
+            tokens: TokenCache::default(),
+            wake: wake.clone(),
+        },
+        api: ApiState {
+            store: store.clone(),
+            runtime,
+            query_limits: config.query_limits,
+            wake: wake.clone(),
+            configs,
+        },
+        store: store.clone(),
+        readiness,
+    };
     let app = Router::new()
         .route("/_health", get(|| async { "ok" }))
+        .route("/_ready", get(ready))
         .merge(capture::router())
         .merge(api::router())
-        .with_state(state.clone());
+        .with_state(state);
     tracing::info!(addr = %listener.local_addr()?, "sluice is serving");
-    axum::serve(
+    let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
-    .await?;
+    .into_future();
+    tokio::pin!(server);
+    let served = loop {
+        tokio::select! {
+            served = &mut server => break served,
+            _ = tasks.watch() => {}
+        }
+    };
 
     let _ = stop_tx.send(true);
-    state.wake_worker.notify_one();
-    worker.await??;
-    delivery.await??;
-    scheduler.await??;
-    monitor.await?;
-    checkpoints.await?;
-    tracing::info!(queued = state.queue.depth(), "sluice stopped");
+    wake.worker.notify_one();
+    tasks.shutdown().await;
+    tracing::info!(queued = gauge.depth(), "sluice stopped");
     store.close().await;
+    served?;
     Ok(())
+}
+
+/// `GET /_ready`: 200 once the database answers and every background task
+/// works; otherwise 503 naming what does not.
+async fn ready(State(state): State<AppState>) -> Response {
+    let database = match tokio::time::timeout(READY_PING, state.store.ping()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(format!("the database did not answer: {err}")),
+        Err(_) => Some(format!(
+            "the database did not answer within {} s",
+            READY_PING.as_secs()
+        )),
+    };
+    let tasks = state.readiness.not_ready();
+    if database.is_none() && tasks.is_empty() {
+        return Json(json!({"status": "ready"})).into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "status": "not ready",
+            "database": database.unwrap_or_else(|| "ok".into()),
+            "tasks": tasks,
+        })),
+    )
+        .into_response()
 }

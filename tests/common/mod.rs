@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod postgres;
+pub mod process;
+pub mod server;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -3,11 +3,16 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+/// How long a server may take to start: generous, since it bounds a hang
+/// (migrations on a busy machine), not a speed.
+const STARTUP: Duration = Duration::from_secs(60);
 
 pub struct ServerProcess {
     pub child: Child,
@@ -30,14 +35,6 @@ impl Target {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub fn sluice_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
 }
@@ -49,19 +46,41 @@ impl ServerProcess {
         Self::start_on(&Target::Sqlite(data_dir.to_path_buf()), &[]).await
     }
 
-    /// Starts `sluice serve` on `target` with extra arguments.
+    /// Starts `sluice serve` on `target` with extra arguments, on a port
+    /// the server chooses (so no other test can take it between choosing
+    /// and binding), and waits until `/_health` answers.
     pub async fn start_on(target: &Target, extra: &[&str]) -> ServerProcess {
-        let port = free_port();
-        let child = Command::new(sluice_bin())
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        let mut child = Command::new(sluice_bin())
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .args(target.args())
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("sluice serve starts");
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // The server says where it listens on stderr; the rest of its
+        // output goes on to the test's, to show under a failing test.
+        let stderr = child.stderr.take().unwrap();
+        let (found, listening) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(base) = line.strip_prefix("sluice listening on ") {
+                    let _ = found.send(base.to_string());
+                }
+                eprintln!("{line}");
+            }
+        });
+        let base = tokio::task::spawn_blocking(move || listening.recv_timeout(STARTUP))
+            .await
+            .unwrap()
+            .unwrap_or_else(|_| {
+                panic!(
+                    "sluice serve did not say where it listens within {} s",
+                    STARTUP.as_secs()
+                )
+            });
+        let deadline = Instant::now() + STARTUP;
         let client = reqwest::Client::new();
         loop {
             let health = client.get(format!("{base}/_health")).send().await;
@@ -72,7 +91,7 @@ impl ServerProcess {
                 Instant::now() < deadline,
                 "sluice serve did not become healthy"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         ServerProcess { child, base }
     }
@@ -119,16 +138,12 @@ pub async fn wait_for_events(base: &str, project: &Value, n: usize) -> Vec<Value
     );
     let key = project["api_key"].as_str().unwrap();
     let client = reqwest::Client::new();
-    let mut last = Vec::new();
-    for _ in 0..400 {
+    super::server::wait_until(&format!("{n} events to be stored"), || async {
         let response = client.get(&url).bearer_auth(key).send().await.unwrap();
         assert_eq!(response.status(), 200);
         let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
-        last = body["results"].as_array().unwrap().clone();
-        if last.len() >= n {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("only {} of {n} events were stored", last.len());
+        let stored = body["results"].as_array().unwrap().clone();
+        (stored.len() >= n).then_some(stored)
+    })
+    .await
 }

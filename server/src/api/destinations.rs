@@ -4,19 +4,21 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::ApiState;
 use super::plugins::public_view;
-use super::{ApiError, authorise};
-use crate::runtime::Hook;
-use crate::server::AppState;
+use super::{ApiError, ApiPath, ApiQuery, Authorised};
 use crate::store::{PluginConfig, ReplaySelector};
 
-pub(super) fn router() -> Router<AppState> {
+pub(super) fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    ApiState: axum::extract::FromRef<S>,
+{
     Router::new()
         .route("/api/projects/{project_id}/destinations", get(list))
         .route(
@@ -38,15 +40,8 @@ pub(super) fn router() -> Router<AppState> {
         )
 }
 
-fn is_destination(config: &PluginConfig) -> bool {
-    config
-        .manifest
-        .as_ref()
-        .is_some_and(|m| m.has_hook(Hook::Export))
-}
-
 async fn destination(
-    state: &AppState,
+    state: &ApiState,
     project_id: &str,
     config_id: &str,
 ) -> Result<PluginConfig, ApiError> {
@@ -54,11 +49,11 @@ async fn destination(
         .store
         .plugin_config(project_id, config_id)
         .await?
-        .filter(is_destination)
+        .filter(PluginConfig::is_destination)
         .ok_or_else(|| ApiError::NotFound(format!("destination {config_id}")))
 }
 
-async fn summary(state: &AppState, config: &PluginConfig) -> Result<Value, ApiError> {
+async fn summary(state: &ApiState, config: &PluginConfig) -> Result<Value, ApiError> {
     let mut view = public_view(config);
     view["stats"] = json!(state.store.destination_stats(&config.id).await?);
     Ok(view)
@@ -67,14 +62,12 @@ async fn summary(state: &AppState, config: &PluginConfig) -> Result<Value, ApiEr
 /// `GET /api/projects/{id}/destinations`: every destination install with
 /// its counts.
 async fn list(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     let mut results = Vec::new();
     for config in state.store.plugin_configs(&project_id).await? {
-        if is_destination(&config) {
+        if config.is_destination() {
             results.push(summary(&state, &config).await?);
         }
     }
@@ -84,11 +77,10 @@ async fn list(
 /// `GET /api/projects/{id}/destinations/{config_id}`: counts, the last
 /// error, recent attempts with status code and latency, and the log.
 async fn show(
-    State(state): State<AppState>,
-    Path((project_id, config_id)): Path<(String, String)>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
+    ApiPath((_, config_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     let config = destination(&state, &project_id, &config_id).await?;
     let mut view = summary(&state, &config).await?;
     view["recent_attempts"] = json!(state.store.delivery_attempts(&config.id, 100).await?);
@@ -97,29 +89,27 @@ async fn show(
 }
 
 async fn pause(
-    State(state): State<AppState>,
-    Path((project_id, config_id)): Path<(String, String)>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
+    ApiPath((_, config_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    set_paused(state, project_id, config_id, headers, true).await
+    set_paused(state, project_id, config_id, true).await
 }
 
 async fn resume(
-    State(state): State<AppState>,
-    Path((project_id, config_id)): Path<(String, String)>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
+    ApiPath((_, config_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    set_paused(state, project_id, config_id, headers, false).await
+    set_paused(state, project_id, config_id, false).await
 }
 
 async fn set_paused(
-    state: AppState,
+    state: ApiState,
     project_id: String,
     config_id: String,
-    headers: HeaderMap,
     paused: bool,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     destination(&state, &project_id, &config_id).await?;
     state
         .store
@@ -129,7 +119,8 @@ async fn set_paused(
             paused.then_some("paused through the API"),
         )
         .await?;
-    state.wake_delivery.notify_waiters();
+    state.configs.changed().await;
+    state.wake.delivery.notify_waiters();
     let config = destination(&state, &project_id, &config_id).await?;
     Ok(Json(summary(&state, &config).await?))
 }
@@ -142,12 +133,10 @@ struct DeadLetterQuery {
 
 /// `GET /api/projects/{id}/dead-letters`, newest first.
 async fn dead_letters(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    Query(query): Query<DeadLetterQuery>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
+    ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::Invalid(
@@ -172,12 +161,10 @@ struct Replay {
 /// `POST /api/projects/{id}/dead-letters/replay` with exactly one of
 /// `{"ids": [...]}`, `{"plugin_config_id": "..."}` or `{"all": true}`.
 async fn replay(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     let request: Replay = serde_json::from_slice(&body).map_err(|err| {
         ApiError::Invalid(format!(
             "the body must be JSON with one of `ids`, `plugin_config_id` or `all`: {err}"
@@ -216,7 +203,7 @@ async fn replay(
         .store
         .replay_dead_letters(&project_id, &selector)
         .await?;
-    state.wake_worker.notify_one();
-    state.wake_delivery.notify_waiters();
+    state.wake.worker.notify_one();
+    state.wake.delivery.notify_waiters();
     Ok(Json(json!({"replayed": replayed})))
 }

@@ -8,18 +8,41 @@ mod query;
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{
+    FromRef, FromRequest, FromRequestParts, Path, Query, RawPathParams, Request, State,
+};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::runtime::format_timestamp;
-use crate::server::AppState;
-use crate::store::EventFilter;
+use crate::configs::ConfigWatch;
+use crate::model::format_timestamp;
+use crate::query::QueryLimits;
+use crate::queue::Wakeups;
+use crate::runtime::Runtime;
+use crate::store::{EventFilter, Store};
 
-pub fn router() -> Router<AppState> {
+/// What the API needs: the store, the runtime to check plugins with, the
+/// query budget, and the signals that make a change take effect at once.
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub runtime: Runtime,
+    pub query_limits: QueryLimits,
+    pub wake: Wakeups,
+    /// Waited on after a plugin config changes, so the change applies to
+    /// every event accepted after the response.
+    pub configs: ConfigWatch,
+}
+
+pub fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    ApiState: axum::extract::FromRef<S>,
+{
     Router::new()
         .route("/api/projects/{project_id}/events", get(list_events))
         .route("/api/projects/{project_id}/persons", get(find_person))
@@ -39,8 +62,12 @@ pub enum ApiError {
     Invalid(String),
     #[error("{0} not found")]
     NotFound(String),
-    #[error("internal error")]
-    Store(#[from] sqlx::Error),
+    #[error("{}", if .0.is_transient() {
+        "the database is unavailable; retry later"
+    } else {
+        "internal error"
+    })]
+    Store(#[from] crate::store::Error),
 }
 
 impl IntoResponse for ApiError {
@@ -52,10 +79,20 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Store(err) => {
                 tracing::error!("API request failed: {err}");
-                StatusCode::INTERNAL_SERVER_ERROR
+                if err.is_transient() {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
             }
         };
-        (status, Json(json!({"detail": self.to_string()}))).into_response()
+        let mut response = (status, Json(json!({"detail": self.to_string()}))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        }
+        response
     }
 }
 
@@ -82,23 +119,76 @@ where
     }
 }
 
-/// Checks the bearer key against the project in the path. A key of another
-/// project gets the same answer as a wrong key.
-pub(crate) async fn authorise(
-    state: &AppState,
-    headers: &HeaderMap,
-    project_id: &str,
-) -> Result<(), ApiError> {
-    let key = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .ok_or(ApiError::MissingKey)?;
-    match state.store.project_for_key(key).await? {
-        Some(owner) if owner == project_id => Ok(()),
-        _ => Err(ApiError::Forbidden(project_id.to_string())),
+/// The project named in the path, once the bearer key was checked against
+/// it: every project route takes this instead of the raw path. A key of
+/// another project gets the same answer as a wrong key.
+pub(crate) struct Authorised(pub String);
+
+impl<S> FromRequestParts<S> for Authorised
+where
+    ApiState: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::Invalid(rejection.body_text()))?;
+        let project_id = params
+            .iter()
+            .find(|(name, _)| *name == "project_id")
+            .map(|(_, value)| value.to_string())
+            .expect("Authorised is used on routes with a {project_id}");
+        let key = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(ApiError::MissingKey)?;
+        let state = ApiState::from_ref(state);
+        match state.store.project_for_key(key).await? {
+            Some(owner) if owner == project_id => Ok(Authorised(project_id)),
+            _ => Err(ApiError::Forbidden(project_id)),
+        }
+    }
+}
+
+/// `Path` whose rejection is the API's JSON error.
+pub(crate) struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| ApiPath(value))
+            .map_err(|rejection| ApiError::Invalid(rejection.body_text()))
+    }
+}
+
+/// `Query` whose rejection is the API's JSON error, naming the parameter.
+pub(crate) struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| ApiQuery(value))
+            .map_err(|rejection| ApiError::Invalid(rejection.body_text()))
     }
 }
 
@@ -127,12 +217,10 @@ fn time_filter(name: &str, value: Option<String>) -> Result<Option<String>, ApiE
 }
 
 async fn list_events(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    Query(query): Query<EventsQuery>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
+    ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     let limit = match query.limit {
         Some(text) => text
             .parse::<u32>()
@@ -163,12 +251,10 @@ struct PersonQuery {
 
 /// `GET /api/projects/{id}/persons?distinct_id=X`: the person X belongs to.
 async fn find_person(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    Query(query): Query<PersonQuery>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
+    ApiQuery(query): ApiQuery<PersonQuery>,
 ) -> Result<Response, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     let distinct_id = query
         .distinct_id
         .filter(|d| !d.is_empty())

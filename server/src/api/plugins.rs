@@ -5,19 +5,24 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::{get, patch, post};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, JsonBody, authorise};
-use crate::runtime::manifest::FieldType;
-use crate::runtime::{Hook, Install};
-use crate::server::AppState;
+use super::ApiState;
+use super::{ApiError, ApiPath, Authorised, JsonBody};
+use crate::model::FailurePolicy;
+use crate::model::manifest::FieldType;
+use crate::runtime::Install;
 use crate::store::{self, DeliverySettings, PluginConfig, PluginConfigPatch};
 
-pub(super) fn router() -> Router<AppState> {
+pub(super) fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    ApiState: axum::extract::FromRef<S>,
+{
     Router::new()
         .route("/api/projects/{project_id}/plugins", post(upload_plugin))
         .route(
@@ -40,12 +45,10 @@ pub const MAX_PLUGIN_BYTES: usize = 50 << 20;
 /// `POST /api/projects/{id}/plugins` with the `.wasm` as the body: checks
 /// the embedded manifest, compiles it, and stores it under its sha256.
 async fn upload_plugin(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    _: Authorised,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     if body.len() > MAX_PLUGIN_BYTES {
         return Err(ApiError::Invalid(format!(
             "plugins are limited to {MAX_PLUGIN_BYTES} bytes"
@@ -99,19 +102,14 @@ fn fail_open() -> String {
     "open".into()
 }
 
-fn check_policy(policy: &str) -> Result<(), ApiError> {
-    match policy {
-        "open" | "closed" => Ok(()),
-        other => Err(ApiError::Invalid(format!(
-            "`failure_policy` must be \"open\" or \"closed\", got \"{other}\""
-        ))),
-    }
+fn check_policy(policy: &str) -> Result<FailurePolicy, ApiError> {
+    policy.parse().map_err(ApiError::Invalid)
 }
 
 /// Starts the plugin with `config` (running its setup), so a config the
 /// plugin cannot use is refused now rather than on the first event.
 async fn try_install(
-    state: &AppState,
+    state: &ApiState,
     sha256: &str,
     config: &Value,
 ) -> Result<Map<String, Value>, ApiError> {
@@ -173,11 +171,9 @@ pub(super) fn public_view(config: &PluginConfig) -> Value {
     }
     view["secrets_set"] = json!(set);
     view["paused"] = json!(config.paused_reason.is_some());
-    let is_destination = config
-        .manifest
-        .as_ref()
-        .is_some_and(|m| m.has_hook(Hook::Export));
-    if !is_destination && let Some(fields) = view.as_object_mut() {
+    if !config.is_destination()
+        && let Some(fields) = view.as_object_mut()
+    {
         fields.remove("delivery");
         fields.remove("paused");
         fields.remove("paused_reason");
@@ -186,13 +182,11 @@ pub(super) fn public_view(config: &PluginConfig) -> Value {
 }
 
 async fn create_plugin_config(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
     JsonBody(body): JsonBody<NewPluginConfig>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    authorise(&state, &headers, &project_id).await?;
-    check_policy(&body.failure_policy)?;
+    let failure_policy = check_policy(&body.failure_policy)?;
     let delivery = delivery_settings(body.delivery.as_ref())?.unwrap_or_default();
     let validated = try_install(&state, &body.plugin_sha256, &body.config).await?;
     let created = state
@@ -204,20 +198,19 @@ async fn create_plugin_config(
                 config: Value::Object(validated),
                 enabled: body.enabled,
                 position: body.position,
-                failure_policy: body.failure_policy,
+                failure_policy,
                 delivery,
             },
         )
         .await?;
+    state.configs.changed().await;
     Ok((StatusCode::CREATED, Json(public_view(&created))))
 }
 
 async fn list_plugin_configs(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     let configs = state.store.plugin_configs(&project_id).await?;
     Ok(Json(
         json!({"results": configs.iter().map(public_view).collect::<Vec<_>>()}),
@@ -239,26 +232,23 @@ struct PluginConfigChanges {
 /// `PATCH`: a new config is checked like a new install; secrets left out of
 /// it keep their stored values, since the API never returned them.
 async fn update_plugin_config(
-    State(state): State<AppState>,
-    Path((project_id, config_id)): Path<(String, String)>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
+    ApiPath((_, config_id)): ApiPath<(String, String)>,
     JsonBody(body): JsonBody<PluginConfigChanges>,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     let current = state
         .store
         .plugin_config(&project_id, &config_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("plugin config {config_id}")))?;
-    if let Some(policy) = &body.failure_policy {
-        check_policy(policy)?;
-    }
+    let failure_policy = body
+        .failure_policy
+        .as_deref()
+        .map(check_policy)
+        .transpose()?;
     let delivery = delivery_settings(body.delivery.as_ref())?;
-    let is_destination = current
-        .manifest
-        .as_ref()
-        .is_some_and(|m| m.has_hook(Hook::Export));
-    if !is_destination && (delivery.is_some() || body.paused.is_some()) {
+    if !current.is_destination() && (delivery.is_some() || body.paused.is_some()) {
         return Err(ApiError::Invalid(format!(
             "`delivery` and `paused` apply to destinations only, and {} has no export hook",
             current.plugin
@@ -288,7 +278,7 @@ async fn update_plugin_config(
         config,
         enabled: body.enabled,
         position: body.position,
-        failure_policy: body.failure_policy,
+        failure_policy,
         delivery,
     };
     let mut updated = state
@@ -303,17 +293,17 @@ async fn update_plugin_config(
             .set_paused(&project_id, &config_id, reason)
             .await?;
         updated.paused_reason = reason.map(str::to_string);
-        state.wake_delivery.notify_waiters();
     }
+    state.configs.changed().await;
+    state.wake.delivery.notify_waiters();
     Ok(Json(public_view(&updated)))
 }
 
 async fn plugin_logs(
-    State(state): State<AppState>,
-    Path((project_id, config_id)): Path<(String, String)>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
+    ApiPath((_, config_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     if state
         .store
         .plugin_config(&project_id, &config_id)

@@ -4,17 +4,21 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::{ApiError, authorise};
+use super::ApiState;
+use super::{ApiError, Authorised};
 use crate::query::{self, Query, QueryError, spec::parse_tz};
-use crate::server::AppState;
 
-pub fn router() -> Router<AppState> {
+pub fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    ApiState: axum::extract::FromRef<S>,
+{
     Router::new()
         .route("/api/projects/{project_id}/query", post(run_query))
         .route(
@@ -61,14 +65,10 @@ fn parse_body(body: &[u8]) -> Result<Value, QueryError> {
 }
 
 async fn run_query(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
     body: Bytes,
 ) -> Result<Response, Response> {
-    authorise(&state, &headers, &project_id)
-        .await
-        .map_err(IntoResponse::into_response)?;
     let run = async {
         let value = parse_body(&body)?;
         let query = Query::parse(&value)?;
@@ -76,7 +76,7 @@ async fn run_query(
             &state.store,
             &project_id,
             &query,
-            state.config.query_limits,
+            state.query_limits,
             chrono::Utc::now(),
         )
         .await
@@ -88,15 +88,13 @@ async fn run_query(
 }
 
 async fn get_project(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     project_json(&state, &project_id).await
 }
 
-async fn project_json(state: &AppState, project_id: &str) -> Result<Json<Value>, ApiError> {
+async fn project_json(state: &ApiState, project_id: &str) -> Result<Json<Value>, ApiError> {
     let (name, timezone) = state
         .store
         .project(project_id)
@@ -109,12 +107,10 @@ async fn project_json(state: &AppState, project_id: &str) -> Result<Json<Value>,
 
 /// `PATCH {"timezone": "Europe/Berlin"}`.
 async fn update_project(
-    State(state): State<AppState>,
-    Path(project_id): Path<String>,
-    headers: HeaderMap,
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    authorise(&state, &headers, &project_id).await?;
     let patch: Value = serde_json::from_slice(&body)
         .map_err(|err| ApiError::Invalid(format!("the request body must be JSON: {err}")))?;
     let fields = patch

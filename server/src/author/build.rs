@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::runtime::manifest::{MANIFEST_SECTION, Manifest};
+use crate::model::manifest::{MANIFEST_SECTION, Manifest};
 
 /// The target every plugin is compiled for.
 pub const WASM_TARGET: &str = "wasm32-unknown-unknown";

@@ -22,7 +22,7 @@ const PENDING_REQUESTS: usize = 1_024;
 
 struct Pending {
     write: QueueWrite,
-    done: oneshot::Sender<Result<(), sqlx::Error>>,
+    done: oneshot::Sender<Result<(), crate::store::Error>>,
 }
 
 /// The handle capture handlers write through; cheap to clone.
@@ -48,13 +48,15 @@ impl GroupCommit {
     }
 
     /// Returns once `write` is committed.
-    pub async fn enqueue(&self, write: QueueWrite) -> Result<(), sqlx::Error> {
+    pub async fn enqueue(&self, write: QueueWrite) -> Result<(), crate::store::Error> {
         let (done, committed) = oneshot::channel();
         self.sender
             .send(Pending { write, done })
             .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        committed.await.map_err(|_| sqlx::Error::PoolClosed)?
+            .map_err(|_| crate::store::Error::Unavailable(sqlx::Error::PoolClosed))?;
+        committed
+            .await
+            .map_err(|_| crate::store::Error::Unavailable(sqlx::Error::PoolClosed))?
     }
 }
 

@@ -19,8 +19,9 @@ use axum::http::HeaderMap;
 use base64::Engine;
 use serde_json::Value;
 
-use crate::server::AppState;
-use crate::store::QueueWrite;
+use crate::config::ServeConfig;
+use crate::queue::{QueueGauge, Wakeups};
+use crate::store::{QueueWrite, Store};
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -33,10 +34,29 @@ pub use commit::GroupCommit;
 pub use normalize::{Normalizer, RawBatch};
 pub use tokens::TokenCache;
 
+/// What capture needs: where to write, the queue's bounds and gauge, and
+/// whom to wake.
+#[derive(Clone)]
+pub struct CaptureState {
+    pub store: Store,
+    pub config: Arc<ServeConfig>,
+    /// The capture queue's depth and oldest age, cheap enough to check on
+    /// every request.
+    pub queue: Arc<QueueGauge>,
+    /// Where capture writes: concurrent requests share commits.
+    pub commit: GroupCommit,
+    pub tokens: TokenCache,
+    pub wake: Wakeups,
+}
+
 /// The PostHog- and Segment-compatible capture routes. Browsers send
 /// events from other origins (posthog-js, analytics.js), so CORS allows any
 /// origin, with credentials, and answers preflights.
-pub fn router() -> Router<AppState> {
+pub fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    CaptureState: axum::extract::FromRef<S>,
+{
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     posthog::router()
         .merge(segment::router())
@@ -78,7 +98,7 @@ async fn shed_over_limit(
 /// normalises every event, and writes them all to the queue in one
 /// transaction (shared with other requests arriving at the same time).
 pub(crate) async fn accept(
-    state: &AppState,
+    state: &CaptureState,
     token: &str,
     batch: RawBatch,
     ip: Option<String>,
@@ -129,7 +149,7 @@ pub(crate) async fn accept(
         .enqueue(QueueWrite::new(&project_id, &events))
         .await?;
     state.queue.added(count);
-    state.wake_worker.notify_one();
+    state.wake.worker.notify_one();
     Ok(count)
 }
 
@@ -151,7 +171,7 @@ pub enum CaptureError {
         retry_after_secs: u64,
     },
     #[error("storage failed")]
-    Store(#[from] sqlx::Error),
+    Store(#[from] crate::store::Error),
 }
 
 impl IntoResponse for CaptureError {

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::CaptureError;
-use crate::runtime::format_timestamp;
+use crate::model::format_timestamp;
 use crate::store::QueuedEvent;
 
 /// Events as a client sent them, with the batch-level token and `sent_at`.

@@ -15,10 +15,14 @@ use axum::http::HeaderMap;
 use axum::routing::post;
 use serde_json::{Map, Value, json};
 
+use super::CaptureState;
 use super::{CaptureError, RawBatch, decode};
-use crate::server::AppState;
 
-pub fn router() -> Router<AppState> {
+pub fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    CaptureState: axum::extract::FromRef<S>,
+{
     let mut router = Router::new();
     for path in ["/capture", "/e", "/batch", "/i/v0/e"] {
         router = router
@@ -29,7 +33,7 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn capture(
-    State(state): State<AppState>,
+    State(state): State<CaptureState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,

@@ -16,18 +16,22 @@ use axum::routing::post;
 use base64::Engine;
 use serde_json::{Map, Value, json};
 
+use super::CaptureState;
 use super::posthog::client_ip;
 use super::{CaptureError, RawBatch, decode};
-use crate::server::AppState;
 
-pub fn router() -> Router<AppState> {
+pub fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    CaptureState: axum::extract::FromRef<S>,
+{
     Router::new()
         .route("/v1/{kind}", post(capture))
         .route("/v1/{kind}/", post(capture))
 }
 
 async fn capture(
-    State(state): State<AppState>,
+    State(state): State<CaptureState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(kind): Path<String>,
     Query(query): Query<HashMap<String, String>>,

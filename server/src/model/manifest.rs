@@ -142,6 +142,17 @@ impl Manifest {
         self.hooks.contains(&hook)
     }
 
+    /// A destination gets its events from delivery (through `export`);
+    /// everything else runs in the transformation chain.
+    pub fn is_destination(&self) -> bool {
+        self.has_hook(Hook::Export)
+    }
+
+    /// A transformation runs in its project's chain, on every event.
+    pub fn is_transformation(&self) -> bool {
+        self.has_hook(Hook::Transform)
+    }
+
     fn validate(&self) -> Result<(), Invalid> {
         let mut problems = Vec::new();
         let name_ok = !self.name.is_empty()
@@ -324,15 +335,14 @@ impl ConfigField {
     }
 }
 
+/// Names a value for an error message. A short string is quoted bare
+/// (`got "yes"`): the manifest's messages read better without the SDK's
+/// "the string" before it, and plugin authors have seen them so since
+/// the first release.
 fn json_kind(value: &Value) -> String {
     match value {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) if s.chars().count() > 40 => "a string".into(),
-        Value::String(s) => format!("\"{s}\""),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
+        Value::String(s) if s.chars().count() <= 40 => format!("\"{s}\""),
+        other => sluice_plugin_sdk::json::kind(other),
     }
 }
 

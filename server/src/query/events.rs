@@ -39,8 +39,8 @@ pub(super) async fn run(
     let mut scan = columns.into_scan(context.scan());
     scan.events = query.event.clone().map(|e| vec![e]);
     scan.distinct_id = query.distinct_id.clone();
-    scan.from = from.map(crate::runtime::format_timestamp);
-    scan.to = to.map(crate::runtime::format_timestamp);
+    scan.from = from.map(crate::model::format_timestamp);
+    scan.to = to.map(crate::model::format_timestamp);
     scan.with_properties = true;
 
     let mut budget = context.budget();

@@ -65,8 +65,8 @@ pub(super) async fn run(
         names.dedup();
         scan.events = Some(names);
     }
-    scan.from = Some(crate::runtime::format_timestamp(from));
-    scan.to = Some(crate::runtime::format_timestamp(to));
+    scan.from = Some(crate::model::format_timestamp(from));
+    scan.to = Some(crate::model::format_timestamp(to));
 
     let mut budget = context.budget();
     let mut persons = Interner::<String>::default();

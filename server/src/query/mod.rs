@@ -42,7 +42,7 @@ pub enum QueryError {
     )]
     Timeout { seconds: f64 },
     #[error("internal error")]
-    Store(#[from] sqlx::Error),
+    Store(#[from] crate::store::Error),
 }
 
 /// What one query may cost.
@@ -96,19 +96,12 @@ pub async fn run(
         seconds: limits.timeout.as_secs_f64(),
     };
     match tokio::time::timeout(limits.timeout, work).await {
-        // PostgreSQL cancelled a statement at `statement_timeout`.
-        Ok(Err(QueryError::Store(sqlx::Error::Database(err))))
-            if err.code().as_deref() == Some(QUERY_CANCELED) =>
-        {
-            Err(timeout)
-        }
+        // The database cancelled a statement at `statement_timeout`.
+        Ok(Err(QueryError::Store(crate::store::Error::Timeout(_)))) => Err(timeout),
         Ok(result) => result,
         Err(_) => Err(timeout),
     }
 }
-
-/// PostgreSQL's SQLSTATE for a statement cancelled by `statement_timeout`.
-const QUERY_CANCELED: &str = "57014";
 
 /// What every kind of query runs with.
 struct Context<'a> {

@@ -524,7 +524,7 @@ fn decode_cursor(text: &str) -> Option<Cursor> {
     let (timestamp, uuid) = text.split_once(' ')?;
     // Stored timestamps compare as text, so only their exact form may pass.
     let parsed = chrono::DateTime::parse_from_rfc3339(timestamp).ok()?;
-    if crate::runtime::format_timestamp(parsed.to_utc()) != timestamp || uuid.is_empty() {
+    if crate::model::format_timestamp(parsed.to_utc()) != timestamp || uuid.is_empty() {
         return None;
     }
     Some(Cursor {

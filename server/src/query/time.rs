@@ -228,7 +228,7 @@ impl Buckets {
         }
         let keys = starts
             .iter()
-            .map(|s| crate::runtime::format_timestamp(*s))
+            .map(|s| crate::model::format_timestamp(*s))
             .collect();
         Some(Buckets { starts, keys, tz })
     }

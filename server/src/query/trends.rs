@@ -134,8 +134,8 @@ async fn scan_series(
         .map(|b| columns.column(&b.property));
     let mut scan = columns.into_scan(context.scan());
     scan.events = series.event.clone().map(|e| vec![e]);
-    scan.from = Some(crate::runtime::format_timestamp(from));
-    scan.to = Some(crate::runtime::format_timestamp(to));
+    scan.from = Some(crate::model::format_timestamp(from));
+    scan.to = Some(crate::model::format_timestamp(to));
 
     let mut persons = Interner::<String>::default();
     let mut groups = Interner::<Option<String>>::default();

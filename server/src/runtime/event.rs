@@ -343,7 +343,7 @@ impl HostEvent for HostState {
                 .timestamp
                 .get_or_insert_with(|| event.timestamp.clone());
         })?;
-        self.event_mut(&handle)?.timestamp = crate::runtime::format_timestamp(parsed.to_utc());
+        self.event_mut(&handle)?.timestamp = crate::model::format_timestamp(parsed.to_utc());
         Ok(Ok(()))
     }
 

@@ -11,7 +11,6 @@ pub mod error;
 pub mod event;
 pub mod host;
 pub mod limits;
-pub mod manifest;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -23,23 +22,19 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Linker, Resource};
 use wasmtime::{Engine, Store};
 
+pub use crate::model::format_timestamp;
+pub use crate::model::manifest::{self, Hook, Manifest};
 pub use bindings::{ExportedEvent, RetryableError};
 pub use error::{LoadError, Phase, PluginError, TrapReason};
 pub use event::PluginEvent;
 pub use host::{HttpCall, LogLevel, LogRecord};
 pub use limits::{Limits, Policy};
-pub use manifest::{Hook, Manifest};
 
 use capability::Grants;
 use host::{Activity, HostServices, HostState, InstallContext};
 
 /// How often the engine's epoch advances: the resolution of every deadline.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
-
-/// Formats a time the way events carry it: RFC 3339, UTC, milliseconds.
-pub fn format_timestamp(at: chrono::DateTime<chrono::Utc>) -> String {
-    at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-}
 
 /// How to build a [`Runtime`].
 #[derive(Clone, Debug)]

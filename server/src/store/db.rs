@@ -3,8 +3,13 @@
 //! or power loss) and PostgreSQL (several processes on one database, queue
 //! rows claimed with `FOR UPDATE SKIP LOCKED`). One set of queries serves
 //! both through sqlx's `Any` driver; the few that differ say so.
+//!
+//! This file owns no table: it opens the pools, hands out write
+//! transactions with this process's turn at the write lock, and
+//! checkpoints the SQLite WAL. Each table's statements are in the file
+//! named after it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 use std::time::Duration;
 
@@ -12,10 +17,16 @@ use sqlx::AnyPool;
 use sqlx::Row;
 use sqlx::any::AnyPoolOptions;
 
-use super::{
-    CreatedProject, EventFilter, Person, Result, StoreConfig, StoredEvent, hash_key, now_rfc3339,
-    random_token,
-};
+use super::Result;
+
+/// Where data lives.
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    /// `DIR/sluice.db`, the embedded default.
+    Sqlite { data_dir: PathBuf },
+    /// A PostgreSQL database that several processes may share.
+    Postgres { url: String },
+}
 
 /// Which database a store talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,149 +280,6 @@ impl Store {
         }
     }
 
-    pub async fn create_project(&self, name: &str) -> Result<CreatedProject> {
-        self.create_project_in(name, "UTC").await
-    }
-
-    /// Creates a project whose queries bucket days in `timezone`, an IANA
-    /// zone name the caller has checked.
-    pub async fn create_project_in(&self, name: &str, timezone: &str) -> Result<CreatedProject> {
-        let created = CreatedProject {
-            project_id: uuid::Uuid::now_v7().to_string(),
-            capture_token: random_token("phc_"),
-            api_key: random_token("phx_"),
-        };
-        let now = now_rfc3339();
-        let (mut tx, _turn) = self.write().await?;
-        sqlx::query(
-            "INSERT INTO projects (id, name, capture_token, created_at, timezone) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&created.project_id)
-        .bind(name)
-        .bind(&created.capture_token)
-        .bind(&now)
-        .bind(timezone)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("INSERT INTO api_keys (id, project_id, key_hash, scope, created_at) VALUES ($1, $2, $3, 'write', $4)")
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(&created.project_id)
-            .bind(hash_key(&created.api_key))
-            .bind(&now)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(created)
-    }
-
-    /// The project a capture token belongs to.
-    pub async fn project_for_token(&self, token: &str) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT id FROM projects WHERE capture_token = $1")
-            .bind(token)
-            .fetch_optional(&self.pool)
-            .await
-    }
-
-    /// The project a personal API key belongs to.
-    pub async fn project_for_key(&self, key: &str) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT project_id FROM api_keys WHERE key_hash = $1")
-            .bind(hash_key(key))
-            .fetch_optional(&self.pool)
-            .await
-    }
-
-    /// Stored events of a project, newest first.
-    pub async fn list_events(
-        &self,
-        project_id: &str,
-        filter: &EventFilter,
-    ) -> Result<Vec<StoredEvent>> {
-        // The person is looked up at read time, so events sent before an
-        // identify or alias show the person they were merged into.
-        let mut sql = String::from(
-            "SELECT e.uuid, e.event, e.distinct_id, e.timestamp, e.properties,
-                    COALESCE(p.person_id, e.person_id) AS person_id
-             FROM events e
-             LEFT JOIN person_distinct_ids p ON p.project_id = e.project_id AND p.distinct_id = e.distinct_id
-             WHERE e.project_id = $1",
-        );
-        let mut binds = vec![project_id.to_string()];
-        for (column, op, value) in [
-            ("e.event", "=", &filter.event),
-            ("e.distinct_id", "=", &filter.distinct_id),
-            ("e.timestamp", ">", &filter.after),
-            ("e.timestamp", "<", &filter.before),
-        ] {
-            if let Some(value) = value {
-                binds.push(value.clone());
-                sql.push_str(&format!(" AND {column} {op} ${}", binds.len()));
-            }
-        }
-        sql.push_str(&format!(
-            " ORDER BY e.timestamp DESC, e.uuid DESC LIMIT {}",
-            filter.limit
-        ));
-        let mut query = sqlx::query(&sql);
-        for value in &binds {
-            query = query.bind(value);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| {
-                let properties: String = row.get("properties");
-                StoredEvent {
-                    uuid: row.get("uuid"),
-                    event: row.get("event"),
-                    distinct_id: row.get("distinct_id"),
-                    person_id: row.get("person_id"),
-                    timestamp: row.get("timestamp"),
-                    properties: serde_json::from_str(&properties)
-                        .unwrap_or(serde_json::Value::Null),
-                }
-            })
-            .collect())
-    }
-
-    /// The person a distinct id belongs to now, with all its distinct ids.
-    pub async fn person_by_distinct_id(
-        &self,
-        project_id: &str,
-        distinct_id: &str,
-    ) -> Result<Option<Person>> {
-        let mut conn = self.pool.acquire().await?;
-        let Some(id): Option<String> = sqlx::query_scalar(
-            "SELECT person_id FROM person_distinct_ids WHERE project_id = $1 AND distinct_id = $2",
-        )
-        .bind(project_id)
-        .bind(distinct_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let properties: Option<String> =
-            sqlx::query_scalar("SELECT properties FROM persons WHERE project_id = $1 AND id = $2")
-                .bind(project_id)
-                .bind(&id)
-                .fetch_optional(&mut *conn)
-                .await?;
-        let distinct_ids: Vec<String> = sqlx::query_scalar(
-            "SELECT distinct_id FROM person_distinct_ids WHERE project_id = $1 AND person_id = $2 ORDER BY distinct_id",
-        )
-        .bind(project_id)
-        .bind(&id)
-        .fetch_all(&mut *conn)
-        .await?;
-        Ok(Some(Person {
-            id,
-            distinct_ids,
-            properties: properties
-                .and_then(|p| serde_json::from_str(&p).ok())
-                .unwrap_or(serde_json::Value::Object(Default::default())),
-        }))
-    }
-
     /// Copies the SQLite WAL into the database file, so the WAL can start
     /// over; a no-op on PostgreSQL. Returns the WAL's length in pages
     /// before the copy.
@@ -482,6 +350,16 @@ impl Store {
                 Err(_) => {}
             }
         }
+    }
+
+    /// Whether the database answers a trivial query: what `/_ready`
+    /// asks.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(Into::into)
     }
 
     pub async fn close(&self) {

@@ -1,8 +1,9 @@
-//! Persons, resolved for a whole batch of events inside the transaction that
-//! stores them: a distinct id resolves to a person (created on first sight),
-//! `$identify` (with `$anon_distinct_id`) and `$create_alias` merge two
-//! persons into one, and `$set`, `$set_once` and `$unset` change the
-//! person's properties.
+//! The `persons` and `person_distinct_ids` tables, always changed
+//! together. Persons are resolved for a whole batch of events inside the
+//! transaction that stores them (see `batch`): a distinct id resolves to a
+//! person (created on first sight), `$identify` (with `$anon_distinct_id`)
+//! and `$create_alias` merge two persons into one, and `$set`, `$set_once`
+//! and `$unset` change the person's properties.
 //!
 //! Events are applied in order, exactly as if one at a time, but the
 //! database sees a few statements per batch rather than several per event:
@@ -10,18 +11,29 @@
 //! the batch is worked out in memory, the properties of the persons it
 //! changes are read in a second query, and what changed is written back
 //! with multi-row statements. Merges, which are rare, move the merged
-//! person's other distinct ids with a statement each.
+//! person's other distinct ids with a statement each. The person API
+//! reads a person back here too.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::{AnyConnection, Row};
 
-use super::{Backend, QueuedEvent, Result, keyed_lookup, values_placeholders};
+use super::sql::{keyed_lookup, values_placeholders};
+use super::{Backend, QueuedEvent, Result, Store};
 
 /// Rows per multi-row statement: at most 4 binds each, far under both
 /// backends' limits on binds per statement.
 const ROWS_PER_STATEMENT: usize = 500;
+
+/// A person: the distinct ids that resolve to it and its properties.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Person {
+    pub id: String,
+    pub distinct_ids: Vec<String>,
+    pub properties: Value,
+}
 
 /// A person id derived from the project and the first distinct id seen, so
 /// replaying the same events yields the same ids.
@@ -174,6 +186,47 @@ impl<'a> Resolution<'a> {
             });
         }
         person
+    }
+}
+
+impl Store {
+    /// The person a distinct id belongs to now, with all its distinct ids.
+    pub async fn person_by_distinct_id(
+        &self,
+        project_id: &str,
+        distinct_id: &str,
+    ) -> Result<Option<Person>> {
+        let mut conn = self.pool.acquire().await?;
+        let Some(id): Option<String> = sqlx::query_scalar(
+            "SELECT person_id FROM person_distinct_ids WHERE project_id = $1 AND distinct_id = $2",
+        )
+        .bind(project_id)
+        .bind(distinct_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let properties: Option<String> =
+            sqlx::query_scalar("SELECT properties FROM persons WHERE project_id = $1 AND id = $2")
+                .bind(project_id)
+                .bind(&id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let distinct_ids: Vec<String> = sqlx::query_scalar(
+            "SELECT distinct_id FROM person_distinct_ids WHERE project_id = $1 AND person_id = $2 ORDER BY distinct_id",
+        )
+        .bind(project_id)
+        .bind(&id)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(Some(Person {
+            id,
+            distinct_ids,
+            properties: properties
+                .and_then(|p| serde_json::from_str(&p).ok())
+                .unwrap_or(Value::Object(Default::default())),
+        }))
     }
 }
 

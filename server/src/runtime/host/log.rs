@@ -5,32 +5,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::HostState;
+pub use crate::model::{LogLevel, LogRecord};
 use crate::runtime::bindings::log::{Host, Level};
-
-/// Severity of a plugin log line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    Trace,
-    Debug,
-    Info,
-    Warn,
-    Error,
-}
-
-/// One line of a plugin log.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct LogRecord {
-    /// RFC 3339.
-    pub at: String,
-    pub level: LogLevel,
-    pub message: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub fields: Vec<(String, String)>,
-    /// The event being transformed when the line was written.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub event_uuid: Option<String>,
-}
 
 /// One HTTP request a plugin made.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -111,7 +87,7 @@ impl Activity {
 }
 
 pub fn now_rfc3339() -> String {
-    crate::runtime::format_timestamp(chrono::Utc::now())
+    crate::model::format_timestamp(chrono::Utc::now())
 }
 
 impl HostState {

@@ -5,7 +5,7 @@
 //! properties, no id twice), keeps contacts so `new` is right, answers with
 //! HubSpot's rate headers and error bodies, and can be told to throttle.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -3,10 +3,8 @@
 //! two processes sharing PostgreSQL is killed mid-stream, and every
 //! acknowledged event is found stored exactly once.
 
-#[path = "common/postgres.rs"]
-mod postgres;
-#[path = "common/process.rs"]
-mod process;
+use crate::common::postgres;
+use crate::common::process;
 
 use std::collections::HashSet;
 

@@ -2,7 +2,7 @@
 //! runtime against a local fake of ClickHouse's HTTP interface that checks
 //! what ClickHouse checks and answers the way it does.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::Read as _;

@@ -1,7 +1,7 @@
 //! The webhook destination, built as a component and run by the real
 //! runtime against a local receiver.
 
-mod common;
+use crate::common;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

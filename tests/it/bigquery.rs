@@ -2,7 +2,7 @@
 //! runtime against a local server that behaves like Google's OAuth token
 //! endpoint (JWT bearer grant) and BigQuery's `tabledata.insertAll`.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,7 @@
 //! runtime against a local server that behaves like Salesforce's OAuth token
 //! endpoint and its sObject Collections upsert.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

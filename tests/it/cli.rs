@@ -1,6 +1,6 @@
 //! The `sluice plugin` commands, run as a user runs them.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -4,9 +4,9 @@
 //! SIGKILL mid-delivery on both backends, and scheduled tasks that run once
 //! per fire across processes.
 
-mod common;
-#[path = "common/process.rs"]
-mod process;
+use crate::common;
+use crate::common::process;
+use crate::common::server::wait_until;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -18,8 +18,8 @@ use common::postgres::TestDatabase;
 use process::{ServerProcess, Target, create_project_on};
 use serde_json::{Value, json};
 use sluice::runtime::Policy;
-use sluice::server::{ServeConfig, open_store, serve};
-use sluice::store::{Backend, CreatedProject, StoreConfig};
+use sluice::server::ServeConfig;
+use sluice::store::Backend;
 
 /// A reply the receiver gives: status and an optional Retry-After.
 type Reply = (u16, Option<&'static str>);
@@ -214,72 +214,29 @@ impl Api {
     }
 }
 
-/// Polls `check` until it returns a value, for up to `seconds`.
-async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// An in-process server whose plugins may call loopback receivers.
 struct TestServer {
     api: Api,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
-    _database: Option<TestDatabase>,
+    _server: common::server::TestServer,
 }
 
 async fn start(backend: Backend) -> TestServer {
-    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ServeConfig::with_data_dir(dir.path().to_path_buf());
-    config.policy = Policy {
-        allow_loopback: true,
-        ..Policy::default()
-    };
-    let database = match backend {
-        Backend::Sqlite => None,
-        Backend::Postgres => {
-            let database = TestDatabase::create().await;
-            config.store = StoreConfig::Postgres {
-                url: database.url.clone(),
-            };
-            Some(database)
-        }
-    };
-    let store = open_store(&config.store).await.unwrap();
-    let CreatedProject {
-        project_id,
-        capture_token,
-        api_key,
-    } = store.create_project("test").await.unwrap();
-    store.close().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        serve(config, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
+    let server = common::server::TestServer::start_with(backend, |config| ServeConfig {
+        policy: Policy {
+            allow_loopback: true,
+            ..Policy::default()
+        },
+        ..config
+    })
+    .await;
+    let project = json!({
+        "project_id": server.project.project_id,
+        "capture_token": server.project.capture_token,
+        "api_key": server.project.api_key,
     });
-    let project =
-        json!({"project_id": project_id, "capture_token": capture_token, "api_key": api_key});
     TestServer {
-        api: Api::new(&base, &project),
-        _stop: stop,
-        _dir: dir,
-        _database: database,
+        api: Api::new(&server.base, &project),
+        _server: server,
     }
 }
 
@@ -311,11 +268,11 @@ async fn every_event_of_a_10k_run_arrives_through_an_outage_of_500s_then_429s() 
         .await;
 
     let sent = api.capture(10_000).await;
-    eventually(300, "every event at the receiver", || async {
+    wait_until("every event at the receiver", || async {
         (receiver.delivered().is_superset(&sent)).then_some(())
     })
     .await;
-    let stats = eventually(30, "the outbox to drain", || async {
+    let stats = wait_until("the outbox to drain", || async {
         let view = api.destination(&id).await;
         (view["stats"]["pending"] == 0 && view["stats"]["retrying"] == 0).then_some(view)
     })
@@ -376,7 +333,7 @@ async fn permanent_errors_go_to_dead_letters_and_replay_delivers_them_after_the_
         .await;
     let sent = api.capture(30).await;
 
-    let letters = eventually(60, "30 dead letters", || async {
+    let letters = wait_until("30 dead letters", || async {
         let letters = api.get("/dead-letters").await["results"]
             .as_array()
             .unwrap()
@@ -423,12 +380,12 @@ async fn permanent_errors_go_to_dead_letters_and_replay_delivers_them_after_the_
         .await;
     assert_eq!((status, body), (200, json!({"replayed": 29})));
 
-    eventually(60, "the replayed events at the receiver", || async {
+    wait_until("the replayed events at the receiver", || async {
         (receiver.delivered() == sent).then_some(())
     })
     .await;
     assert_eq!(api.get("/dead-letters").await["results"], json!([]));
-    let view = eventually(10, "the delivered count", || async {
+    let view = wait_until("the delivered count", || async {
         let view = api.destination(&id).await;
         (view["stats"]["delivered"] == 30).then_some(view)
     })
@@ -458,7 +415,7 @@ async fn a_destination_that_keeps_failing_is_paused_keeps_its_events_and_resumes
         )
         .await;
     api.capture(25).await;
-    let view = eventually(60, "the destination to pause", || async {
+    let view = wait_until("the destination to pause", || async {
         let view = api.destination(&id).await;
         (view["paused"] == true).then_some(view)
     })
@@ -472,7 +429,7 @@ async fn a_destination_that_keeps_failing_is_paused_keeps_its_events_and_resumes
 
     // While paused, new events wait in the outbox.
     let waiting = api.capture(7).await;
-    let view = eventually(10, "events pending in the outbox", || async {
+    let view = wait_until("events pending in the outbox", || async {
         let view = api.destination(&id).await;
         (view["stats"]["pending"] == 7).then_some(view)
     })
@@ -492,7 +449,7 @@ async fn a_destination_that_keeps_failing_is_paused_keeps_its_events_and_resumes
     assert_eq!(status, 200, "{resumed}");
     assert_eq!(resumed["paused"], false);
     assert_eq!(resumed["paused_reason"], Value::Null);
-    eventually(60, "the waiting events at the receiver", || async {
+    wait_until("the waiting events at the receiver", || async {
         (receiver.delivered() == waiting).then_some(())
     })
     .await;
@@ -506,7 +463,7 @@ async fn a_destination_that_keeps_failing_is_paused_keeps_its_events_and_resumes
     // Let the running lane see the pause before the next events arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
     api.capture(3).await;
-    eventually(10, "events held while paused", || async {
+    wait_until("events held while paused", || async {
         let view = api.destination(&id).await;
         (view["stats"]["pending"] == 3).then_some(())
     })
@@ -580,7 +537,7 @@ async fn a_sigkill_during_delivery_loses_no_event(backend: Backend) {
         )
         .await;
     let sent = api.capture(2_000).await;
-    eventually(60, "deliveries under way", || async {
+    wait_until("deliveries under way", || async {
         (receiver.delivered().len() >= 100).then_some(())
     })
     .await;
@@ -593,11 +550,11 @@ async fn a_sigkill_during_delivery_loses_no_event(backend: Backend) {
 
     let restarted = ServerProcess::start_on(&target, &args).await;
     let api = Api::new(&restarted.base, &project);
-    eventually(120, "every event at the receiver", || async {
+    wait_until("every event at the receiver", || async {
         receiver.delivered().is_superset(&sent).then_some(())
     })
     .await;
-    let view = eventually(30, "an empty outbox", || async {
+    let view = wait_until("an empty outbox", || async {
         let view = api.destination(&id).await;
         (view["stats"]["pending"] == 0 && view["stats"]["retrying"] == 0).then_some(view)
     })
@@ -635,7 +592,7 @@ async fn a_scheduled_task_runs_once_per_fire_across_two_processes() {
     let api = Api::new(&first.base, &project);
     let id = api.install("ticker", json!({}), json!({})).await;
 
-    let logs = eventually(30, "five runs of the task", || async {
+    let logs = wait_until("five runs of the task", || async {
         let logs = api.get(&format!("/plugin-configs/{id}/logs")).await["results"]
             .as_array()
             .unwrap()

@@ -5,7 +5,7 @@
 //! contact, custom field IDs that exist), answers 202 with a fresh job id,
 //! sends the rate-limit headers on every response and a 429 when told to.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,7 @@
 //! codes, and a 429 with `Retry-After` once a scripted number of posts is
 //! used up.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! and adversarial plugins that must be stopped with a clear error while the
 //! host and its healthy plugins carry on.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,73 +2,26 @@
 //! encodings, errors that store nothing, de-duplication, persons, the
 //! events API, and transformation plugins installed through the API.
 
-mod common;
+use crate::common;
+use crate::common::server::{TestServer, wait_until};
 
 use std::io::Write;
 use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{Value, json};
-use sluice::server::{ServeConfig, open_store, serve};
-use sluice::store::CreatedProject;
-use sluice::store::{Backend, StoreConfig};
-
-struct TestServer {
-    base: String,
-    project: CreatedProject,
-    other: CreatedProject,
-    client: reqwest::Client,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
-    _database: Option<common::postgres::TestDatabase>,
-}
+use sluice::server::{ServeConfig, open_store};
+use sluice::store::Backend;
 
 async fn start_with(
     backend: Backend,
     config: impl FnOnce(ServeConfig) -> ServeConfig,
 ) -> TestServer {
-    // Server logs show up under failing tests.
-    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let dir = tempfile::tempdir().unwrap();
-    let mut base_config = ServeConfig::with_data_dir(dir.path().to_path_buf());
-    let database = match backend {
-        Backend::Sqlite => None,
-        Backend::Postgres => {
-            let database = common::postgres::TestDatabase::create().await;
-            base_config.store = StoreConfig::Postgres {
-                url: database.url.clone(),
-            };
-            Some(database)
-        }
-    };
-    let config = config(base_config);
-    let store = open_store(&config.store).await.unwrap();
-    let project = store.create_project("test").await.unwrap();
-    let other = store.create_project("other").await.unwrap();
-    store.close().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        serve(config, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    TestServer {
-        base,
-        project,
-        other,
-        client: reqwest::Client::new(),
-        _stop: stop,
-        _dir: dir,
-        _database: database,
-    }
+    TestServer::start_with(backend, config).await
 }
 
 async fn start(backend: Backend) -> TestServer {
-    start_with(backend, |c| c).await
+    TestServer::start(backend).await
 }
 
 impl TestServer {
@@ -112,6 +65,34 @@ impl TestServer {
         serde_json::from_str(&response.text().await.unwrap()).unwrap()
     }
 
+    /// Captures a last event and waits until it is stored; the names of
+    /// the events stored before it, oldest first. The worker stores events
+    /// in the order they were queued, so this waits for every event
+    /// accepted before it.
+    async fn stored_through_sentinel(&self, token: &str) -> Vec<Value> {
+        let (status, _) = self
+            .post_json(
+                "/capture/",
+                json!({"api_key": token, "event": "sentinel", "distinct_id": "sentinel"}),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let mut stored = wait_until("the sentinel event to be stored", || async {
+            let stored = self.events("limit=1000").await["results"]
+                .as_array()
+                .unwrap()
+                .clone();
+            stored
+                .iter()
+                .any(|event| event["event"] == "sentinel")
+                .then_some(stored)
+        })
+        .await;
+        stored.retain(|event| event["event"] != "sentinel");
+        stored.reverse();
+        stored
+    }
+
     async fn events(&self, query: &str) -> Value {
         self.get_api(&format!("/events?{query}")).await
     }
@@ -119,17 +100,14 @@ impl TestServer {
     /// Waits until the events API shows `n` events (the worker stores them
     /// shortly after capture answers).
     async fn wait_for(&self, n: usize) -> Vec<Value> {
-        for _ in 0..200 {
+        wait_until(&format!("{n} events to be stored"), || async {
             let results = self.events("limit=1000").await["results"]
                 .as_array()
                 .unwrap()
                 .clone();
-            if results.len() >= n {
-                return results;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("fewer than {n} events were stored");
+            (results.len() >= n).then_some(results)
+        })
+        .await
     }
 }
 
@@ -344,10 +322,11 @@ async fn bad_requests_get_clear_json_errors_and_store_nothing(backend: Backend) 
         )
         .await;
     assert_eq!(status, 200);
-    let stored = server.wait_for(1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let stored_later = server.events("").await["results"].as_array().unwrap().len();
-    assert_eq!((stored.len(), stored_later), (1, 1));
+    // The worker stores in the order events were queued: once a later
+    // event is stored, anything queued before it would be too.
+    let stored = server.stored_through_sentinel(&token).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0]["event"], "ok");
 }
 
 async fn a_replayed_uuid_is_stored_once(backend: Backend) {
@@ -361,12 +340,9 @@ async fn a_replayed_uuid_is_stored_once(backend: Backend) {
     for _ in 0..3 {
         assert_eq!(server.post_json("/capture/", event.clone()).await.0, 200);
     }
-    server.wait_for(1).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let stored = server.events("").await["results"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let stored = server
+        .stored_through_sentinel(&server.project.capture_token)
+        .await;
     assert_eq!(stored.len(), 1);
     assert_eq!(
         stored[0]["uuid"],
@@ -642,20 +618,17 @@ async fn a_failing_fail_closed_plugin_sends_events_to_dead_letters(backend: Back
     server
         .capture(json!([{"event": "e", "distinct_id": "d", "uuid": uuid}]))
         .await;
-    let mut letters = Vec::new();
-    for _ in 0..200 {
-        letters = server
+    let letters = wait_until("a dead letter", || async {
+        let letters = server
             .api(reqwest::Method::GET, "/dead-letters", None)
             .await
             .1["results"]
             .as_array()
             .unwrap()
             .clone();
-        if !letters.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0]["event"]["uuid"], json!(uuid));
     assert!(
@@ -831,7 +804,11 @@ async fn capture_answers_503_with_retry_after_when_the_queue_is_full(backend: Ba
     assert_eq!(response.headers()["retry-after"], "5");
     let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
     assert_eq!(body["detail"], json!("the queue is full; retry after 5 s"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Refused means not queued: the queue itself is empty, so nothing can
+    // be stored later.
+    let store = open_store(&server.store).await.unwrap();
+    assert_eq!(store.queue_depth().await.unwrap(), 0);
+    store.close().await;
     assert!(
         server.events("").await["results"]
             .as_array()
@@ -854,7 +831,7 @@ async fn postgres_capture_pushes_back_while_the_pipeline_cannot_store() {
         ..c
     })
     .await;
-    let url = server._database.as_ref().unwrap().url.clone();
+    let url = server.database_url().unwrap().to_string();
     let mut blocker = sqlx::PgConnection::connect(&url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
     sqlx::query("LOCK TABLE events IN EXCLUSIVE MODE")

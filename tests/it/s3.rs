@@ -3,7 +3,7 @@
 //! a throwaway virtualenv) for what lands in the bucket, and a small fake
 //! that checks every request's SigV4 signature, which moto does not.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Read as _;

@@ -1,8 +1,7 @@
 //! The official Python client libraries, installed from PyPI into a
 //! throwaway virtualenv and used unchanged against a running server.
 
-#[path = "common/process.rs"]
-mod process;
+use crate::common::process;
 
 use std::process::Command;
 

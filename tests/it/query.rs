@@ -7,7 +7,8 @@
 //! plain in-memory computation over the generated events written here,
 //! apart from the server.
 
-mod common;
+use crate::common;
+use crate::common::server::{TestServer, wait_until};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -16,71 +17,31 @@ use chrono::{DateTime, Datelike, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde_json::{Value, json};
 use sluice::query::QueryLimits;
-use sluice::server::{ServeConfig, open_store, serve};
+use sluice::server::ServeConfig;
 use sluice::store::{Backend, CreatedProject, StoreConfig};
 
 const TZ: Tz = chrono_tz::America::New_York;
 
-struct TestServer {
-    base: String,
-    project: CreatedProject,
-    other: CreatedProject,
-    client: reqwest::Client,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
-    _database: Option<common::postgres::TestDatabase>,
-}
-
 async fn start(backend: Backend, limits: QueryLimits) -> TestServer {
-    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ServeConfig::with_data_dir(dir.path().to_path_buf());
-    config.query_limits = limits;
-    let database = match backend {
-        Backend::Sqlite => None,
-        Backend::Postgres => {
-            let database = common::postgres::TestDatabase::create().await;
-            config.store = StoreConfig::Postgres {
-                url: database.url.clone(),
-            };
-            Some(database)
-        }
-    };
-    let store = open_store(&config.store).await.unwrap();
-    let project = store.create_project_in("test", TZ.name()).await.unwrap();
-    let other = store.create_project("other").await.unwrap();
-    store.close().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        serve(config, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    TestServer {
-        base,
-        project,
-        other,
-        client: reqwest::Client::new(),
-        _stop: stop,
-        _dir: dir,
-        _database: database,
-    }
+    TestServer::start_in(TZ.name(), backend, |config| ServeConfig {
+        query_limits: limits,
+        ..config
+    })
+    .await
 }
 
 /// A server whose project has stored `events`.
 async fn start_with_events(backend: Backend, limits: QueryLimits, events: &[Value]) -> TestServer {
     let server = start(backend, limits).await;
-    server.capture(&server.project.capture_token, events).await;
+    server
+        .capture_events(&server.project.capture_token, events)
+        .await;
     server.wait_stored(events.len()).await;
     server
 }
 
 impl TestServer {
-    async fn capture(&self, token: &str, events: &[Value]) {
+    async fn capture_events(&self, token: &str, events: &[Value]) {
         for chunk in events.chunks(1000) {
             let response = self
                 .client
@@ -142,32 +103,25 @@ impl TestServer {
             "{}/api/projects/{}/events?limit=1000",
             self.base, self.project.project_id
         );
-        for _ in 0..400 {
+        wait_until(&format!("{n} events to be stored"), || async {
             let page = self.get(&url).await;
-            if page["results"].as_array().unwrap().len() >= n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("fewer than {n} events were stored");
+            (page["results"].as_array().unwrap().len() >= n).then_some(())
+        })
+        .await
     }
 
     /// Waits until the pipeline has stored `n` events of the project.
     async fn wait_for_count(&self, n: u64) {
         let count = json!({"kind": "trends", "series": [{}], "interval": "month",
                            "date_from": "2026-01-01", "date_to": "2026-12-31"});
-        let mut stored = 0;
-        for _ in 0..2400 {
-            stored = self.query(&count).await["results"][0]["total"]
+        let stored = wait_until(&format!("{n} events to be stored"), || async {
+            let stored = self.query(&count).await["results"][0]["total"]
                 .as_u64()
                 .unwrap();
-            if stored >= n {
-                assert_eq!(stored, n, "more events were stored than captured");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("only {stored} of {n} events were stored");
+            (stored >= n).then_some(stored)
+        })
+        .await;
+        assert_eq!(stored, n, "more events were stored than captured");
     }
 }
 
@@ -659,10 +613,10 @@ async fn sqlite_and_postgres_agree_with_an_independent_computation() {
     // Noise in another project, which no query of ours may see.
     let noise: Vec<Value> = events.iter().take(3000).map(Generated::json).collect();
     tokio::join!(
-        sqlite.capture(&sqlite.project.capture_token, &payload),
-        postgres.capture(&postgres.project.capture_token, &payload),
-        sqlite.capture(&sqlite.other.capture_token, &noise),
-        postgres.capture(&postgres.other.capture_token, &noise),
+        sqlite.capture_events(&sqlite.project.capture_token, &payload),
+        postgres.capture_events(&postgres.project.capture_token, &payload),
+        sqlite.capture_events(&sqlite.other.capture_token, &noise),
+        postgres.capture_events(&postgres.other.capture_token, &noise),
     );
     tokio::join!(
         sqlite.wait_for_count(events.len() as u64),

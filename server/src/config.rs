@@ -1,0 +1,47 @@
+//! What `sluice serve` is configured with: the command line's options,
+//! as one value the composition root hands out in parts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::query::QueryLimits;
+use crate::runtime::Policy;
+use crate::store::{DEFAULT_LEASE, StoreConfig};
+
+/// Everything `sluice serve` is configured with.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub store: StoreConfig,
+    /// Largest request body, compressed or not.
+    pub max_body_bytes: usize,
+    /// Capture answers 503 once this many events wait in the queue.
+    pub max_queue_depth: i64,
+    /// Capture answers 503 once the oldest queued event has waited this
+    /// long: the pipeline is behind, and acknowledging more would promise
+    /// what it cannot store soon.
+    pub max_queue_age: Duration,
+    /// Record the client address as `$ip`.
+    pub record_ip: bool,
+    /// What plugins may do; see `runtime::Policy`.
+    pub policy: Policy,
+    /// How long a worker holds claimed queue rows before another process may
+    /// take them over.
+    pub lease: Duration,
+    /// What one analytics query may cost.
+    pub query_limits: QueryLimits,
+}
+
+impl ServeConfig {
+    pub fn with_data_dir(data_dir: PathBuf) -> Self {
+        ServeConfig {
+            store: StoreConfig::Sqlite { data_dir },
+            max_body_bytes: 20 << 20,
+            max_queue_depth: 1_000_000,
+            max_queue_age: Duration::from_secs(30),
+            record_ip: true,
+            policy: Policy::default(),
+            lease: DEFAULT_LEASE,
+            query_limits: QueryLimits::default(),
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Starting the plugin of an install: its `.wasm` read from the store,
+//! compiled (or taken from the cache), and set up with the install's
+//! config. The pipeline, delivery and the scheduler all start plugins
+//! here.
+//!
+//! A failure says whose fault it is, because the two are handled in
+//! opposite ways: a plugin that cannot start with its config will not
+//! start on the next try either, and its install is disabled with the
+//! reason shown; a host that could not start it (the database did not
+//! answer, the instance pool was full, a worker thread died) may well on
+//! the next try, and disabling a customer's transformation for it would
+//! turn a blip into lost work.
+
+use crate::runtime::{Install, LoadError, PluginError, PluginInstance, Runtime};
+use crate::store::{PluginConfig, Store};
+
+/// Why an install's plugin did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The plugin's own fault: starting it again will fail the same way.
+    #[error("{0}")]
+    Plugin(String),
+    /// The host's: try again later.
+    #[error("{0}")]
+    Host(String),
+}
+
+impl StartError {
+    /// Whether the install should be disabled for it.
+    pub fn is_plugin_fault(&self) -> bool {
+        matches!(self, StartError::Plugin(_))
+    }
+}
+
+/// Starts the plugin of `config`.
+pub async fn start(
+    store: &Store,
+    runtime: &Runtime,
+    config: &PluginConfig,
+) -> Result<PluginInstance, StartError> {
+    let wasm = store
+        .plugin_wasm(&config.plugin_sha256)
+        .await
+        .map_err(|err| {
+            StartError::Host(format!("failed to read the plugin from the store: {err}"))
+        })?
+        .ok_or_else(|| {
+            StartError::Plugin(format!(
+                "plugin {} is not installed; upload it again",
+                config.plugin_sha256
+            ))
+        })?;
+    let runtime = runtime.clone();
+    let install = Install {
+        install_id: config.id.clone(),
+        config: config.config.clone(),
+        limits: None,
+    };
+    tokio::task::spawn_blocking(move || {
+        let plugin = runtime.load(&wasm).map_err(|err| {
+            let message = format!("failed to load the plugin: {err}");
+            match err {
+                // It compiled when it was uploaded, so failing now is the
+                // host's (its cache or its memory), not the plugin's.
+                LoadError::Compile { .. } => StartError::Host(message),
+                _ => StartError::Plugin(message),
+            }
+        })?;
+        plugin.install(install).map_err(|err| {
+            let message = format!("failed to start: {err}");
+            match err {
+                PluginError::Instantiate { .. } => StartError::Host(message),
+                _ => StartError::Plugin(message),
+            }
+        })
+    })
+    .await
+    .map_err(|err| StartError::Host(format!("failed to start: {err}")))?
+}

@@ -1,0 +1,296 @@
+//! The `capture_queue` table, the durable capture queue: rows written
+//! before capture answers 200, leased by workers, and deleted only in the
+//! transaction that stores what the pipeline made of them (see `batch`).
+//!
+//! Everything here works on batches. Capture writes many requests in one
+//! transaction (see `capture::commit`), a worker leases a batch with one
+//! statement, and the rows of a stored batch go with one statement per
+//! thousand, so the queue's cost is a handful of round trips whatever the
+//! batch's size. Leases differ by backend: in memory on SQLite, in the
+//! rows on PostgreSQL (see `claim_in`).
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sqlx::Row;
+
+use super::sql::{id_list, release_leases, values_placeholders};
+use super::{Backend, Result, Store, now_rfc3339};
+
+/// Rows per multi-row insert: three columns each, so 1,500 binds, far
+/// under both backends' limits.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// How long a claimed queue row stays with a worker before another may take
+/// it, by default: long enough for a slow plugin chain, short enough that a
+/// killed worker's events move on quickly.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+/// An event accepted by capture, normalised, waiting in the queue.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, Serialize)]
+pub struct QueuedEvent {
+    pub uuid: String,
+    pub event: String,
+    pub distinct_id: String,
+    pub timestamp: String,
+    pub received_at: String,
+    #[serde(default)]
+    pub properties: Map<String, Value>,
+}
+
+/// A claimed row of the queue.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub id: i64,
+    pub project_id: String,
+    pub event: QueuedEvent,
+}
+
+/// One capture request's events, serialised, ready for the queue.
+#[derive(Clone, Debug)]
+pub struct QueueWrite {
+    pub project_id: String,
+    pub payloads: Vec<String>,
+}
+
+impl QueueWrite {
+    pub fn new(project_id: &str, events: &[QueuedEvent]) -> Self {
+        QueueWrite {
+            project_id: project_id.to_string(),
+            payloads: events
+                .iter()
+                .map(|event| serde_json::to_string(event).expect("events serialise"))
+                .collect(),
+        }
+    }
+}
+
+/// What a worker asks the queue for.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim {
+    pub limit: u32,
+    /// How long the rows stay with the worker.
+    pub lease: Duration,
+    /// Only rows with a higher id. A worker starts where its last claim
+    /// ended instead of at the head of the table: on PostgreSQL the head of
+    /// a churning queue is a run of index entries for rows already
+    /// deleted, and walking them made every claim cost tens of
+    /// milliseconds. The worker goes back to 0 now and then to pick up
+    /// rows it passed (expired leases, rows another process gave back,
+    /// capture transactions that committed after a later one).
+    pub after: i64,
+}
+
+/// How far the pipeline is behind capture.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStatus {
+    /// Events accepted and not yet stored.
+    pub depth: i64,
+    /// When the oldest of them was accepted, in epoch milliseconds.
+    pub oldest_enqueued_ms: Option<i64>,
+}
+
+impl Store {
+    /// Writes accepted events to the queue in one transaction: all or none.
+    pub async fn enqueue(&self, project_id: &str, events: &[QueuedEvent]) -> Result<()> {
+        self.enqueue_requests(&[&QueueWrite::new(project_id, events)])
+            .await
+    }
+
+    /// Writes several requests' events to the queue in one transaction and
+    /// one commit (a group commit): all of them or none.
+    pub async fn enqueue_requests(&self, requests: &[&QueueWrite]) -> Result<()> {
+        let now = now_rfc3339();
+        let rows: Vec<(&str, &str)> = requests
+            .iter()
+            .flat_map(|request| {
+                request
+                    .payloads
+                    .iter()
+                    .map(|payload| (request.project_id.as_str(), payload.as_str()))
+            })
+            .collect();
+        let (mut tx, _turn) = self.write().await?;
+        insert(&mut tx, self.backend(), &rows, &now).await?;
+        tx.commit().await.map_err(Into::into)
+    }
+
+    pub async fn queue_depth(&self) -> Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM capture_queue")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Into::into)
+    }
+
+    /// The queue's depth and the age of its oldest row. Rows are taken in
+    /// id order, so the lowest id is the oldest waiting event.
+    pub async fn queue_status(&self) -> Result<QueueStatus> {
+        let depth = self.queue_depth().await?;
+        let oldest: Option<String> =
+            sqlx::query_scalar("SELECT enqueued_at FROM capture_queue ORDER BY id LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(QueueStatus {
+            depth,
+            oldest_enqueued_ms: oldest
+                .and_then(|at| chrono::DateTime::parse_from_rfc3339(&at).ok())
+                .map(|at| at.timestamp_millis()),
+        })
+    }
+
+    /// Leases up to `claim.limit` ready rows to `owner`, on its own. On
+    /// SQLite, whose leases live in memory (see `claim_in`), that is a
+    /// read and needs no turn at the write lock.
+    pub async fn claim(&self, owner: &str, claim: &Claim) -> Result<Vec<Claimed>> {
+        match self.backend() {
+            Backend::Sqlite => {
+                let mut conn = self.pool.acquire().await?;
+                let rows = self.claim_in(&mut conn, owner, claim).await?;
+                drop(conn);
+                parse_claimed(rows)
+            }
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                let rows = self.claim_in(&mut tx, owner, claim).await?;
+                tx.commit().await?;
+                parse_claimed(rows)
+            }
+        }
+    }
+
+    /// Leases ready rows with ids above `claim.after`. Rows whose lease
+    /// expired (their worker died) are ready again. The rows come back as
+    /// stored: parsing them is for after the transaction (see
+    /// [`parse_claimed`]).
+    pub(super) async fn claim_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        owner: &str,
+        claim: &Claim,
+    ) -> Result<Vec<sqlx::any::AnyRow>> {
+        let rows = match self.backend() {
+            // One process owns a SQLite file (its write lock serialises
+            // writers anyway), so the worker's lease lives in memory: it
+            // reads past what it holds with `after`, and a restarted
+            // process takes every row again at once. Writing a lease would
+            // rewrite each row, payload and all, only to delete it a moment
+            // later. Were a second process to take the same rows anyway,
+            // storing is idempotent: events already stored are skipped,
+            // with their person changes and outbox rows.
+            Backend::Sqlite => {
+                sqlx::query(
+                    "SELECT id, project_id, payload FROM capture_queue WHERE id > $1 ORDER BY id LIMIT $2",
+                )
+                .bind(claim.after)
+                .bind(claim.limit as i64)
+                .fetch_all(&mut *conn)
+                .await?
+            }
+            // Several processes share one PostgreSQL queue: each skips the
+            // rows another is claiming instead of waiting for them, and a
+            // dead process's rows come back when their lease runs out.
+            Backend::Postgres => {
+                let now = chrono::Utc::now().timestamp_millis();
+                sqlx::query(
+                    "UPDATE capture_queue SET lease_owner = $1, lease_until = $2, attempts = attempts + 1
+                     WHERE id IN (SELECT id FROM capture_queue
+                                  WHERE id > $3 AND (lease_until IS NULL OR lease_until < $4)
+                                  ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED)
+                     RETURNING id, project_id, payload",
+                )
+                .bind(owner)
+                .bind(now + claim.lease.as_millis() as i64)
+                .bind(claim.after)
+                .bind(now)
+                .bind(claim.limit as i64)
+                .fetch_all(&mut *conn)
+                .await?
+            }
+        };
+        Ok(rows)
+    }
+
+    /// Gives back the rows `owner` holds, for a graceful shutdown.
+    pub async fn release(&self, owner: &str) -> Result<()> {
+        release_leases(&self.pool, "capture_queue", owner, None).await
+    }
+
+    /// Gives back some claimed rows at once, after a batch failed to store,
+    /// so the next attempt need not wait for the lease to run out.
+    pub async fn release_rows(&self, owner: &str, ids: &[i64]) -> Result<()> {
+        release_leases(&self.pool, "capture_queue", owner, Some(ids)).await
+    }
+}
+
+/// Appends `(project_id, payload)` rows to the queue, in order, with
+/// multi-row statements.
+pub(super) async fn insert(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    rows: &[(&str, &str)],
+    enqueued_at: &str,
+) -> Result<()> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO capture_queue (project_id, payload, enqueued_at) VALUES {}",
+            values_placeholders(backend, 1, chunk.len(), 3)
+        );
+        let mut query = sqlx::query(&sql);
+        for (project_id, payload) in chunk {
+            query = query.bind(*project_id).bind(*payload).bind(enqueued_at);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Removes the rows of a stored batch.
+pub(super) async fn delete_claimed(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    owner: &str,
+    ids: &[i64],
+) -> Result<()> {
+    // One statement per chunk, not per row: on PostgreSQL each statement
+    // is a round trip. The ids are integers, so inlining them is safe.
+    // On PostgreSQL only rows still leased to `owner` go: if the lease
+    // ran out and another worker took them, that worker removes them.
+    for chunk in ids.chunks(1_000) {
+        let list = id_list(chunk.iter().copied());
+        match backend {
+            Backend::Sqlite => {
+                sqlx::query(&format!("DELETE FROM capture_queue WHERE id IN ({list})"))
+                    .execute(&mut **tx)
+                    .await?
+            }
+            Backend::Postgres => {
+                sqlx::query(&format!(
+                    "DELETE FROM capture_queue WHERE lease_owner = $1 AND id IN ({list})"
+                ))
+                .bind(owner)
+                .execute(&mut **tx)
+                .await?
+            }
+        };
+    }
+    Ok(())
+}
+
+/// Parses leased queue rows into events, in id order.
+pub(super) fn parse_claimed(rows: Vec<sqlx::any::AnyRow>) -> Result<Vec<Claimed>> {
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let payload: String = row.get("payload");
+        let event: QueuedEvent = serde_json::from_str(&payload).map_err(|err| {
+            sqlx::Error::Decode(format!("queue row holds a malformed event: {err}").into())
+        })?;
+        claimed.push(Claimed {
+            id: row.get("id"),
+            project_id: row.get("project_id"),
+            event,
+        });
+    }
+    claimed.sort_by_key(|c| c.id);
+    Ok(claimed)
+}

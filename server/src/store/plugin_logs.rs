@@ -1,0 +1,105 @@
+//! The `plugin_logs` table: the lines plugins log through the host. Most
+//! are written in the transaction of the work that logged them (storing a
+//! batch, recording a delivery), so they take that transaction and go in
+//! with multi-row statements; the rest on their own. The API reads them
+//! back newest first.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::sql::{ROWS_PER_INSERT, values_placeholders};
+use super::{Backend, Result, Store};
+use crate::model::LogRecord;
+
+/// A line of a plugin config's log, as stored.
+#[derive(Clone, Debug, Serialize)]
+pub struct PluginLog {
+    pub at: String,
+    pub level: String,
+    pub message: String,
+    pub event_uuid: Option<String>,
+}
+
+impl Store {
+    /// The newest log lines of a plugin config, newest first.
+    pub async fn plugin_logs(&self, plugin_config_id: &str, limit: u32) -> Result<Vec<PluginLog>> {
+        let rows = sqlx::query(
+            "SELECT at, level, message, event_uuid FROM plugin_logs WHERE plugin_config_id = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(plugin_config_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| PluginLog {
+                at: row.get("at"),
+                level: row.get("level"),
+                message: row.get("message"),
+                event_uuid: row.get("event_uuid"),
+            })
+            .collect())
+    }
+
+    /// Appends plugin log lines outside any other write.
+    pub async fn append_plugin_logs(
+        &self,
+        plugin_config_id: &str,
+        logs: &[LogRecord],
+    ) -> Result<()> {
+        if logs.is_empty() {
+            return Ok(());
+        }
+        let (mut tx, _turn) = self.write().await?;
+        insert_logs(&mut tx, self.backend(), plugin_config_id, logs).await?;
+        tx.commit().await.map_err(Into::into)
+    }
+}
+
+pub(super) async fn insert_logs(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    plugin_config_id: &str,
+    logs: &[LogRecord],
+) -> Result<()> {
+    let rows: Vec<(&str, &LogRecord)> = logs.iter().map(|r| (plugin_config_id, r)).collect();
+    insert_log_rows(tx, backend, &rows).await
+}
+
+/// Log lines of several plugin configs, as the pipeline collects them.
+pub(super) async fn insert_config_logs(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    logs: &[(String, LogRecord)],
+) -> Result<()> {
+    let rows: Vec<(&str, &LogRecord)> = logs.iter().map(|(id, r)| (id.as_str(), r)).collect();
+    insert_log_rows(tx, backend, &rows).await
+}
+
+async fn insert_log_rows(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    rows: &[(&str, &LogRecord)],
+) -> Result<()> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO plugin_logs (plugin_config_id, at, level, message, event_uuid) VALUES {}",
+            values_placeholders(backend, 1, chunk.len(), 5)
+        );
+        let mut query = sqlx::query(&sql);
+        for (plugin_config_id, record) in chunk {
+            query = query
+                .bind(*plugin_config_id)
+                .bind(record.at.as_str())
+                .bind(
+                    serde_json::to_value(record.level)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string)),
+                )
+                .bind(record.message.as_str())
+                .bind(record.event_uuid.as_deref());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}

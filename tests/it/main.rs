@@ -1,0 +1,23 @@
+//! Every integration test of the server, in one binary so that wasmtime
+//! and the server are linked once. Each module tests one part as a user
+//! meets it; `common` holds what they share.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod architecture;
+mod bigquery;
+mod cli;
+mod clickhouse;
+mod delivery;
+mod durability;
+mod hubspot;
+mod query;
+mod runtime;
+mod s3;
+mod salesforce;
+mod sdk_clients;
+mod sendgrid;
+mod server;
+mod slack;
+mod webhook;
