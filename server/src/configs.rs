@@ -115,3 +115,11 @@ pub async fn first(
         _ = stop.changed() => None,
     }
 }
+
+/// The configs published since `configs` last looked, if any.
+pub fn newer(configs: &mut watch::Receiver<Option<Snapshot>>) -> Option<Snapshot> {
+    if !configs.has_changed().unwrap_or(false) {
+        return None;
+    }
+    configs.borrow_and_update().clone()
+}

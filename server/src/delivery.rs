@@ -289,7 +289,14 @@ async fn lane(delivery: Delivery, destination: Arc<Destination>, mut stop: watch
         }
         let lease = delivery.lease;
         let rows = match store
-            .claim_outbox(&config.id, &owner, after, settings.batch_size, lease)
+            .claim_outbox(
+                &config.id,
+                &config.updated_at,
+                &owner,
+                after,
+                settings.batch_size,
+                lease,
+            )
             .await
         {
             Ok(rows) if rows.is_empty() => continue,

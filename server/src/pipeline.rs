@@ -352,11 +352,8 @@ async fn work(
         if *stop.borrow() {
             break;
         }
-        if configs.has_changed().unwrap_or(false) {
-            let snapshot = configs.borrow_and_update().clone();
-            if let Some(snapshot) = snapshot {
-                chains.update(&snapshot, store, &worker.runtime).await?;
-            }
+        if let Some(snapshot) = configs::newer(&mut configs) {
+            chains.update(&snapshot, store, &worker.runtime).await?;
         }
         if claimed.is_empty() && processed.is_none() {
             claimed = store.claim(owner, &cursor.next(worker.lease)).await?;

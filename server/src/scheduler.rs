@@ -54,12 +54,9 @@ pub async fn run_scheduler(
         if *stop.borrow() {
             break;
         }
-        if configs.has_changed().unwrap_or(false) {
-            let snapshot = configs.borrow_and_update().clone();
-            if let Some(snapshot) = snapshot {
-                tasks = timetable(&snapshot);
-                instances.clear();
-            }
+        if let Some(snapshot) = configs::newer(&mut configs) {
+            tasks = timetable(&snapshot);
+            instances.clear();
         }
         health.ready();
         let now = chrono::Utc::now();

@@ -5,6 +5,7 @@
 
 pub mod postgres;
 pub mod process;
+pub mod python;
 pub mod server;
 
 use std::net::SocketAddr;

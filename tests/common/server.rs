@@ -104,6 +104,17 @@ impl TestServer {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
+        self.call_api_raw(method, path, body.map(|body| body.to_string().into_bytes()))
+            .await
+    }
+
+    /// [`TestServer::call_api`] with a body sent as it is, malformed or not.
+    pub async fn call_api_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
         let url = format!(
             "{}/api/projects/{}{path}",
             self.base, self.project.project_id
@@ -115,7 +126,7 @@ impl TestServer {
         if let Some(body) = body {
             request = request
                 .header("content-type", "application/json")
-                .body(body.to_string());
+                .body(body);
         }
         read(request.send().await.unwrap()).await
     }
@@ -131,9 +142,9 @@ impl TestServer {
         .await
     }
 
-    /// Uploads a built plugin and installs it in the project with `config`;
-    /// the install's id.
-    pub async fn upload_and_install(&self, plugin: &str, config: Value) -> String {
+    /// Uploads a built plugin and installs it in the project with `config`
+    /// and a failure policy; the install as the API shows it.
+    pub async fn upload_and_install(&self, plugin: &str, config: Value, policy: &str) -> Value {
         let response = self
             .client
             .post(format!(
@@ -141,6 +152,7 @@ impl TestServer {
                 self.base, self.project.project_id
             ))
             .bearer_auth(&self.project.api_key)
+            .header("content-type", "application/wasm")
             .body(super::wasm(plugin))
             .send()
             .await
@@ -154,11 +166,12 @@ impl TestServer {
                 Some(serde_json::json!({
                     "plugin_sha256": uploaded["sha256"],
                     "config": config,
+                    "failure_policy": policy,
                 })),
             )
             .await;
         assert_eq!(status, 201, "{created}");
-        created["id"].as_str().unwrap().to_string()
+        created
     }
 
     /// Sends PostHog batch events with the project's capture token.

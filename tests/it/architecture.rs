@@ -258,12 +258,14 @@ async fn a_failing_worker_is_reported_and_started_again_on_postgres() {
 
 async fn a_store_error_while_a_plugin_starts_leaves_it_enabled(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let config_id = server
+    let installed = server
         .upload_and_install(
             "property-renamer",
             json!({"events": {"signup": "signed_up"}}),
+            "open",
         )
         .await;
+    let config_id = installed["id"].as_str().unwrap().to_string();
     server.wait_ready(200, "the server to be ready").await;
 
     // The configs still read; the plugin's `.wasm` does not.

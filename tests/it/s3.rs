@@ -226,28 +226,7 @@ impl Moto {
 }
 
 fn venv_with_moto(dir: &Path) -> std::path::PathBuf {
-    let venv = dir.join("venv");
-    let status = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .expect("python3 runs");
-    assert!(status.success(), "python3 -m venv failed");
-    let out = Command::new(venv.join("bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "moto[server]",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pip install failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    venv.join("bin/moto_server")
+    common::python::venv(dir, &[common::python::MOTO]).join("moto_server")
 }
 
 /// The key's partition folder and its file name's `{uuid}-{count}` start.

@@ -38,29 +38,8 @@ if errors:
 "#;
 
 fn venv_with_clients(dir: &std::path::Path) -> std::path::PathBuf {
-    let venv = dir.join("venv");
-    let status = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .expect("python3 runs");
-    assert!(status.success(), "python3 -m venv failed");
-    let out = Command::new(venv.join("bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "posthog",
-            "segment-analytics-python",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pip install failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    venv.join("bin/python")
+    use crate::common::python::{POSTHOG, SEGMENT, venv};
+    venv(dir, &[POSTHOG, SEGMENT]).join("python")
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -500,63 +500,6 @@ async fn identify_and_alias_merge_persons_and_old_events_follow_the_merge(backen
 }
 
 impl TestServer {
-    async fn api(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> (u16, Value) {
-        let url = format!(
-            "{}/api/projects/{}{path}",
-            self.base, self.project.project_id
-        );
-        let mut request = self
-            .client
-            .request(method, url)
-            .bearer_auth(&self.project.api_key);
-        if let Some(body) = body {
-            request = request
-                .header("content-type", "application/json")
-                .body(body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    /// Uploads a built plugin and attaches it with `config` and `policy`.
-    async fn install(&self, plugin: &str, config: Value, policy: &str) -> Value {
-        let url = format!(
-            "{}/api/projects/{}/plugins",
-            self.base, self.project.project_id
-        );
-        let response = self
-            .client
-            .post(url)
-            .bearer_auth(&self.project.api_key)
-            .header("content-type", "application/wasm")
-            .body(common::wasm(plugin))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        let uploaded: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
-        let body = json!({"plugin_sha256": uploaded["sha256"], "config": config, "failure_policy": policy});
-        let (status, created) = self
-            .api(
-                reqwest::Method::POST,
-                "/plugin-configs",
-                Some(serde_json::to_vec(&body).unwrap()),
-            )
-            .await;
-        assert_eq!(status, 201, "{created}");
-        created
-    }
-
     async fn capture(&self, events: Value) {
         let body = json!({"api_key": self.project.capture_token, "batch": events});
         assert_eq!(self.post_json("/batch/", body).await.0, 200);
@@ -566,7 +509,7 @@ impl TestServer {
 async fn an_installed_pii_scrubber_changes_stored_events(backend: Backend) {
     let server = start(backend).await;
     server
-        .install("pii-scrubber", json!({"drop": ["email"]}), "open")
+        .upload_and_install("pii-scrubber", json!({"drop": ["email"]}), "open")
         .await;
     server
         .capture(json!([{"event": "signed up", "distinct_id": "d",
@@ -581,7 +524,9 @@ async fn an_installed_pii_scrubber_changes_stored_events(backend: Backend) {
 
 async fn a_failing_fail_open_plugin_passes_events_on_and_logs_the_uuid(backend: Backend) {
     let server = start(backend).await;
-    let config = server.install("wasi-file-read", json!({}), "open").await;
+    let config = server
+        .upload_and_install("wasi-file-read", json!({}), "open")
+        .await;
     let uuid = "0190a0a0-0000-7000-8000-0000000000f1";
     server
         .capture(json!([{"event": "e", "distinct_id": "d", "uuid": uuid, "properties": {"a": 1}}]))
@@ -590,7 +535,7 @@ async fn a_failing_fail_open_plugin_passes_events_on_and_logs_the_uuid(backend: 
     assert_eq!(stored[0]["uuid"], json!(uuid));
     assert_eq!(stored[0]["properties"]["a"], json!(1));
     let (_, logs) = server
-        .api(
+        .call_api_raw(
             reqwest::Method::GET,
             &format!("/plugin-configs/{}/logs", config["id"].as_str().unwrap()),
             None,
@@ -613,14 +558,16 @@ async fn a_failing_fail_open_plugin_passes_events_on_and_logs_the_uuid(backend: 
 
 async fn a_failing_fail_closed_plugin_sends_events_to_dead_letters(backend: Backend) {
     let server = start(backend).await;
-    server.install("wasi-file-read", json!({}), "closed").await;
+    server
+        .upload_and_install("wasi-file-read", json!({}), "closed")
+        .await;
     let uuid = "0190a0a0-0000-7000-8000-0000000000f2";
     server
         .capture(json!([{"event": "e", "distinct_id": "d", "uuid": uuid}]))
         .await;
     let letters = wait_until("a dead letter", || async {
         let letters = server
-            .api(reqwest::Method::GET, "/dead-letters", None)
+            .call_api_raw(reqwest::Method::GET, "/dead-letters", None)
             .await
             .1["results"]
             .as_array()
@@ -650,14 +597,16 @@ async fn a_plugin_that_keeps_failing_is_disabled_with_its_reason_and_can_be_re_e
     backend: Backend,
 ) {
     let server = start(backend).await;
-    let config = server.install("wasi-file-read", json!({}), "open").await;
+    let config = server
+        .upload_and_install("wasi-file-read", json!({}), "open")
+        .await;
     let batch: Vec<Value> = (0..12)
         .map(|i| json!({"event": "e", "distinct_id": format!("d{i}")}))
         .collect();
     server.capture(Value::Array(batch)).await;
     server.wait_for(12).await;
     let (_, configs) = server
-        .api(reqwest::Method::GET, "/plugin-configs", None)
+        .call_api_raw(reqwest::Method::GET, "/plugin-configs", None)
         .await;
     let state = &configs["results"][0];
     assert_eq!(state["enabled"], json!(false));
@@ -669,7 +618,7 @@ async fn a_plugin_that_keeps_failing_is_disabled_with_its_reason_and_can_be_re_e
 
     let path = format!("/plugin-configs/{}", config["id"].as_str().unwrap());
     let (status, enabled) = server
-        .api(
+        .call_api_raw(
             reqwest::Method::PATCH,
             &path,
             Some(br#"{"enabled": true}"#.to_vec()),
@@ -706,7 +655,7 @@ async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_
 
     let bad = json!({"plugin_sha256": sha, "config": {"method": "GET"}});
     let (status, body) = server
-        .api(
+        .call_api_raw(
             reqwest::Method::POST,
             "/plugin-configs",
             Some(serde_json::to_vec(&bad).unwrap()),
@@ -730,7 +679,7 @@ async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_
         ),
     ] {
         let (status, answer) = server
-            .api(
+            .call_api_raw(
                 reqwest::Method::POST,
                 "/plugin-configs",
                 Some(body.to_vec()),
@@ -743,7 +692,7 @@ async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_
 
     let good = json!({"plugin_sha256": sha, "config": {"url": "https://hooks.example.com/x", "secret": "s3cret"}});
     let (status, created) = server
-        .api(
+        .call_api_raw(
             reqwest::Method::POST,
             "/plugin-configs",
             Some(serde_json::to_vec(&good).unwrap()),
@@ -754,11 +703,11 @@ async fn plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_
     assert_eq!(created["secrets_set"], json!(["secret"]));
     assert!(!created.to_string().contains("s3cret"));
     let (_, listed) = server
-        .api(reqwest::Method::GET, "/plugin-configs", None)
+        .call_api_raw(reqwest::Method::GET, "/plugin-configs", None)
         .await;
     assert!(!listed.to_string().contains("s3cret"));
     let (status, answer) = server
-        .api(
+        .call_api_raw(
             reqwest::Method::PATCH,
             &format!("/plugin-configs/{}", created["id"].as_str().unwrap()),
             Some(br#"{"enabeld": false}"#.to_vec()),

@@ -160,9 +160,16 @@ impl Store {
     /// writers of the process, rather than retrying in SQLite's busy
     /// handler, and its commit need not survive power loss: a lost lease
     /// only lets the rows be claimed again.
+    ///
+    /// Rows are leased only while the install is still the one the lane
+    /// started with (`install_version` is its `updated_at`), enabled and
+    /// not paused, checked in the same statement: once a pause or a new
+    /// config is committed, no lane leases another batch under the old
+    /// one.
     pub async fn claim_outbox(
         &self,
         plugin_config_id: &str,
+        install_version: &str,
         owner: &str,
         after: i64,
         limit: u32,
@@ -179,6 +186,9 @@ impl Store {
                           WHERE plugin_config_id = $3 AND id > $4 AND next_attempt_at <= $5
                             AND (lease_until IS NULL OR lease_until < $5)
                           ORDER BY id LIMIT $6{lock})
+               AND EXISTS (SELECT 1 FROM plugin_configs c
+                           WHERE c.id = $3 AND c.updated_at = $7 AND c.enabled = 1
+                             AND c.paused_reason IS NULL)
              RETURNING id, event_uuid, payload, attempts, first_failed_at"
         );
         let query = sqlx::query(&sql)
@@ -187,7 +197,8 @@ impl Store {
             .bind(plugin_config_id)
             .bind(after)
             .bind(now)
-            .bind(limit as i64);
+            .bind(limit as i64)
+            .bind(install_version);
         let rows = match self.backend() {
             Backend::Sqlite => {
                 let (mut tx, _turn) = self.write_with(Commit::Redoable).await?;
@@ -201,15 +212,18 @@ impl Store {
         };
         let mut claimed: Vec<OutboxRow> = rows
             .iter()
-            .map(|row| OutboxRow {
-                id: row.get("id"),
-                event_uuid: row.get("event_uuid"),
-                payload: serde_json::from_str(&row.get::<String, _>("payload"))
-                    .unwrap_or(Value::Null),
-                attempts: row.get("attempts"),
-                first_failed_at: row.get("first_failed_at"),
+            .map(|row| {
+                let id: i64 = row.get("id");
+                Ok(OutboxRow {
+                    id,
+                    event_uuid: row.get("event_uuid"),
+                    payload: serde_json::from_str(&row.get::<String, _>("payload"))
+                        .map_err(|err| corrupt("payload", &format!("outbox row {id}"), err))?,
+                    attempts: row.get("attempts"),
+                    first_failed_at: row.get("first_failed_at"),
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         claimed.sort_by_key(|row| row.id);
         Ok(claimed)
     }
