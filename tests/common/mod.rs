@@ -137,3 +137,18 @@ pub fn serve(router: axum::Router) -> SocketAddr {
     });
     rx.recv().unwrap()
 }
+
+/// The message of a permanent export failure of `plugin` (`name@version`);
+/// anything else fails the test.
+pub fn permanent(plugin: &str, result: Result<(), sluice::runtime::ExportFailure>) -> String {
+    match result {
+        Err(sluice::runtime::ExportFailure::Permanent {
+            plugin: failed,
+            message,
+        }) => {
+            assert_eq!(failed, plugin);
+            message
+        }
+        other => panic!("expected a permanent failure, got {other:?}"),
+    }
+}

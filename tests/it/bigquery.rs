@@ -511,13 +511,7 @@ fn bigquery(runtime: &Runtime, install_id: &str, config: Value) -> PluginInstanc
 }
 
 fn permanent(result: Result<(), ExportFailure>) -> String {
-    match result {
-        Err(ExportFailure::Permanent { plugin, message }) => {
-            assert_eq!(plugin, "bigquery@0.1.0");
-            message
-        }
-        other => panic!("expected a permanent failure, got {other:?}"),
-    }
+    common::permanent("bigquery@0.1.0", result)
 }
 
 fn retryable(result: Result<(), ExportFailure>) -> (String, Option<Duration>) {

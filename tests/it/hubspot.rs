@@ -483,13 +483,7 @@ fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 fn permanent(result: Result<(), ExportFailure>) -> String {
-    match result {
-        Err(ExportFailure::Permanent { plugin, message }) => {
-            assert_eq!(plugin, "hubspot@0.1.0");
-            message
-        }
-        other => panic!("expected a permanent failure, got {other:?}"),
-    }
+    common::permanent("hubspot@0.1.0", result)
 }
 
 fn retry_after(result: Result<(), ExportFailure>) -> (String, Option<Duration>) {

@@ -84,27 +84,15 @@ impl TestServer {
         body
     }
 
-    /// GET with the project's key; the body as JSON.
-    async fn get(&self, url: &str) -> Value {
-        let response = self
-            .client
-            .get(url)
-            .bearer_auth(&self.project.api_key)
-            .send()
-            .await
-            .unwrap();
-        serde_json::from_str(&response.text().await.unwrap()).unwrap()
-    }
 
     /// Waits, through the events list (which query limits do not bound),
     /// until at least `n` events are stored.
     async fn wait_stored(&self, n: usize) {
-        let url = format!(
-            "{}/api/projects/{}/events?limit=1000",
-            self.base, self.project.project_id
-        );
         wait_until(&format!("{n} events to be stored"), || async {
-            let page = self.get(&url).await;
+            let page = self
+                .call_api(reqwest::Method::GET, "/events?limit=1000", None)
+                .await
+                .1;
             (page["results"].as_array().unwrap().len() >= n).then_some(())
         })
         .await
@@ -1210,7 +1198,8 @@ async fn queries_over_their_budget_get_a_clear_422() {
 async fn a_project_time_zone_is_kept_and_checked() {
     let server = start(Backend::Sqlite, QueryLimits::default()).await;
     let url = format!("{}/api/projects/{}", server.base, server.project.project_id);
-    let project = server.get(&url).await;
+    let (status, project) = server.call_api(reqwest::Method::GET, "", None).await;
+    assert_eq!(status, 200, "{project}");
     assert_eq!(project["timezone"], TZ.name());
     let answer = server
         .query(&json!({"kind": "trends", "series": [{}], "interval": "day",

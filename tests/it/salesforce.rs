@@ -527,13 +527,7 @@ fn salesforce(runtime: &Runtime, install_id: &str, config: Value) -> PluginInsta
 }
 
 fn permanent(result: Result<(), ExportFailure>) -> String {
-    match result {
-        Err(ExportFailure::Permanent { plugin, message }) => {
-            assert_eq!(plugin, "salesforce@0.1.0");
-            message
-        }
-        other => panic!("expected a permanent failure, got {other:?}"),
-    }
+    common::permanent("salesforce@0.1.0", result)
 }
 
 #[test]

@@ -329,13 +329,7 @@ fn sendgrid(fake: &FakeSendGrid, mut config: Value) -> PluginInstance {
 }
 
 fn permanent(result: Result<(), ExportFailure>) -> String {
-    match result {
-        Err(ExportFailure::Permanent { plugin, message }) => {
-            assert_eq!(plugin, "sendgrid@0.1.0");
-            message
-        }
-        other => panic!("expected a permanent failure, got {other:?}"),
-    }
+    common::permanent("sendgrid@0.1.0", result)
 }
 
 #[test]

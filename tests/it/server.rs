@@ -50,19 +50,11 @@ impl TestServer {
 
     /// GET an API path of the project with its key; asserts 200.
     async fn get_api(&self, path_and_query: &str) -> Value {
-        let url = format!(
-            "{}/api/projects/{}{path_and_query}",
-            self.base, self.project.project_id
-        );
-        let response = self
-            .client
-            .get(url)
-            .bearer_auth(&self.project.api_key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        serde_json::from_str(&response.text().await.unwrap()).unwrap()
+        let (status, body) = self
+            .call_api(reqwest::Method::GET, path_and_query, None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
     }
 
     /// Captures a last event and waits until it is stored; the names of

@@ -216,13 +216,7 @@ fn slack(config: Value) -> PluginInstance {
 }
 
 fn permanent(result: Result<(), ExportFailure>) -> String {
-    match result {
-        Err(ExportFailure::Permanent { plugin, message }) => {
-            assert_eq!(plugin, "slack@0.1.0");
-            message
-        }
-        other => panic!("expected a permanent failure, got {other:?}"),
-    }
+    common::permanent("slack@0.1.0", result)
 }
 
 #[test]
