@@ -152,3 +152,18 @@ pub fn permanent(plugin: &str, result: Result<(), sluice::runtime::ExportFailure
         other => panic!("expected a permanent failure, got {other:?}"),
     }
 }
+
+/// The message and retry-after of a retryable export failure; anything else
+/// fails the test.
+pub fn retryable(
+    result: Result<(), sluice::runtime::ExportFailure>,
+) -> (String, Option<std::time::Duration>) {
+    match result {
+        Err(sluice::runtime::ExportFailure::Retryable {
+            message,
+            retry_after,
+            ..
+        }) => (message, retry_after),
+        other => panic!("expected a retryable failure, got {other:?}"),
+    }
+}

@@ -514,16 +514,6 @@ fn permanent(result: Result<(), ExportFailure>) -> String {
     common::permanent("bigquery@0.1.0", result)
 }
 
-fn retryable(result: Result<(), ExportFailure>) -> (String, Option<Duration>) {
-    match result {
-        Err(ExportFailure::Retryable {
-            message,
-            retry_after,
-            ..
-        }) => (message, retry_after),
-        other => panic!("expected a retryable failure, got {other:?}"),
-    }
-}
 
 #[test]
 fn streams_events_as_rows_and_drops_redelivered_ones() {
@@ -712,7 +702,7 @@ fn rate_limits_and_backend_errors_are_retryable() {
         "rateLimitExceeded",
         "Exceeded rate limits: too many table update operations for this table.",
     ));
-    let (message, retry_after) = retryable(instance.export(batch(1)));
+    let (message, retry_after) = common::retryable(instance.export(batch(1)));
     assert!(message.contains("HTTP 403 rateLimitExceeded"), "{message}");
     assert_eq!(
         retry_after, None,
@@ -724,14 +714,14 @@ fn rate_limits_and_backend_errors_are_retryable() {
         "quotaExceeded",
         "Exceeded quota: too many bytes streamed.",
     ));
-    retryable(instance.export(batch(1)));
+    common::retryable(instance.export(batch(1)));
 
     fake.script(google_error(
         503,
         "backendError",
         "The service is currently unavailable.",
     ));
-    let (message, _) = retryable(instance.export(batch(1)));
+    let (message, _) = common::retryable(instance.export(batch(1)));
     assert!(
         message.contains("HTTP 503 backendError: The service is currently unavailable."),
         "{message}"
@@ -740,7 +730,7 @@ fn rate_limits_and_backend_errors_are_retryable() {
     fake.script((200, json!({"kind": "bigquery#tableDataInsertAllResponse", "insertErrors": [
         {"index": 0, "errors": [{"reason": "backendError", "location": "", "debugInfo": "", "message": "Backend error."}]}
     ]})));
-    retryable(instance.export(batch(1)));
+    common::retryable(instance.export(batch(1)));
 
     instance.export(batch(1)).expect("BigQuery recovered");
     assert_eq!(fake.rows().len(), 1);

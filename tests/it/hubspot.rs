@@ -486,16 +486,6 @@ fn permanent(result: Result<(), ExportFailure>) -> String {
     common::permanent("hubspot@0.1.0", result)
 }
 
-fn retry_after(result: Result<(), ExportFailure>) -> (String, Option<Duration>) {
-    match result {
-        Err(ExportFailure::Retryable {
-            message,
-            retry_after,
-            ..
-        }) => (message, retry_after),
-        other => panic!("expected a retryable failure, got {other:?}"),
-    }
-}
 
 #[test]
 fn upserts_contacts_from_person_updates_with_every_field_checked() {
@@ -654,7 +644,7 @@ fn rate_limits_and_outages_are_retryable_after_hubspots_wait() {
     let batch = || vec![identify(1, json!({"email": "ada@example.com"}))];
 
     fake.set(|s| s.throttle = Some("TEN_SECONDLY_ROLLING"));
-    let (message, wait) = retry_after(instance.export(batch()));
+    let (message, wait) = common::retryable(instance.export(batch()));
     assert_eq!(
         wait,
         Some(Duration::from_secs(10)),
@@ -666,12 +656,12 @@ fn rate_limits_and_outages_are_retryable_after_hubspots_wait() {
     );
 
     fake.set(|s| s.throttle = Some("DAILY"));
-    let (message, wait) = retry_after(instance.export(batch()));
+    let (message, wait) = common::retryable(instance.export(batch()));
     assert_eq!(wait, Some(Duration::from_secs(3600)));
     assert!(message.contains("daily API limit is used up"), "{message}");
 
     fake.set(|s| s.outage = Some(502));
-    let (message, wait) = retry_after(instance.export(batch()));
+    let (message, wait) = common::retryable(instance.export(batch()));
     assert_eq!(wait, None);
     assert!(message.contains("HTTP 502 INTERNAL_ERROR"), "{message}");
 
