@@ -35,6 +35,32 @@ impl Target {
     }
 }
 
+/// Where `child`, a `sluice serve` started with its stderr piped, listens:
+/// it says so on stderr once it has bound. The rest of its output goes on
+/// to the test's, to show under a failing test.
+pub async fn listening_on(child: &mut Child) -> String {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (found, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(base) = line.strip_prefix("sluice listening on ") {
+                let _ = found.send(base.to_string());
+            }
+            eprintln!("{line}");
+        }
+    });
+    tokio::task::spawn_blocking(move || listening.recv_timeout(STARTUP))
+        .await
+        .unwrap()
+        .unwrap_or_else(|_| {
+            panic!(
+                "sluice serve did not say where it listens within {} s",
+                STARTUP.as_secs()
+            )
+        })
+}
+
 pub fn sluice_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
 }
@@ -58,28 +84,7 @@ impl ServerProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("sluice serve starts");
-        // The server says where it listens on stderr; the rest of its
-        // output goes on to the test's, to show under a failing test.
-        let stderr = child.stderr.take().unwrap();
-        let (found, listening) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(base) = line.strip_prefix("sluice listening on ") {
-                    let _ = found.send(base.to_string());
-                }
-                eprintln!("{line}");
-            }
-        });
-        let base = tokio::task::spawn_blocking(move || listening.recv_timeout(STARTUP))
-            .await
-            .unwrap()
-            .unwrap_or_else(|_| {
-                panic!(
-                    "sluice serve did not say where it listens within {} s",
-                    STARTUP.as_secs()
-                )
-            });
+        let base = listening_on(&mut child).await;
         let deadline = Instant::now() + STARTUP;
         let client = reqwest::Client::new();
         loop {

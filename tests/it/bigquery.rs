@@ -514,7 +514,6 @@ fn permanent(result: Result<(), ExportFailure>) -> String {
     common::permanent("bigquery@0.1.0", result)
 }
 
-
 #[test]
 fn streams_events_as_rows_and_drops_redelivered_ones() {
     let fake = FakeBigQuery::new();

@@ -258,34 +258,34 @@ fn serve_reads_a_config_file_and_refuses_unknown_settings() {
         "{stderr}"
     );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let good = dir.path().join("sluice.toml");
     let data = dir.path().join("data");
     std::fs::write(
         &good,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nlease_seconds = 5\n\n[plugins]\nallow_loopback = true\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nlease_seconds = 5\n\n[plugins]\nallow_loopback = true\n",
             data.display().to_string()
         ),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["serve", "--config", &good.display().to_string()])
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed().as_secs() < 30,
-            "the server did not start from its config file"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let base = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let base = crate::common::process::listening_on(&mut child).await;
+        crate::common::server::wait_until("the server to answer /_health", || async {
+            let health = reqwest::get(format!("{base}/_health")).await;
+            health.is_ok_and(|r| r.status().is_success()).then_some(())
+        })
+        .await;
+        base
+    });
+    assert!(
+        base.starts_with("http://127.0.0.1:"),
+        "the address comes from the file: {base}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(

@@ -486,7 +486,6 @@ fn permanent(result: Result<(), ExportFailure>) -> String {
     common::permanent("hubspot@0.1.0", result)
 }
 
-
 #[test]
 fn upserts_contacts_from_person_updates_with_every_field_checked() {
     let fake = FakeHubSpot::start();

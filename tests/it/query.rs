@@ -84,7 +84,6 @@ impl TestServer {
         body
     }
 
-
     /// Waits, through the events list (which query limits do not bound),
     /// until at least `n` events are stored.
     async fn wait_stored(&self, n: usize) {
