@@ -421,3 +421,58 @@ fn the_server_modules_import_each_other_without_a_circle() {
         imports["model"]
     );
 }
+
+#[tokio::test]
+async fn every_project_route_checks_the_key_and_answers_bad_parameters_in_json() {
+    let server = TestServer::start(Backend::Sqlite).await;
+    let project = &server.project.project_id;
+    let routes = [
+        (Method::GET, format!("/api/projects/{project}/events")),
+        (Method::GET, format!("/api/projects/{project}/dead-letters")),
+        (
+            Method::GET,
+            format!("/api/projects/{project}/plugin-configs"),
+        ),
+        (Method::POST, format!("/api/projects/{project}/plugins")),
+        (Method::POST, format!("/api/projects/{project}/query")),
+        (Method::GET, format!("/api/projects/{project}")),
+    ];
+    for (method, path) in &routes {
+        let url = format!("{}{path}", server.base);
+        let missing = server
+            .client
+            .request(method.clone(), &url)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), 401, "{method} {path} without a key");
+        let body: Value = serde_json::from_str(&missing.text().await.unwrap()).unwrap();
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("Authorization: Bearer"),
+            "{body}"
+        );
+        let foreign = server
+            .client
+            .request(method.clone(), &url)
+            .bearer_auth(&server.other.api_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            foreign.status(),
+            403,
+            "{method} {path} with another project's key"
+        );
+    }
+
+    // A query parameter of the wrong type is named, in the API's shape.
+    let (status, body) = server
+        .call_api(Method::GET, "/dead-letters?limit=many", None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let detail = body["detail"].as_str().expect("a JSON error");
+    assert!(detail.contains("limit"), "{detail}");
+}
