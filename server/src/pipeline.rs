@@ -19,9 +19,7 @@ use crate::configs::{self, ConfigWatch};
 use crate::loader;
 use crate::model::FailurePolicy;
 use crate::queue::{QueueGauge, Wakeups};
-use crate::runtime::{
-    Hook, LogLevel, LogRecord, PluginEvent, PluginInstance, Runtime, TransformFailure,
-};
+use crate::runtime::{LogLevel, LogRecord, PluginEvent, PluginInstance, Runtime, TransformFailure};
 use crate::store::{
     Backend, Claim, Claimed, DeadLetter, PluginConfig, PluginHealth, ProcessedBatch, QueuedEvent,
     Store,
@@ -83,7 +81,7 @@ impl Chains {
             let link = match running.remove(&config.id) {
                 Some(link) if link.updated_at == config.updated_at => link,
                 _ => match loader::start(store, runtime, config).await {
-                    Ok(instance) if !instance.plugin().manifest().has_hook(Hook::Transform) => {
+                    Ok(instance) if !instance.plugin().manifest().is_transformation() => {
                         continue;
                     }
                     Ok(instance) => Link {

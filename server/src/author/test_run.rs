@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::runtime::{
-    ExportFailure, ExportedEvent, Hook, HttpCall, Install, LogRecord, PluginEvent, Policy, Runtime,
+    ExportFailure, ExportedEvent, HttpCall, Install, LogRecord, PluginEvent, Policy, Runtime,
     RuntimeConfig, format_timestamp,
 };
 
@@ -155,7 +155,7 @@ pub fn run(wasm: &Path, options: &TestOptions) -> anyhow::Result<Report> {
         limits: None,
     })?;
     let manifest = plugin.manifest();
-    let export = options.export || !manifest.has_hook(Hook::Transform);
+    let export = options.export || !manifest.is_transformation();
 
     let mut report = Report {
         plugin: PluginInfo {
