@@ -90,7 +90,21 @@ impl ConfigWatch {
             let request = self.inner.requested.load(Ordering::SeqCst);
             let now = store.plugin_configs_stamp().await?;
             if stamp.as_ref() != Some(&now) || request > *self.inner.served.borrow() {
-                let configs: Snapshot = store.enabled_plugin_configs().await?.into();
+                let (configs, unreadable) = store.enabled_plugin_configs().await?;
+                // A config that does not read back cannot run as its owner
+                // set it: it is switched off where operators see why,
+                // rather than run with guessed settings or hold up every
+                // other project. The next read no longer includes it.
+                for (id, err) in unreadable {
+                    tracing::error!(plugin_config = %id, "disabling a plugin config: {err}");
+                    store
+                        .disable_plugin_config(
+                            &id,
+                            &format!("its stored settings are unreadable: {err}"),
+                        )
+                        .await?;
+                }
+                let configs: Snapshot = configs.into();
                 self.inner.configs.send_replace(Some(configs));
                 stamp = Some(now);
             }

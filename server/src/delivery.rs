@@ -39,6 +39,9 @@ use crate::supervisor::Health;
 /// Batches dead-lettered in a row after which a destination is paused.
 pub const PAUSE_AFTER_DEAD_BATCHES: i64 = 5;
 
+/// How often the set of lanes is checked for lanes that ended.
+const LANE_CHECK: Duration = Duration::from_secs(1);
+
 /// How long an idle lane waits before looking again, in case a wake-up was
 /// missed (another process stored events, or a retry came due).
 const IDLE_POLL: Duration = Duration::from_millis(250);
@@ -79,6 +82,9 @@ pub async fn run_delivery(
                 Ok(()) => configs.borrow_and_update().clone(),
                 Err(_) => None,
             },
+            // Lanes that ended on their own (a failed write, a panic) are
+            // started again even when no config changes.
+            _ = tokio::time::sleep(LANE_CHECK) => configs.borrow().clone(),
             _ = stop.changed() => None,
         };
     }
@@ -124,7 +130,7 @@ async fn reconcile(
     let stale: Vec<String> = running
         .iter()
         .filter(|(id, lanes)| {
-            lanes.tasks.iter().all(JoinHandle::is_finished)
+            lanes.tasks.iter().any(JoinHandle::is_finished)
                 || active
                     .get(*id)
                     .is_none_or(|config| fingerprint(config) != lanes.fingerprint)

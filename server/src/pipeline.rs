@@ -156,6 +156,12 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>) -> ProcessedBatch {
         {
             let mut next = Vec::with_capacity(current.len());
             for event in current {
+                if link.disabled_reason.is_some() {
+                    // The rest of this event's copies skip the plugin that
+                    // was just disabled, as later events will.
+                    next.push(event);
+                    continue;
+                }
                 // A failure hands the input back unchanged, for fail-open to
                 // pass on and fail-closed to dead-letter.
                 match link.instance.transform_keeping_input(event) {
@@ -204,10 +210,6 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>) -> ProcessedBatch {
                             ));
                         }
                     }
-                }
-                if link.disabled_reason.is_some() {
-                    // The rest of this event's copies skip the disabled plugin.
-                    break;
                 }
             }
             current = next;
@@ -350,13 +352,16 @@ async fn work(
         if *stop.borrow() {
             break;
         }
+        // Applied while idle too, so a plugin starts (and a bad one is
+        // found) when it is installed, not with the next event.
         if let Some(snapshot) = configs::newer(&mut configs) {
             chains.update(&snapshot, store, &worker.runtime).await?;
         }
         if claimed.is_empty() && processed.is_none() {
             claimed = store.claim(owner, &cursor.next(worker.lease)).await?;
-            health.ready();
             if claimed.is_empty() {
+                // An empty queue read is a round of work done.
+                health.ready();
                 if cursor.rewind() {
                     continue;
                 }
@@ -372,6 +377,12 @@ async fn work(
             cursor.advance(&claimed);
         }
 
+        // Again after the claim: every batch was claimed before this check,
+        // so a config change the API answered before an event was captured
+        // applies to that event.
+        if let Some(snapshot) = configs::newer(&mut configs) {
+            chains.update(&snapshot, store, &worker.runtime).await?;
+        }
         let to_process = std::mem::take(&mut claimed);
         let processing = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
@@ -380,6 +391,7 @@ async fn work(
             (chains, ids, batch, started.elapsed())
         });
         let next = cursor.next(worker.lease);
+        let storing = processed.is_some();
         let stored = match processed.take() {
             Some(done) => store_batch(worker, owner, &done, Some(&next))
                 .await
@@ -405,7 +417,11 @@ async fn work(
             chain_time,
         });
         let next_batch = stored?;
-        health.ready();
+        if storing {
+            // Ready means storing works, not only claiming: a worker that
+            // claims and then fails every batch is not.
+            health.ready();
+        }
         cursor.advance(&next_batch);
         claimed = next_batch;
     }

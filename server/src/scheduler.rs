@@ -48,14 +48,14 @@ pub async fn run_scheduler(
     let Some(first) = configs::first(&mut configs, &mut stop).await else {
         return Ok(());
     };
-    let mut tasks = timetable(&first);
+    let mut tasks = timetable(&first, &[]);
     let mut instances: HashMap<String, PluginInstance> = HashMap::new();
     loop {
         if *stop.borrow() {
             break;
         }
         if let Some(snapshot) = configs::newer(&mut configs) {
-            tasks = timetable(&snapshot);
+            tasks = timetable(&snapshot, &tasks);
             instances.clear();
         }
         health.ready();
@@ -169,9 +169,10 @@ async fn run_task(
     logs
 }
 
-/// Every scheduled task of `configs`, each with its next fire time after
-/// now.
-fn timetable(configs: &[PluginConfig]) -> Vec<Scheduled> {
+/// Every scheduled task of `configs`, each with its next fire time: the one
+/// it had in `previous` if its install did not change (so a fire that came
+/// due while another task ran is not skipped), else the first after now.
+fn timetable(configs: &[PluginConfig], previous: &[Scheduled]) -> Vec<Scheduled> {
     let after = chrono::Utc::now();
     configs
         .iter()
@@ -183,7 +184,15 @@ fn timetable(configs: &[PluginConfig]) -> Vec<Scheduled> {
                 .unwrap_or_default();
             schedules.into_iter().filter_map(move |s| {
                 let schedule = cron::Schedule::from_str(&s.cron).ok()?;
-                let next = schedule.after(&after).next();
+                let kept = previous.iter().find(|old| {
+                    old.config.id == config.id
+                        && old.config.updated_at == config.updated_at
+                        && old.task == s.name
+                });
+                let next = match kept {
+                    Some(old) => old.next,
+                    None => schedule.after(&after).next(),
+                };
                 Some(Scheduled {
                     config: config.clone(),
                     task: s.name,

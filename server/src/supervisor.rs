@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use serde::Serialize;
@@ -22,6 +22,10 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The longest wait before a failed task starts again.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How long a run must last, ready, for the next failure to count as a
+/// first one again.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
 /// Where each supervised task stands.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -98,6 +102,8 @@ struct Task {
     start: TaskFn,
     restarts: u32,
     backoff: Duration,
+    /// When the current run began (after its delay).
+    started: Instant,
 }
 
 /// The background tasks of one server.
@@ -126,12 +132,14 @@ impl Supervisor {
                 start,
                 restarts: 0,
                 backoff: INITIAL_BACKOFF,
+                started: Instant::now(),
             },
             Duration::ZERO,
         );
     }
 
-    fn run(&mut self, task: Task, delay: Duration) {
+    fn run(&mut self, mut task: Task, delay: Duration) {
+        task.started = Instant::now() + delay;
         let health = Health {
             task: task.name,
             readiness: self.readiness.clone(),
@@ -181,9 +189,12 @@ impl Supervisor {
             Ok(()) => "it returned before the server stopped".to_string(),
             Err(err) => format!("{err:#}"),
         };
-        // A task that had been working starts again at once; one that
-        // fails again and again waits longer each time.
-        if self.readiness.get(task.name) == Some(TaskState::Ready) {
+        // A task that had been working for a while starts again at once;
+        // one that fails again and again, even after a moment of work,
+        // waits longer each time (each start may cost its plugins' setup).
+        if self.readiness.get(task.name) == Some(TaskState::Ready)
+            && task.started.elapsed() >= HEALTHY_RUN
+        {
             task.backoff = INITIAL_BACKOFF;
         }
         let delay = task.backoff;

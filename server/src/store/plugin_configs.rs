@@ -12,7 +12,7 @@ use serde_json::Value;
 use sqlx::Row;
 
 use super::sql::corrupt;
-use super::{DeliverySettings, Result, Store, now_rfc3339};
+use super::{DeliverySettings, Error, Result, Store, now_rfc3339};
 use crate::model::{FailurePolicy, Manifest};
 
 /// One plugin config of a project: which plugin, with what config, where in
@@ -202,13 +202,27 @@ impl Store {
     }
 
     /// Every enabled plugin config, by project and chain order.
-    pub async fn enabled_plugin_configs(&self) -> Result<Vec<PluginConfig>> {
+    ///
+    /// A config whose stored settings do not read back is returned apart,
+    /// with its id and the error, so that one bad row does not hide every
+    /// other project's configs.
+    pub async fn enabled_plugin_configs(
+        &self,
+    ) -> Result<(Vec<PluginConfig>, Vec<(String, Error)>)> {
         let sql = format!(
             "SELECT {CONFIG_COLUMNS} FROM plugin_configs c JOIN plugins p ON p.sha256 = c.plugin_sha256
              WHERE c.enabled = 1 ORDER BY c.project_id, c.position, c.id"
         );
         let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
-        rows.iter().map(config_from_row).collect()
+        let mut configs = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            match config_from_row(row) {
+                Ok(config) => configs.push(config),
+                Err(err) => unreadable.push((row.get::<String, _>("id"), err)),
+            }
+        }
+        Ok((configs, unreadable))
     }
 
     /// Changes whenever any plugin config changes, so workers know when to

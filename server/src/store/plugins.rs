@@ -7,13 +7,15 @@ use super::{Result, Store, now_rfc3339};
 use crate::model::Manifest;
 
 impl Store {
-    /// Stores a plugin's `.wasm` under its sha256; storing it again is a
-    /// no-op.
+    /// Stores a plugin's `.wasm` under its sha256. Storing it again keeps
+    /// the row but sets whether it is a destination, which a process of an
+    /// older version (sharing a PostgreSQL database during an upgrade) may
+    /// have stored without.
     pub async fn save_plugin(&self, sha256: &str, manifest: &Manifest, wasm: &[u8]) -> Result<()> {
         sqlx::query(
             "INSERT INTO plugins (sha256, name, version, manifest, wasm, created_at, destination)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (sha256) DO NOTHING",
+             ON CONFLICT (sha256) DO UPDATE SET destination = excluded.destination",
         )
         .bind(sha256)
         .bind(&manifest.name)
