@@ -426,6 +426,26 @@ fn a_log_flood_is_capped_and_the_gap_is_reported() {
 }
 
 #[test]
+fn a_forgotten_install_leaves_no_key_value_data_behind() {
+    let runtime = runtime(Policy::default());
+    let plugin = runtime.load(&wasm("kv-counter")).unwrap();
+    let seen = |instance: &mut sluice::runtime::PluginInstance| {
+        instance.transform(event("e", json!({}))).unwrap()[0].properties["seen"].clone()
+    };
+    let mut once = plugin.install(install("check", json!({}))).unwrap();
+    assert_eq!(seen(&mut once), json!(1));
+    assert_eq!(seen(&mut once), json!(2));
+    let mut other = plugin.install(install("kept", json!({}))).unwrap();
+    assert_eq!(seen(&mut other), json!(1));
+    drop(once);
+
+    runtime.forget_install("check");
+    let mut again = plugin.install(install("check", json!({}))).unwrap();
+    assert_eq!(seen(&mut again), json!(1), "the namespace starts empty");
+    assert_eq!(seen(&mut other), json!(2), "other installs keep their data");
+}
+
+#[test]
 fn key_value_data_is_granted_by_manifest_and_policy_and_namespaced_per_install() {
     let runtime = runtime(Policy::default());
     let plugin = runtime.load(&wasm("kv-counter")).unwrap();

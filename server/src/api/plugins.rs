@@ -127,14 +127,20 @@ async fn try_install(
         let validated = plugin.manifest().validate_config(&config).map_err(|err| {
             ApiError::Invalid(format!("{} cannot use this config: {err}", plugin.id()))
         })?;
-        plugin
+        // A namespace of its own for each check, dropped after it: the
+        // checks of different projects run the same code with the same
+        // host services, and must not read or leave what another wrote.
+        let install_id = format!("api-check-{}", uuid::Uuid::new_v4());
+        let started = plugin
             .install(Install {
-                install_id: "api-check".into(),
+                install_id: install_id.clone(),
                 config: Value::Object(validated.clone()),
                 limits: None,
             })
-            .map_err(|err| ApiError::Invalid(err.to_string()))?;
-        Ok(validated)
+            .map(drop)
+            .map_err(|err| ApiError::Invalid(err.to_string()));
+        runtime.forget_install(&install_id);
+        started.map(|()| validated)
     })
     .await
     .map_err(|err| ApiError::Invalid(format!("failed to start the plugin: {err}")))?

@@ -152,6 +152,14 @@ impl Runtime {
         &self.inner.services.metrics
     }
 
+    /// Drops what an install left in the shared host services (its
+    /// key-value namespace and its counters), for an install that ran only
+    /// once, such as the API's check of a new config.
+    pub fn forget_install(&self, install_id: &str) {
+        self.inner.services.kv.remove_namespace(install_id);
+        self.inner.services.metrics.remove_install(install_id);
+    }
+
     /// Loads a plugin from its `.wasm` bytes: reads and validates the
     /// embedded manifest before compiling, then compiles (or takes the
     /// compiled form from the cache) and type-checks it against the host.

@@ -29,6 +29,8 @@ pub trait KvStore: Send + Sync {
         delta: i64,
         ttl: Option<Duration>,
     ) -> Result<i64, KvError>;
+    /// Drops every key of a namespace: its install is gone.
+    fn remove_namespace(&self, namespace: &str);
 }
 
 /// Entries by (namespace, key): the value and when it expires.
@@ -108,6 +110,11 @@ impl KvStore for MemoryKv {
         let next = current.saturating_add(delta);
         entries.insert(id, (next.to_string().into_bytes(), expiry));
         Ok(next)
+    }
+
+    fn remove_namespace(&self, namespace: &str) {
+        let mut entries = self.entries.lock().expect("kv lock");
+        entries.retain(|(owner, _), _| owner != namespace);
     }
 }
 

@@ -21,6 +21,12 @@ impl Metrics {
         self.counters.lock().expect("metrics lock").clone()
     }
 
+    /// Drops every series of an install that is gone.
+    pub fn remove_install(&self, install: &str) {
+        let mut counters = self.counters.lock().expect("metrics lock");
+        counters.retain(|(owner, _, _), _| owner != install);
+    }
+
     fn increment(
         &self,
         install: &str,
@@ -70,5 +76,27 @@ impl Host for HostState {
             delta,
             max_series,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_install_keeps_no_series_and_others_keep_theirs() {
+        let metrics = Metrics::default();
+        for install in ["check", "kept"] {
+            metrics
+                .increment(install, "sent".into(), vec![], 2, 10)
+                .unwrap();
+        }
+        metrics.remove_install("check");
+        let installs: Vec<String> = metrics
+            .snapshot()
+            .into_keys()
+            .map(|(install, _, _)| install)
+            .collect();
+        assert_eq!(installs, ["kept"]);
     }
 }
