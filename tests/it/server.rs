@@ -871,3 +871,26 @@ on_both_backends!(
     plugin_configs_are_checked_against_the_manifest_and_secrets_never_come_back,
     capture_answers_503_with_retry_after_when_the_queue_is_full,
 );
+
+#[tokio::test]
+async fn a_request_over_the_event_limit_gets_413_and_stores_nothing() {
+    let server = start(Backend::Sqlite).await;
+    let token = server.project.capture_token.clone();
+    let batch: Vec<Value> = (0..10_001)
+        .map(|i| json!({"event": "flood", "distinct_id": format!("u{i}")}))
+        .collect();
+    let (status, body) = server
+        .post_json("/batch/", json!({"api_key": token, "batch": batch}))
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["type"], "validation_error");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("over the limit of 10000 per request"),
+        "{body}"
+    );
+    let stored = server.stored_through_sentinel(&token).await;
+    assert!(stored.is_empty(), "{} events stored", stored.len());
+}

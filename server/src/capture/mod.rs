@@ -165,6 +165,10 @@ pub enum CaptureError {
     UnknownToken,
     #[error("the request body is over the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    #[error(
+        "the request holds {count} events, over the limit of {limit} per request; send them in smaller batches"
+    )]
+    TooManyEvents { count: usize, limit: usize },
     #[error("{reason}; retry after {retry_after_secs} s")]
     Overloaded {
         reason: String,
@@ -181,7 +185,9 @@ impl IntoResponse for CaptureError {
             CaptureError::MissingToken | CaptureError::UnknownToken => {
                 (StatusCode::UNAUTHORIZED, "authentication_error")
             }
-            CaptureError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "validation_error"),
+            CaptureError::TooLarge { .. } | CaptureError::TooManyEvents { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "validation_error")
+            }
             CaptureError::Overloaded { .. } | CaptureError::Store(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error")
             }

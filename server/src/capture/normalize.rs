@@ -8,6 +8,12 @@ use super::CaptureError;
 use crate::model::format_timestamp;
 use crate::store::QueuedEvent;
 
+/// Most events one request may carry. Official clients flush far smaller
+/// batches; a request of tens of thousands of tiny events (a 20 MiB body
+/// holds 200,000) would be one transaction on the shared write path, with
+/// every other project's capture waiting behind it.
+pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
+
 /// Events as a client sent them, with the batch-level token and `sent_at`.
 #[derive(Debug, Default)]
 pub struct RawBatch {
@@ -68,6 +74,12 @@ impl Normalizer {
     pub fn normalize(&self, batch: RawBatch) -> Result<Vec<QueuedEvent>, CaptureError> {
         if batch.events.is_empty() {
             return Err(CaptureError::Invalid("the request holds no events".into()));
+        }
+        if batch.events.len() > MAX_EVENTS_PER_REQUEST {
+            return Err(CaptureError::TooManyEvents {
+                count: batch.events.len(),
+                limit: MAX_EVENTS_PER_REQUEST,
+            });
         }
         let sent_at = match &batch.sent_at {
             Some(text) => Some(parse_time(text).ok_or_else(|| {
@@ -195,6 +207,20 @@ mod tests {
                 .map(|e| e.as_object().unwrap().clone())
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_request_over_the_event_limit_is_refused_whole() {
+        let events = |n: usize| Value::Array(vec![json!({"event": "e", "distinct_id": "d"}); n]);
+        let at_limit = normalizer().normalize(batch(events(MAX_EVENTS_PER_REQUEST), None));
+        assert_eq!(at_limit.unwrap().len(), MAX_EVENTS_PER_REQUEST);
+        let over = normalizer()
+            .normalize(batch(events(MAX_EVENTS_PER_REQUEST + 1), None))
+            .unwrap_err();
+        assert_eq!(
+            over.to_string(),
+            "the request holds 10001 events, over the limit of 10000 per request; send them in smaller batches"
+        );
     }
 
     #[test]
