@@ -137,7 +137,6 @@ pub async fn serve(
             wake: wake.clone(),
             configs,
         },
-        store: store.clone(),
         readiness,
     };
     let app = Router::new()
@@ -173,7 +172,7 @@ pub async fn serve(
 /// `GET /_ready`: 200 once the database answers and every background task
 /// works; otherwise 503 naming what does not.
 async fn ready(State(state): State<AppState>) -> Response {
-    let database = match tokio::time::timeout(READY_PING, state.store.ping()).await {
+    let database = match tokio::time::timeout(READY_PING, state.api.store.ping()).await {
         Ok(Ok(())) => None,
         Ok(Err(err)) => Some(format!("the database did not answer: {err}")),
         Err(_) => Some(format!(

@@ -9,15 +9,13 @@ use axum::extract::FromRef;
 
 use crate::api::ApiState;
 use crate::capture::CaptureState;
-use crate::store::Store;
 use crate::supervisor::Readiness;
 
 #[derive(Clone)]
 pub struct AppState {
     pub capture: CaptureState,
     pub api: ApiState,
-    /// For `/_ready`.
-    pub store: Store,
+    /// What `/_ready` reports of the background tasks.
     pub readiness: Arc<Readiness>,
 }
 
