@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::author::build::{self, BuildOptions, Toolchain};
 use crate::author::scaffold::{self, SdkSource};
 use crate::author::test_run::{self, TestOptions};
+use crate::model::Quotas;
 use crate::query::QueryLimits;
 use crate::runtime::Policy;
 use crate::server::{ServeConfig, open_store};
@@ -101,6 +102,15 @@ pub struct ServeArgs {
     /// Most stored events one analytics query may read [default: 5000000].
     #[arg(long, env = "SLUICE_QUERY_MAX_ROWS")]
     pub query_max_rows: Option<u64>,
+    /// Analytics queries running at once across all projects; each
+    /// project also keeps to its `concurrent_queries` quota [default: 4].
+    #[arg(long, env = "SLUICE_MAX_CONCURRENT_QUERIES")]
+    pub max_concurrent_queries: Option<u32>,
+    /// A default quota of every project, as NAME=VALUE (repeatable); see
+    /// docs/operators.md for the names. `sluice project quotas` sets one
+    /// project's.
+    #[arg(long = "quota", value_name = "NAME=VALUE")]
+    pub quotas: Vec<String>,
 }
 
 /// The config file of `sluice serve --config FILE`: the same settings as the
@@ -118,7 +128,10 @@ pub struct FileConfig {
     pub lease_seconds: Option<u64>,
     pub query_timeout_seconds: Option<f64>,
     pub query_max_rows: Option<u64>,
+    pub max_concurrent_queries: Option<u32>,
     pub plugins: Option<Policy>,
+    /// The default quotas of every project; see `model::Quotas`.
+    pub quotas: Option<Quotas>,
 }
 
 impl FileConfig {
@@ -145,6 +158,25 @@ pub enum ProjectCommand {
         /// as Europe/Berlin.
         #[arg(long, default_value = "UTC")]
         timezone: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Show or change one project's quotas; prints {"project_id",
+    /// "overrides", "quotas"}. Running servers apply a change within
+    /// seconds.
+    Quotas {
+        /// The project's id.
+        project_id: String,
+        /// Override a quota for this project, as NAME=VALUE (repeatable).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Drop this project's override of a quota, back to the default
+        /// (repeatable).
+        #[arg(long = "unset", value_name = "NAME")]
+        unset: Vec<String>,
+        /// The server's config file, for its `[quotas]` defaults.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -267,6 +299,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 None => defaults.query_limits.max_rows,
             },
         },
+        max_concurrent_queries: match args.max_concurrent_queries.or(file.max_concurrent_queries) {
+            Some(0) => anyhow::bail!("--max-concurrent-queries must be at least 1"),
+            Some(n) => n,
+            None => defaults.max_concurrent_queries,
+        },
+        quotas: default_quotas(&file, &args.quotas)?,
         policy: file.plugins.clone().unwrap_or(defaults.policy),
         store: args.store.config(&file),
     };
@@ -278,6 +316,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         crate::server::serve(config, listener, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The config file's `[quotas]` with the command line's `--quota`s on top.
+fn default_quotas(file: &FileConfig, assignments: &[String]) -> anyhow::Result<Quotas> {
+    let base = file.quotas.clone().unwrap_or_default();
+    let mut overrides = serde_json::Map::new();
+    for text in assignments {
+        let (name, value) =
+            Quotas::parse_assignment(text).map_err(|err| anyhow::anyhow!("--quota: {err}"))?;
+        overrides.insert(name, value);
+    }
+    base.with_overrides(&overrides)
+        .map_err(|err| anyhow::anyhow!("--quota: {err}"))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -312,7 +363,70 @@ fn project(command: ProjectCommand) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string(&created)?);
             Ok(ExitCode::SUCCESS)
         }),
+        ProjectCommand::Quotas {
+            project_id,
+            set,
+            unset,
+            config,
+            store,
+        } => tokio_runtime()?.block_on(async move {
+            let file = FileConfig::read(config.as_deref())?;
+            let defaults = default_quotas(&file, &[])?;
+            let store = open_store(&store.config(&file)).await?;
+            let result = project_quotas(&store, &defaults, &project_id, &set, &unset).await;
+            store.close().await;
+            println!("{}", serde_json::to_string_pretty(&result?)?);
+            Ok(ExitCode::SUCCESS)
+        }),
     }
+}
+
+/// Applies `--set` and `--unset` to a project's stored overrides and
+/// returns what `sluice project quotas` prints.
+async fn project_quotas(
+    store: &crate::store::Store,
+    defaults: &Quotas,
+    project_id: &str,
+    set: &[String],
+    unset: &[String],
+) -> anyhow::Result<serde_json::Value> {
+    let Some(stored) = store.project_quota_overrides(project_id).await? else {
+        anyhow::bail!("there is no project {project_id}; `sluice project create` prints the ids");
+    };
+    let mut overrides: serde_json::Map<String, serde_json::Value> = match &stored {
+        // Unreadable overrides are replaced by what is set now.
+        Some(text) => serde_json::from_str(text).unwrap_or_default(),
+        None => serde_json::Map::new(),
+    };
+    for name in unset {
+        if !Quotas::names().contains(name) {
+            anyhow::bail!(
+                "--unset: there is no quota named `{name}`; the quotas are: {}",
+                Quotas::names().join(", ")
+            );
+        }
+        overrides.remove(name);
+    }
+    for text in set {
+        let (name, value) =
+            Quotas::parse_assignment(text).map_err(|err| anyhow::anyhow!("--set: {err}"))?;
+        overrides.insert(name, value);
+    }
+    let quotas = defaults
+        .with_overrides(&overrides)
+        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    if !set.is_empty() || !unset.is_empty() {
+        let text = (!overrides.is_empty())
+            .then(|| serde_json::Value::Object(overrides.clone()).to_string());
+        store
+            .set_project_quota_overrides(project_id, text.as_deref())
+            .await?;
+    }
+    Ok(serde_json::json!({
+        "project_id": project_id,
+        "overrides": overrides,
+        "quotas": quotas,
+    }))
 }
 
 fn plugin(command: PluginCommand) -> anyhow::Result<ExitCode> {

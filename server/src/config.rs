@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::model::Quotas;
 use crate::query::QueryLimits;
 use crate::runtime::Policy;
 use crate::store::{DEFAULT_LEASE, StoreConfig};
@@ -29,6 +30,10 @@ pub struct ServeConfig {
     pub lease: Duration,
     /// What one analytics query may cost.
     pub query_limits: QueryLimits,
+    /// Analytics queries running at once across all projects.
+    pub max_concurrent_queries: u32,
+    /// Every project's quotas, unless the project has its own.
+    pub quotas: Quotas,
 }
 
 impl ServeConfig {
@@ -42,6 +47,8 @@ impl ServeConfig {
             policy: Policy::default(),
             lease: DEFAULT_LEASE,
             query_limits: QueryLimits::default(),
+            max_concurrent_queries: 4,
+            quotas: Quotas::default(),
         }
     }
 }

@@ -69,7 +69,9 @@ pub async fn start(
         plugin.install(install).map_err(|err| {
             let message = format!("failed to start: {err}");
             match err {
-                PluginError::Instantiate { .. } => StartError::Host(message),
+                PluginError::Instantiate { .. } | PluginError::Exhausted { .. } => {
+                    StartError::Host(message)
+                }
                 _ => StartError::Plugin(message),
             }
         })

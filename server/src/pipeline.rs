@@ -18,11 +18,15 @@ use tokio::sync::watch;
 use crate::configs::{self, ConfigWatch};
 use crate::loader;
 use crate::model::FailurePolicy;
+use crate::model::Quotas;
+use crate::model::quotas::Hit;
 use crate::queue::{QueueGauge, Wakeups};
+use crate::quotas::QuotaBook;
 use crate::runtime::{LogLevel, LogRecord, PluginEvent, PluginInstance, Runtime, TransformFailure};
+use crate::runtime::{PluginError, TrapReason};
 use crate::store::{
-    Backend, Claim, Claimed, DeadLetter, PluginConfig, PluginHealth, ProcessedBatch, QueuedEvent,
-    Store,
+    Backend, Claim, Claimed, DeadLetter, MAX_SLICES, PluginConfig, PluginHealth, ProcessedBatch,
+    QueuedEvent, Store,
 };
 use crate::supervisor::Health;
 
@@ -36,6 +40,9 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How often a busy worker's claims start again from the head of the
 /// queue; see [`ClaimCursor`].
 const REWIND_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a project held back (see [`Chains::held`]) is tried again.
+const HOLD_RETRY: Duration = Duration::from_secs(1);
 
 /// Consecutive failed events after which a plugin config is disabled.
 pub const AUTO_DISABLE_AFTER: i64 = 10;
@@ -57,14 +64,20 @@ struct Link {
 #[derive(Default)]
 struct Chains {
     by_project: HashMap<String, Vec<Link>>,
+    /// Projects whose chain cannot run now because the host could not
+    /// start or run a link (the database did not answer, the sandbox had
+    /// no room), with why. Their events stay queued, and the others'
+    /// go on: one project's trouble does not stall the rest.
+    held: HashMap<String, String>,
 }
 
 impl Chains {
     /// Rebuilds the chains from `configs`, keeping the instances of
     /// installs that did not change. A plugin that cannot start by its own
     /// fault is disabled with the reason; one the host could not start
-    /// fails the whole update, so that no event runs through a chain that
-    /// lacks a link (a scrubber, say) and the install stays enabled.
+    /// holds its project's events back, so that no event runs through a
+    /// chain that lacks a link (a scrubber, say) and the install stays
+    /// enabled.
     async fn update(
         &mut self,
         configs: &[PluginConfig],
@@ -77,6 +90,7 @@ impl Chains {
             .map(|link| (link.config_id.clone(), link))
             .collect();
         let mut by_project: HashMap<String, Vec<Link>> = HashMap::new();
+        let mut held = HashMap::new();
         for config in configs.iter().filter(|c| c.is_transformation()) {
             let link = match running.remove(&config.id) {
                 Some(link) if link.updated_at == config.updated_at => link,
@@ -101,7 +115,18 @@ impl Chains {
                         continue;
                     }
                     Err(err) => {
-                        anyhow::bail!("failed to start plugin config {}: {err}", config.id)
+                        if !self.held.contains_key(&config.project_id) {
+                            tracing::warn!(
+                                project = %config.project_id,
+                                plugin_config = %config.id,
+                                "holding the project's events back until its plugin can start: {err}"
+                            );
+                        }
+                        held.insert(
+                            config.project_id.clone(),
+                            format!("plugin config {} could not start: {err}", config.id),
+                        );
+                        continue;
                     }
                 },
             };
@@ -110,8 +135,30 @@ impl Chains {
                 .or_default()
                 .push(link);
         }
+        for project in self.held.keys() {
+            if !held.contains_key(project) {
+                tracing::info!(project = %project, "the project's chain runs again");
+            }
+        }
         self.by_project = by_project;
+        self.held = held;
         Ok(())
+    }
+}
+
+impl Chains {
+    /// Starts again the links that held their projects back.
+    async fn retry(
+        &mut self,
+        store: &Store,
+        runtime: &Runtime,
+        configs: &mut watch::Receiver<Option<configs::Snapshot>>,
+    ) -> anyhow::Result<()> {
+        let snapshot = configs.borrow().clone();
+        match snapshot {
+            Some(snapshot) => self.update(&snapshot, store, runtime).await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -137,100 +184,48 @@ fn to_queued(event: PluginEvent, received_at: &str) -> QueuedEvent {
 }
 
 /// Runs claimed events through their projects' chains. CPU-bound: called on
-/// a blocking thread.
-fn process(chains: &mut Chains, claimed: Vec<Claimed>) -> ProcessedBatch {
-    let mut batch = ProcessedBatch::default();
+/// a blocking thread. Events of a project whose chain cannot run now (see
+/// [`Chains::held`]) are left out of the batch and their rows are returned
+/// in `held`, to stay queued.
+fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Outcome {
+    let mut outcome = Outcome::default();
     for Claimed {
-        project_id, event, ..
+        id,
+        project_id,
+        event,
     } in claimed
     {
+        if chains.held.contains_key(&project_id) {
+            outcome.held.push(id);
+            continue;
+        }
+        outcome.done.push(id);
+        let batch = &mut outcome.batch;
         let Some(chain) = chains.by_project.get_mut(&project_id) else {
             batch.events.push((project_id, event));
             continue;
         };
-        let received_at = event.received_at.clone();
-        let mut current = vec![to_plugin_event(event)];
-        for link in chain
-            .iter_mut()
-            .filter(|link| link.disabled_reason.is_none())
-        {
-            let mut next = Vec::with_capacity(current.len());
-            for event in current {
-                if link.disabled_reason.is_some() {
-                    // The rest of this event's copies skip the plugin that
-                    // was just disabled, as later events will.
-                    next.push(event);
-                    continue;
-                }
-                // A failure hands the input back unchanged, for fail-open to
-                // pass on and fail-closed to dead-letter.
-                match link.instance.transform_keeping_input(event) {
-                    Ok(out) => {
-                        link.failures = 0;
-                        next.extend(out);
-                    }
-                    Err(failure) => {
-                        let TransformFailure {
-                            error: err,
-                            input: event,
-                        } = *failure;
-                        link.failures += 1;
-                        let message = err.to_string();
-                        batch.logs.push((
-                            link.config_id.clone(),
-                            LogRecord {
-                                at: crate::store::now_rfc3339(),
-                                level: LogLevel::Error,
-                                message: format!(
-                                    "{message} (event {}: {})",
-                                    if link.fail_closed {
-                                        "sent to dead letters"
-                                    } else {
-                                        "passed on unchanged"
-                                    },
-                                    event.uuid
-                                ),
-                                fields: Vec::new(),
-                                event_uuid: Some(event.uuid.clone()),
-                            },
-                        ));
-                        if link.fail_closed {
-                            batch.dead_letters.push(DeadLetter {
-                                project_id: project_id.clone(),
-                                plugin_config_id: link.config_id.clone(),
-                                event: serde_json::to_value(&event).unwrap_or(Value::Null),
-                                error: message.clone(),
-                            });
-                        } else {
-                            next.push(event);
-                        }
-                        if link.failures >= AUTO_DISABLE_AFTER {
-                            link.disabled_reason = Some(format!(
-                                "disabled after {AUTO_DISABLE_AFTER} consecutive failed events; the last: {message}"
-                            ));
-                        }
-                    }
-                }
-            }
-            current = next;
-            if current.is_empty() {
-                break;
+        let quota = quotas.get(&project_id);
+        match run_chain(chain, &project_id, event, &quota, batch) {
+            ChainEnd::Done => {}
+            ChainEnd::Wait(reason) => {
+                // The host had no room for a link: the row stays queued,
+                // and whatever the chain made of it so far is dropped, to
+                // be made again when it runs.
+                outcome.done.pop();
+                outcome.held.push(id);
+                chains.held.insert(project_id, reason);
             }
         }
-        batch.events.extend(
-            current
-                .into_iter()
-                .map(|e| (project_id.clone(), to_queued(e, &received_at))),
-        );
     }
     for link in chains.by_project.values_mut().flatten() {
         let (logs, _) = link.instance.take_activity();
-        batch.logs.extend(
+        outcome.batch.logs.extend(
             logs.into_iter()
                 .map(|record| (link.config_id.clone(), record)),
         );
         if link.failures != link.stored_failures || link.disabled_reason.is_some() {
-            batch.health.push(PluginHealth {
+            outcome.batch.health.push(PluginHealth {
                 plugin_config_id: link.config_id.clone(),
                 consecutive_failures: link.failures,
                 disabled_reason: link.disabled_reason.clone(),
@@ -238,22 +233,206 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>) -> ProcessedBatch {
             link.stored_failures = link.failures;
         }
     }
-    batch
+    outcome
 }
 
-/// Where the next claim starts: forward from the last claimed id, and
-/// back to the start now and then (see [`Claim::after`]).
+/// What [`process`] made of a claimed batch.
+#[derive(Default)]
+struct Outcome {
+    /// Rows whose events are in `batch`: removed when it is stored.
+    done: Vec<i64>,
+    /// Rows left queued, their projects' chains unable to run now.
+    held: Vec<i64>,
+    batch: ProcessedBatch,
+}
+
+enum ChainEnd {
+    Done,
+    /// A link had no room to run (see `PluginError::Exhausted`).
+    Wait(String),
+}
+
+/// Runs one captured event through its project's chain, adding what comes
+/// out (events, dead letters, log lines) to `batch`.
+fn run_chain(
+    chain: &mut [Link],
+    project_id: &str,
+    event: QueuedEvent,
+    quota: &Quotas,
+    batch: &mut ProcessedBatch,
+) -> ChainEnd {
+    let received_at = event.received_at.clone();
+    let budget = Duration::from_millis(quota.chain_time_ms);
+    let max_events = quota.events_per_input as usize;
+    // Kept only where the chain could go over the quota, to dead-letter
+    // as it came: the first link consumes it.
+    let most = chain
+        .iter()
+        .filter(|link| link.disabled_reason.is_none())
+        .fold(1usize, |n, link| {
+            n.saturating_mul(link.instance.limits().max_output_events as usize)
+        });
+    let input = to_plugin_event(event);
+    let original = (most > max_events).then(|| input.clone());
+    let started = Instant::now();
+    let mut current = vec![input];
+    for link in chain
+        .iter_mut()
+        .filter(|link| link.disabled_reason.is_none())
+    {
+        let mut next = Vec::with_capacity(current.len());
+        for event in current {
+            if link.disabled_reason.is_some() {
+                // The rest of this event's copies skip the plugin that
+                // was just disabled, as later events will.
+                next.push(event);
+                continue;
+            }
+            let left = budget.saturating_sub(started.elapsed());
+            let deadline = link.instance.limits().transform_deadline;
+            let call_started = Instant::now();
+            // A failure hands the input back unchanged, for fail-open to
+            // pass on and fail-closed to dead-letter.
+            match link.instance.transform_within(event, left) {
+                Ok(out) => {
+                    let took = call_started.elapsed();
+                    if took * 2 > deadline {
+                        link.count_failure(
+                            format!(
+                                "a transform call took {} ms of its {} ms deadline; calls that keep running near their deadline count as failures",
+                                took.as_millis(),
+                                deadline.as_millis()
+                            ),
+                        );
+                    } else {
+                        link.failures = 0;
+                    }
+                    next.extend(out);
+                }
+                Err(failure) => {
+                    let TransformFailure {
+                        error: err,
+                        input: event,
+                    } = *failure;
+                    if err.is_exhausted() {
+                        return ChainEnd::Wait(err.to_string());
+                    }
+                    let mut message = err.to_string();
+                    if left < deadline
+                        && matches!(
+                            &err,
+                            PluginError::Trapped {
+                                reason: TrapReason::Deadline(_),
+                                ..
+                            }
+                        )
+                    {
+                        message.push_str(&format!(
+                            " (the chain's time for this event ran out: quota `chain_time_ms`, {} ms)",
+                            quota.chain_time_ms
+                        ));
+                    }
+                    batch.logs.push((
+                        link.config_id.clone(),
+                        LogRecord {
+                            at: crate::store::now_rfc3339(),
+                            level: LogLevel::Error,
+                            message: format!(
+                                "{message} (event {}: {})",
+                                if link.fail_closed {
+                                    "sent to dead letters"
+                                } else {
+                                    "passed on unchanged"
+                                },
+                                event.uuid
+                            ),
+                            fields: Vec::new(),
+                            event_uuid: Some(event.uuid.clone()),
+                        },
+                    ));
+                    if link.fail_closed {
+                        batch.dead_letters.push(DeadLetter {
+                            project_id: project_id.to_string(),
+                            plugin_config_id: link.config_id.clone(),
+                            event: serde_json::to_value(&event).unwrap_or(Value::Null),
+                            error: message.clone(),
+                        });
+                    } else {
+                        next.push(event);
+                    }
+                    link.count_failure(message);
+                }
+            }
+            if next.len() > max_events {
+                let input = original.expect("kept when the chain can go over the quota");
+                let error = format!(
+                    "the chain made more than {max_events} events of event {} (at plugin config {}); the event is dead-lettered whole: {}",
+                    input.uuid,
+                    link.config_id,
+                    Hit {
+                        quota: "events_per_input",
+                        limit: max_events as u64
+                    }
+                );
+                batch.logs.push((
+                    link.config_id.clone(),
+                    LogRecord {
+                        at: crate::store::now_rfc3339(),
+                        level: LogLevel::Error,
+                        message: error.clone(),
+                        fields: Vec::new(),
+                        event_uuid: Some(input.uuid.clone()),
+                    },
+                ));
+                batch.dead_letters.push(DeadLetter {
+                    project_id: project_id.to_string(),
+                    plugin_config_id: link.config_id.clone(),
+                    event: serde_json::to_value(&input).unwrap_or(Value::Null),
+                    error,
+                });
+                return ChainEnd::Done;
+            }
+        }
+        current = next;
+        if current.is_empty() {
+            break;
+        }
+    }
+    batch.events.extend(
+        current
+            .into_iter()
+            .map(|e| (project_id.to_string(), to_queued(e, &received_at))),
+    );
+    ChainEnd::Done
+}
+
+impl Link {
+    /// Counts one failed (or too slow) call towards disabling the link.
+    fn count_failure(&mut self, message: String) {
+        self.failures += 1;
+        if self.failures >= AUTO_DISABLE_AFTER && self.disabled_reason.is_none() {
+            self.disabled_reason = Some(format!(
+                "disabled after {AUTO_DISABLE_AFTER} consecutive failed events; the last: {message}"
+            ));
+        }
+    }
+}
+
+/// Where the next claim starts: per project, forward from the last
+/// claimed id, and back to the start now and then (see [`Claim::after`]).
 ///
 /// On PostgreSQL rows can appear behind the cursor at any time (another
 /// process gives rows back, a lease runs out, a capture transaction commits
 /// after a later one), so the cursor goes back every [`REWIND_EVERY`];
 /// leased rows are skipped, so going back never takes a batch twice. On
 /// SQLite one process writes, and ids are handed out in commit order, so
-/// rows fall behind the cursor only when storing a batch failed, and the
-/// cursor goes back only then: with leases kept in memory, going back
-/// while a batch is in flight would take it again.
+/// rows fall behind the cursor only when storing a batch failed or a
+/// project's events were held back, and the cursor goes back only when the
+/// queue ahead of it is empty: with leases kept in memory, going back while
+/// a batch is in flight would take it again.
 struct ClaimCursor {
-    after: i64,
+    after: HashMap<String, i64>,
+    from_project: String,
     rewound_at: Instant,
     periodic: bool,
 }
@@ -261,7 +440,8 @@ struct ClaimCursor {
 impl ClaimCursor {
     fn new(backend: Backend) -> Self {
         ClaimCursor {
-            after: 0,
+            after: HashMap::new(),
+            from_project: String::new(),
             rewound_at: Instant::now(),
             periodic: backend == Backend::Postgres,
         }
@@ -274,20 +454,33 @@ impl ClaimCursor {
         Claim {
             limit: CLAIM_BATCH,
             lease,
-            after: self.after,
+            after: self.after.clone(),
+            from_project: self.from_project.clone(),
         }
     }
 
     fn advance(&mut self, claimed: &[Claimed]) {
-        if let Some(last) = claimed.last() {
-            self.after = self.after.max(last.id);
+        let mut projects = std::collections::HashSet::new();
+        for row in claimed {
+            let after = self.after.entry(row.project_id.clone()).or_insert(0);
+            *after = (*after).max(row.id);
+            projects.insert(row.project_id.as_str());
         }
+        // With more projects waiting than one claim takes, the next claim
+        // starts after the last one this claim reached.
+        self.from_project = match projects.iter().max() {
+            Some(last) if projects.len() >= MAX_SLICES => last.to_string(),
+            _ => String::new(),
+        };
     }
 
     /// Returns whether there was anything behind the cursor to go back to.
     fn rewind(&mut self) -> bool {
         self.rewound_at = Instant::now();
-        std::mem::replace(&mut self.after, 0) > 0
+        self.from_project.clear();
+        let had = !self.after.is_empty();
+        self.after.clear();
+        had
     }
 }
 
@@ -309,6 +502,7 @@ pub struct Worker {
     pub wake: Wakeups,
     /// How long claimed rows stay with this worker.
     pub lease: Duration,
+    pub quotas: QuotaBook,
 }
 
 /// The worker: each round runs one claimed batch through the chains on a
@@ -348,6 +542,7 @@ async fn work(
     let mut cursor = ClaimCursor::new(store.backend());
     let mut claimed: Vec<Claimed> = Vec::new();
     let mut processed: Option<Processed> = None;
+    let mut held_since = Instant::now();
     loop {
         if *stop.borrow() {
             break;
@@ -383,12 +578,19 @@ async fn work(
         if let Some(snapshot) = configs::newer(&mut configs) {
             chains.update(&snapshot, store, &worker.runtime).await?;
         }
+        // Projects held back are tried again now and then, as their
+        // trouble (a full pool, a database blip) may have passed.
+        if !chains.held.is_empty() && held_since.elapsed() >= HOLD_RETRY {
+            chains.retry(store, &worker.runtime, &mut configs).await?;
+            held_since = Instant::now();
+        }
         let to_process = std::mem::take(&mut claimed);
+        let quotas = worker.quotas.clone();
         let processing = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let ids: Vec<i64> = to_process.iter().map(|c| c.id).collect();
-            let batch = (!to_process.is_empty()).then(|| process(&mut chains, to_process));
-            (chains, ids, batch, started.elapsed())
+            let outcome =
+                (!to_process.is_empty()).then(|| process(&mut chains, to_process, &quotas));
+            (chains, outcome, started.elapsed())
         });
         let next = cursor.next(worker.lease);
         let storing = processed.is_some();
@@ -409,12 +611,19 @@ async fn work(
                 .await
                 .map_err(|err| anyhow::anyhow!("failed to lease queued events: {err}")),
         };
-        let (returned, ids, batch, chain_time) = processing.await?;
+        let (returned, outcome, chain_time) = processing.await?;
         chains = returned;
-        processed = batch.map(|batch| Processed {
-            ids,
-            batch,
-            chain_time,
+        let mut only_held = false;
+        processed = outcome.and_then(|outcome| {
+            if !outcome.held.is_empty() {
+                hold(worker, owner, &outcome.held);
+                only_held = outcome.done.is_empty();
+            }
+            (!outcome.done.is_empty()).then_some(Processed {
+                ids: outcome.done,
+                batch: outcome.batch,
+                chain_time,
+            })
         });
         let next_batch = stored?;
         if storing {
@@ -424,6 +633,14 @@ async fn work(
         }
         cursor.advance(&next_batch);
         claimed = next_batch;
+        if only_held && processed.is_none() {
+            // Nothing but held-back rows: wait rather than read them again
+            // at once.
+            tokio::select! {
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = stop.changed() => {}
+            }
+        }
     }
     if let Some(done) = processed.take()
         && let Err(err) = store_batch(worker, owner, &done, None).await
@@ -434,6 +651,24 @@ async fn work(
         );
     }
     Ok(())
+}
+
+/// Leaves held-back rows queued: on PostgreSQL their leases are given back
+/// so another process may take them; on SQLite leases live in memory and
+/// the rows come round again when the cursor goes back.
+fn hold(worker: &Worker, owner: &str, ids: &[i64]) {
+    if worker.store.backend() != Backend::Postgres {
+        return;
+    }
+    let (store, owner, ids) = (worker.store.clone(), owner.to_string(), ids.to_vec());
+    tokio::spawn(async move {
+        if let Err(err) = store.release_rows(&owner, &ids).await {
+            tracing::warn!(
+                "failed to give back {} held-back queue rows: {err}; their lease will run out",
+                ids.len()
+            );
+        }
+    });
 }
 
 /// Stores a processed batch and, with `next`, leases the next one in the

@@ -26,6 +26,7 @@ use crate::configs::ConfigWatch;
 use crate::delivery::Delivery;
 use crate::pipeline::Worker;
 use crate::queue::{QueueGauge, Wakeups};
+use crate::quotas::QuotaBook;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::scheduler::Scheduler;
 use crate::state::AppState;
@@ -56,6 +57,8 @@ pub async fn serve(
     })?;
     let wake = Wakeups::default();
     let configs = ConfigWatch::default();
+    let quotas = QuotaBook::new(config.quotas.clone());
+    quotas.refresh(&store).await?;
     let readiness = Arc::new(Readiness::default());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -64,6 +67,10 @@ pub async fn serve(
         let (configs, store) = (configs.clone(), store.clone());
         task(move |health, stop| configs.clone().run(store.clone(), health, stop))
     });
+    tasks.spawn("quotas", {
+        let (quotas, store) = (quotas.clone(), store.clone());
+        task(move |health, stop| quotas.clone().run(store.clone(), health, stop))
+    });
     let worker = Worker {
         store: store.clone(),
         runtime: runtime.clone(),
@@ -71,6 +78,7 @@ pub async fn serve(
         queue: gauge.clone(),
         wake: wake.clone(),
         lease: config.lease,
+        quotas: quotas.clone(),
     };
     tasks.spawn(
         "pipeline worker",
@@ -136,6 +144,8 @@ pub async fn serve(
             query_limits: config.query_limits,
             wake: wake.clone(),
             configs,
+            quotas: quotas.clone(),
+            checks: Default::default(),
         },
         readiness,
     };

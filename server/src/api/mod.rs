@@ -22,6 +22,7 @@ use crate::configs::ConfigWatch;
 use crate::model::format_timestamp;
 use crate::query::QueryLimits;
 use crate::queue::Wakeups;
+use crate::quotas::QuotaBook;
 use crate::runtime::Runtime;
 use crate::store::{EventFilter, Store};
 
@@ -36,6 +37,44 @@ pub struct ApiState {
     /// Waited on after a plugin config changes, so the change applies to
     /// every event accepted after the response.
     pub configs: ConfigWatch,
+    pub quotas: QuotaBook,
+    pub checks: InstallChecks,
+}
+
+/// Projects with a plugin config being checked right now (see
+/// `plugins::try_install`).
+#[derive(Clone, Default)]
+pub struct InstallChecks(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl InstallChecks {
+    /// The project's turn, or `None` while another check of it runs.
+    pub(crate) fn begin(&self, project_id: &str) -> Option<CheckTurn> {
+        let inserted = self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .insert(project_id.to_string());
+        inserted.then(|| CheckTurn {
+            checks: self.clone(),
+            project_id: project_id.to_string(),
+        })
+    }
+}
+
+/// Ends a project's check when dropped.
+pub(crate) struct CheckTurn {
+    checks: InstallChecks,
+    project_id: String,
+}
+
+impl Drop for CheckTurn {
+    fn drop(&mut self) {
+        self.checks
+            .0
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.project_id);
+    }
 }
 
 pub fn router<S>() -> Router<S>
@@ -46,6 +85,7 @@ where
     Router::new()
         .route("/api/projects/{project_id}/events", get(list_events))
         .route("/api/projects/{project_id}/persons", get(find_person))
+        .route("/api/projects/{project_id}/quotas", get(project_quotas))
         .merge(plugins::router())
         .merge(destinations::router())
         .merge(query::router())
@@ -62,6 +102,13 @@ pub enum ApiError {
     Invalid(String),
     #[error("{0} not found")]
     NotFound(String),
+    /// A quota that caps how much the project may have: asking again will
+    /// not help until something is removed or the operator raises it.
+    #[error("{0}")]
+    OverQuota(String),
+    /// A quota on what the project may do at once: worth retrying soon.
+    #[error("{0}")]
+    Busy(String),
     #[error("{}", if .0.is_transient() {
         "the database is unavailable; retry later"
     } else {
@@ -77,6 +124,8 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::OverQuota(_) => StatusCode::FORBIDDEN,
+            ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Store(err) => {
                 tracing::error!("API request failed: {err}");
                 if err.is_transient() {
@@ -87,7 +136,7 @@ impl IntoResponse for ApiError {
             }
         };
         let mut response = (status, Json(json!({"detail": self.to_string()}))).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
@@ -269,4 +318,25 @@ async fn find_person(
             None => Json(json!({"results": []})).into_response(),
         },
     )
+}
+
+/// `GET /api/projects/{id}/quotas`: the project's quotas, and which of
+/// them the operator set for it. Only the operator changes them (`sluice
+/// project quotas`): a project's own key must not raise its share.
+async fn project_quotas(
+    State(state): State<ApiState>,
+    Authorised(project_id): Authorised,
+) -> Result<Json<Value>, ApiError> {
+    let overrides = state
+        .store
+        .project_quota_overrides(&project_id)
+        .await?
+        .flatten()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .unwrap_or_else(|| json!({}));
+    Ok(Json(json!({
+        "project_id": project_id,
+        "quotas": *state.quotas.get(&project_id),
+        "overrides": overrides,
+    })))
 }

@@ -15,6 +15,7 @@ use super::ApiState;
 use super::{ApiError, ApiPath, Authorised, JsonBody};
 use crate::model::FailurePolicy;
 use crate::model::manifest::FieldType;
+use crate::model::quotas::Hit;
 use crate::runtime::Install;
 use crate::store::{self, DeliverySettings, PluginConfig, PluginConfigPatch};
 
@@ -110,9 +111,18 @@ fn check_policy(policy: &str) -> Result<FailurePolicy, ApiError> {
 /// plugin cannot use is refused now rather than on the first event.
 async fn try_install(
     state: &ApiState,
+    project_id: &str,
     sha256: &str,
     config: &Value,
 ) -> Result<Map<String, Value>, ApiError> {
+    // Each check runs the plugin's setup, up to its setup deadline of CPU:
+    // one at a time per project, so one project's requests cannot keep
+    // every core busy.
+    let _turn = state.checks.begin(project_id).ok_or_else(|| {
+        ApiError::Busy(
+            "another plugin config of this project is being checked; retry when it is done".into(),
+        )
+    })?;
     let wasm = state.store.plugin_wasm(sha256).await?.ok_or_else(|| {
         ApiError::Invalid(format!(
             "no plugin with sha256 {sha256} is installed; upload it first"
@@ -194,7 +204,23 @@ async fn create_plugin_config(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let failure_policy = check_policy(&body.failure_policy)?;
     let delivery = delivery_settings(body.delivery.as_ref())?.unwrap_or_default();
-    let validated = try_install(&state, &body.plugin_sha256, &body.config).await?;
+    let max_configs = state.quotas.get(&project_id).plugin_configs;
+    let over_quota = || {
+        ApiError::OverQuota(format!(
+            "the project has {max_configs} plugin configs, its most: {}; delete one first",
+            Hit {
+                quota: "plugin_configs",
+                limit: u64::from(max_configs)
+            }
+        ))
+    };
+    // Checked before the plugin's setup runs as well as when storing: a
+    // project at its quota should not make the server run setups it will
+    // refuse.
+    if state.store.plugin_configs(&project_id).await?.len() >= max_configs as usize {
+        return Err(over_quota());
+    }
+    let validated = try_install(&state, &project_id, &body.plugin_sha256, &body.config).await?;
     let created = state
         .store
         .create_plugin_config(
@@ -207,8 +233,10 @@ async fn create_plugin_config(
                 failure_policy,
                 delivery,
             },
+            max_configs,
         )
-        .await?;
+        .await?
+        .ok_or_else(over_quota)?;
     state.configs.changed().await;
     Ok((StatusCode::CREATED, Json(public_view(&created))))
 }
@@ -274,7 +302,13 @@ async fn update_plugin_config(
                 }
             }
             Some(Value::Object(
-                try_install(&state, &current.plugin_sha256, &Value::Object(given)).await?,
+                try_install(
+                    &state,
+                    &project_id,
+                    &current.plugin_sha256,
+                    &Value::Object(given),
+                )
+                .await?,
             ))
         }
         Some(_) => return Err(ApiError::Invalid("`config` must be a JSON object".into())),

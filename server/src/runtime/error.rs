@@ -83,6 +83,12 @@ pub enum PluginError {
     /// Creating the instance failed for a host-side reason.
     #[error("failed to instantiate {plugin}: {message}")]
     Instantiate { plugin: String, message: String },
+    /// There was no room to run the plugin: the sandbox's instance pool is
+    /// full, or its project holds every instance its quota allows. Not the
+    /// plugin's fault, so it is never disabled for it: the work waits and
+    /// is tried again.
+    #[error("{plugin} has to wait: {message}")]
+    Exhausted { plugin: String, message: String },
 }
 
 impl PluginError {
@@ -90,6 +96,12 @@ impl PluginError {
     /// reporting an error).
     pub fn is_trap(&self) -> bool {
         matches!(self, PluginError::Trapped { .. })
+    }
+
+    /// Whether the call did not run for want of room (see
+    /// [`PluginError::Exhausted`]): the work should wait, not fail.
+    pub fn is_exhausted(&self) -> bool {
+        matches!(self, PluginError::Exhausted { .. })
     }
 }
 

@@ -599,6 +599,17 @@ impl PluginInstance {
         &mut self,
         event: PluginEvent,
     ) -> Result<Vec<PluginEvent>, Box<TransformFailure>> {
+        self.transform_within(event, Duration::MAX)
+    }
+
+    /// Like [`PluginInstance::transform_keeping_input`], with the call's
+    /// deadline cut to `at_most`: what a chain has left of its time for
+    /// the event.
+    pub fn transform_within(
+        &mut self,
+        event: PluginEvent,
+        at_most: Duration,
+    ) -> Result<Vec<PluginEvent>, Box<TransformFailure>> {
         if let Err(error) = self
             .require(Hook::Transform)
             .and_then(|()| self.ensure_live())
@@ -608,7 +619,7 @@ impl PluginInstance {
                 input: event,
             }));
         }
-        let deadline = self.context.limits.transform_deadline;
+        let deadline = self.context.limits.transform_deadline.min(at_most);
         let (uuid, timestamp) = (event.uuid.clone(), event.timestamp.clone());
         let mut input = Some(event);
         let mut failed_input = None;

@@ -9,6 +9,7 @@
 //! batch's size. Leases differ by backend: in memory on SQLite, in the
 //! rows on PostgreSQL (see `claim_in`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -66,20 +67,32 @@ impl QueueWrite {
     }
 }
 
+/// Projects whose rows one claim takes at most; with more projects
+/// waiting, the next claim starts where this one stopped.
+pub const MAX_SLICES: usize = 32;
+
 /// What a worker asks the queue for.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Claim {
     pub limit: u32,
     /// How long the rows stay with the worker.
     pub lease: Duration,
-    /// Only rows with a higher id. A worker starts where its last claim
-    /// ended instead of at the head of the table: on PostgreSQL the head of
-    /// a churning queue is a run of index entries for rows already
-    /// deleted, and walking them made every claim cost tens of
-    /// milliseconds. The worker goes back to 0 now and then to pick up
-    /// rows it passed (expired leases, rows another process gave back,
-    /// capture transactions that committed after a later one).
-    pub after: i64,
+    /// Per project, only rows with a higher id. A worker starts where its
+    /// last claim ended instead of at the head of the table: on PostgreSQL
+    /// the head of a churning queue is a run of index entries for rows
+    /// already deleted, and walking them made every claim cost tens of
+    /// milliseconds. The worker forgets these now and then to pick up rows
+    /// it passed (expired leases, rows another process gave back, capture
+    /// transactions that committed after a later one).
+    pub after: HashMap<String, i64>,
+    /// Projects after this one (in id order) come first; see [`MAX_SLICES`].
+    pub from_project: String,
+}
+
+impl Claim {
+    fn after(&self, project_id: &str) -> i64 {
+        self.after.get(project_id).copied().unwrap_or(0)
+    }
 }
 
 /// How far the pipeline is behind capture.
@@ -159,9 +172,11 @@ impl Store {
         }
     }
 
-    /// Leases ready rows with ids above `claim.after`. Rows whose lease
-    /// expired (their worker died) are ready again. The rows come back as
-    /// stored: parsing them is for after the transaction (see
+    /// Leases ready rows with ids above `claim.after`, an equal slice of
+    /// each project's: a project with a backlog of a million events delays
+    /// another's next event by one batch, not by the million. Rows whose
+    /// lease expired (their worker died) are ready again. The rows come
+    /// back as stored: parsing them is for after the transaction (see
     /// [`parse_claimed`]).
     pub(super) async fn claim_in(
         &self,
@@ -169,6 +184,19 @@ impl Store {
         owner: &str,
         claim: &Claim,
     ) -> Result<Vec<sqlx::any::AnyRow>> {
+        let mut projects = waiting_projects(conn, &claim.from_project, MAX_SLICES).await?;
+        if projects.len() < MAX_SLICES && !claim.from_project.is_empty() {
+            for project in waiting_projects(conn, "", MAX_SLICES - projects.len()).await? {
+                if project > claim.from_project || projects.contains(&project) {
+                    break;
+                }
+                projects.push(project);
+            }
+        }
+        if projects.is_empty() {
+            return Ok(Vec::new());
+        }
+        let per_project = (claim.limit as usize).div_ceil(projects.len()) as i64;
         let rows = match self.backend() {
             // One process owns a SQLite file (its write lock serialises
             // writers anyway), so the worker's lease lives in memory: it
@@ -179,33 +207,65 @@ impl Store {
             // storing is idempotent: events already stored are skipped,
             // with their person changes and outbox rows.
             Backend::Sqlite => {
-                sqlx::query(
-                    "SELECT id, project_id, payload FROM capture_queue WHERE id > $1 ORDER BY id LIMIT $2",
-                )
-                .bind(claim.after)
-                .bind(claim.limit as i64)
-                .fetch_all(&mut *conn)
-                .await?
+                let slices: Vec<String> = (0..projects.len())
+                    .map(|i| {
+                        format!(
+                            "SELECT * FROM (SELECT id, project_id, payload FROM capture_queue
+                             WHERE project_id = ${} AND id > ${} ORDER BY id LIMIT ${})",
+                            3 * i + 1,
+                            3 * i + 2,
+                            3 * i + 3
+                        )
+                    })
+                    .collect();
+                let sql = slices.join(" UNION ALL ");
+                let mut query = sqlx::query(&sql);
+                for project in &projects {
+                    query = query
+                        .bind(project.as_str())
+                        .bind(claim.after(project))
+                        .bind(per_project);
+                }
+                query.fetch_all(&mut *conn).await?
             }
             // Several processes share one PostgreSQL queue: each skips the
             // rows another is claiming instead of waiting for them, and a
             // dead process's rows come back when their lease runs out.
             Backend::Postgres => {
                 let now = chrono::Utc::now().timestamp_millis();
-                sqlx::query(
-                    "UPDATE capture_queue SET lease_owner = $1, lease_until = $2, attempts = attempts + 1
-                     WHERE id IN (SELECT id FROM capture_queue
-                                  WHERE id > $3 AND (lease_until IS NULL OR lease_until < $4)
-                                  ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED)
+                let slices: Vec<String> = (0..projects.len())
+                    .map(|i| {
+                        format!(
+                            "s{i} AS (SELECT id FROM capture_queue
+                                      WHERE project_id = ${} AND id > ${} AND (lease_until IS NULL OR lease_until < $3)
+                                      ORDER BY id LIMIT ${} FOR UPDATE SKIP LOCKED)",
+                            3 * i + 4,
+                            3 * i + 5,
+                            3 * i + 6
+                        )
+                    })
+                    .collect();
+                let picked: Vec<String> = (0..projects.len())
+                    .map(|i| format!("SELECT id FROM s{i}"))
+                    .collect();
+                let sql = format!(
+                    "WITH {} UPDATE capture_queue SET lease_owner = $1, lease_until = $2, attempts = attempts + 1
+                     WHERE id IN ({})
                      RETURNING id, project_id, payload",
-                )
-                .bind(owner)
-                .bind(now + claim.lease.as_millis() as i64)
-                .bind(claim.after)
-                .bind(now)
-                .bind(claim.limit as i64)
-                .fetch_all(&mut *conn)
-                .await?
+                    slices.join(", "),
+                    picked.join(" UNION ALL ")
+                );
+                let mut query = sqlx::query(&sql)
+                    .bind(owner)
+                    .bind(now + claim.lease.as_millis() as i64)
+                    .bind(now);
+                for project in &projects {
+                    query = query
+                        .bind(project.as_str())
+                        .bind(claim.after(project))
+                        .bind(per_project);
+                }
+                query.fetch_all(&mut *conn).await?
             }
         };
         Ok(rows)
@@ -275,6 +335,30 @@ pub(super) async fn delete_claimed(
         };
     }
     Ok(())
+}
+
+/// Up to `limit` projects with queued rows, in id order, after `after`:
+/// one index seek each on `capture_queue_by_project`, however many rows
+/// each project has queued.
+async fn waiting_projects(
+    conn: &mut sqlx::AnyConnection,
+    after: &str,
+    limit: usize,
+) -> Result<Vec<String>> {
+    sqlx::query_scalar(
+        "WITH RECURSIVE p(project_id, n) AS (
+             SELECT (SELECT MIN(project_id) FROM capture_queue WHERE project_id > $1), 1
+             UNION ALL
+             SELECT (SELECT MIN(project_id) FROM capture_queue WHERE project_id > p.project_id), n + 1
+             FROM p WHERE p.project_id IS NOT NULL AND n < $2
+         )
+         SELECT project_id FROM p WHERE project_id IS NOT NULL",
+    )
+    .bind(after)
+    .bind(limit as i64)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(Into::into)
 }
 
 /// Parses leased queue rows into events, in id order.

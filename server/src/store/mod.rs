@@ -26,7 +26,9 @@ mod scheduled_runs;
 mod sql;
 
 pub use batch::ProcessedBatch;
-pub use capture_queue::{Claim, Claimed, DEFAULT_LEASE, QueueStatus, QueueWrite, QueuedEvent};
+pub use capture_queue::{
+    Claim, Claimed, DEFAULT_LEASE, MAX_SLICES, QueueStatus, QueueWrite, QueuedEvent,
+};
 pub use db::{Backend, Store, StoreConfig};
 pub use dead_letters::{DeadLetter, ReplaySelector, StoredDeadLetter};
 pub use events::{Cursor, EventFilter, Scan, ScanRow, StoredEvent};

@@ -128,12 +128,15 @@ fn config_from_row(row: &sqlx::any::AnyRow) -> Result<PluginConfig> {
 
 impl Store {
     /// Adds a plugin config at the end of the project's chain unless a
-    /// position is given.
+    /// position is given; `None` if the project already has `max_configs`
+    /// (counted in the same transaction, so concurrent requests cannot
+    /// both squeeze under it).
     pub async fn create_plugin_config(
         &self,
         project_id: &str,
         new: &NewPluginConfig,
-    ) -> Result<PluginConfig> {
+        max_configs: u32,
+    ) -> Result<Option<PluginConfig>> {
         let NewPluginConfig {
             sha256,
             config,
@@ -144,6 +147,21 @@ impl Store {
         } = new;
         let id = uuid::Uuid::now_v7().to_string();
         let (mut tx, _turn) = self.write().await?;
+        if self.backend() == super::Backend::Postgres {
+            // Two creates of one project count one after the other.
+            sqlx::query("SELECT id FROM projects WHERE id = $1 FOR UPDATE")
+                .bind(project_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        let existing: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM plugin_configs WHERE project_id = $1")
+                .bind(project_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if existing >= i64::from(max_configs) {
+            return Ok(None);
+        }
         let position = match *position {
             Some(position) => position,
             None => sqlx::query_scalar::<_, i64>(
@@ -169,10 +187,11 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(self
-            .plugin_config(project_id, &id)
-            .await?
-            .expect("just created"))
+        Ok(Some(
+            self.plugin_config(project_id, &id)
+                .await?
+                .expect("just created"),
+        ))
     }
 
     pub async fn plugin_config(&self, project_id: &str, id: &str) -> Result<Option<PluginConfig>> {

@@ -103,3 +103,48 @@ impl Store {
             .transpose()
     }
 }
+
+impl Store {
+    /// The quota overrides of every project that has any, as stored (a
+    /// JSON object's text).
+    pub async fn quota_overrides(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT id, quotas FROM projects WHERE quotas IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
+    /// One project's quota overrides, as stored; `None` for an unknown
+    /// project, `Some(None)` for one with none.
+    pub async fn project_quota_overrides(
+        &self,
+        project_id: &str,
+    ) -> Result<Option<Option<String>>> {
+        let row = sqlx::query("SELECT quotas FROM projects WHERE id = $1")
+            .bind(project_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| row.try_get(0).map_err(Into::into))
+            .transpose()
+    }
+
+    /// Replaces a project's quota overrides (`None` clears them). Returns
+    /// whether the project exists.
+    pub async fn set_project_quota_overrides(
+        &self,
+        project_id: &str,
+        overrides: Option<&str>,
+    ) -> Result<bool> {
+        let (mut tx, _turn) = self.write().await?;
+        let updated = sqlx::query("UPDATE projects SET quotas = $1 WHERE id = $2")
+            .bind(overrides)
+            .bind(project_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(updated == 1)
+    }
+}
