@@ -29,6 +29,7 @@ use crate::configs::{self, ConfigWatch};
 use crate::loader;
 use crate::model::{AttemptOutcome, format_timestamp};
 use crate::queue::Wakeups;
+use crate::quotas::QuotaBook;
 use crate::runtime::{ExportFailure, ExportedEvent, LogLevel, LogRecord, PluginInstance, Runtime};
 use crate::store::{
     Attempt, DeliveryRecord, DeliverySettings, Disposition, OutboxRow, PluginConfig, Store,
@@ -62,6 +63,7 @@ pub struct Delivery {
     pub wake: Wakeups,
     /// How long a leased batch stays with a lane.
     pub lease: Duration,
+    pub quotas: QuotaBook,
 }
 
 /// Runs the lanes of every active destination until `stop`, restarting a
@@ -112,9 +114,14 @@ impl Lanes {
     }
 }
 
-/// Lanes restart on any change to their install, since they stop at one.
-fn fingerprint(config: &PluginConfig) -> String {
-    format!("{}/{}", config.updated_at, config.paused_reason.is_some())
+/// Lanes restart on any change to their install, since they stop at one,
+/// and when their number changes.
+fn fingerprint(config: &PluginConfig, lanes: usize) -> String {
+    format!(
+        "{}/{}/{lanes}",
+        config.updated_at,
+        config.paused_reason.is_some()
+    )
 }
 
 async fn reconcile(
@@ -127,13 +134,15 @@ async fn reconcile(
         .filter(|c| c.is_destination() && c.paused_reason.is_none())
         .map(|c| (c.id.clone(), c.clone()))
         .collect();
+    let allotted = allot_lanes(&active.values().collect::<Vec<_>>(), &delivery.quotas);
     let stale: Vec<String> = running
         .iter()
         .filter(|(id, lanes)| {
             lanes.tasks.iter().any(JoinHandle::is_finished)
-                || active
-                    .get(*id)
-                    .is_none_or(|config| fingerprint(config) != lanes.fingerprint)
+                || active.get(*id).is_none_or(|config| {
+                    fingerprint(config, allotted.get(*id).copied().unwrap_or(1))
+                        != lanes.fingerprint
+                })
         })
         .map(|(id, _)| id.clone())
         .collect();
@@ -147,19 +156,60 @@ async fn reconcile(
             continue;
         }
         let (stop_tx, stop_rx) = watch::channel(false);
+        let count = allotted.get(&id).copied().unwrap_or(1);
         let destination = Arc::new(Destination::new(config));
-        let tasks = (0..destination.settings.concurrency)
+        let tasks = (0..count)
             .map(|_| tokio::spawn(lane(delivery.clone(), destination.clone(), stop_rx.clone())))
             .collect();
         running.insert(
             id,
             Lanes {
-                fingerprint: fingerprint(&destination.config),
+                fingerprint: fingerprint(&destination.config, count),
                 stop: stop_tx,
                 tasks,
             },
         );
     }
+}
+
+/// How many lanes each destination gets: what it asks for (`concurrency`),
+/// within its project's `delivery_lanes` quota. Every lane keeps a plugin
+/// instance, so without the quota one project's destinations asking for 64
+/// lanes each would fill the sandbox's pool. Each destination gets one
+/// lane whatever the quota, so none is starved; the rest of the project's
+/// lanes go round its destinations one at a time.
+fn allot_lanes(configs: &[&PluginConfig], quotas: &QuotaBook) -> HashMap<String, usize> {
+    let mut by_project: HashMap<&str, Vec<&PluginConfig>> = HashMap::new();
+    for config in configs {
+        by_project
+            .entry(config.project_id.as_str())
+            .or_default()
+            .push(config);
+    }
+    let mut lanes = HashMap::new();
+    for (project_id, mut destinations) in by_project {
+        destinations.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut left =
+            (quotas.get(project_id).delivery_lanes as usize).saturating_sub(destinations.len());
+        let mut counts: Vec<usize> = vec![1; destinations.len()];
+        while left > 0 {
+            let mut gave = false;
+            for (count, config) in counts.iter_mut().zip(&destinations) {
+                if left > 0 && *count < config.delivery.concurrency as usize {
+                    *count += 1;
+                    left -= 1;
+                    gave = true;
+                }
+            }
+            if !gave {
+                break;
+            }
+        }
+        for (config, count) in destinations.iter().zip(counts) {
+            lanes.insert(config.id.clone(), count);
+        }
+    }
+    lanes
 }
 
 /// What the lanes of one destination share.

@@ -41,6 +41,10 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 /// queue; see [`ClaimCursor`].
 const REWIND_EVERY: Duration = Duration::from_secs(1);
 
+/// About how much chain time one project's slice of a batch may take; see
+/// [`Chains::slices`].
+const SLICE_TIME: Duration = Duration::from_millis(200);
+
 /// How often a project held back (see [`Chains::held`]) is tried again.
 const HOLD_RETRY: Duration = Duration::from_secs(1);
 
@@ -69,6 +73,8 @@ struct Chains {
     /// no room), with why. Their events stay queued, and the others'
     /// go on: one project's trouble does not stall the rest.
     held: HashMap<String, String>,
+    /// Each project's chain time per event, smoothed over its last batches.
+    cost: HashMap<String, Duration>,
 }
 
 impl Chains {
@@ -147,6 +153,23 @@ impl Chains {
 }
 
 impl Chains {
+    /// The most events of each slow project the next claim should take:
+    /// about [`SLICE_TIME`] of its chain's time. A project whose chain
+    /// takes 200 ms an event, within every quota, would otherwise hold
+    /// each batch, and every other project's events in it, for most of a
+    /// minute.
+    fn slices(&self) -> HashMap<String, u32> {
+        self.cost
+            .iter()
+            .filter(|(_, cost)| !cost.is_zero())
+            .map(|(project, cost)| {
+                let most = (SLICE_TIME.as_secs_f64() / cost.as_secs_f64()).floor();
+                (project.clone(), most.clamp(1.0, CLAIM_BATCH as f64) as u32)
+            })
+            .filter(|(_, most)| *most < CLAIM_BATCH)
+            .collect()
+    }
+
     /// Starts again the links that held their projects back.
     async fn retry(
         &mut self,
@@ -189,6 +212,7 @@ fn to_queued(event: PluginEvent, received_at: &str) -> QueuedEvent {
 /// in `held`, to stay queued.
 fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Outcome {
     let mut outcome = Outcome::default();
+    let mut spent: HashMap<String, (u32, Duration)> = HashMap::new();
     for Claimed {
         id,
         project_id,
@@ -206,7 +230,14 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
             continue;
         };
         let quota = quotas.get(&project_id);
-        match run_chain(chain, &project_id, event, &quota, batch) {
+        let started = Instant::now();
+        let end = run_chain(chain, &project_id, event, &quota, batch);
+        let spent = spent
+            .entry(project_id.clone())
+            .or_insert((0u32, Duration::ZERO));
+        spent.0 += 1;
+        spent.1 += started.elapsed();
+        match end {
             ChainEnd::Done => {}
             ChainEnd::Wait(reason) => {
                 // The host had no room for a link: the row stays queued,
@@ -217,6 +248,11 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
                 chains.held.insert(project_id, reason);
             }
         }
+    }
+    for (project_id, (events, time)) in spent {
+        let per_event = time / events;
+        let cost = chains.cost.entry(project_id).or_insert(per_event);
+        *cost = (*cost * 3 + per_event) / 4;
     }
     for link in chains.by_project.values_mut().flatten() {
         let (logs, _) = link.instance.take_activity();
@@ -432,6 +468,8 @@ impl Link {
 /// a batch is in flight would take it again.
 struct ClaimCursor {
     after: HashMap<String, i64>,
+    /// See [`Chains::slices`]; as of the last processed batch.
+    most: HashMap<String, u32>,
     from_project: String,
     rewound_at: Instant,
     periodic: bool,
@@ -441,6 +479,7 @@ impl ClaimCursor {
     fn new(backend: Backend) -> Self {
         ClaimCursor {
             after: HashMap::new(),
+            most: HashMap::new(),
             from_project: String::new(),
             rewound_at: Instant::now(),
             periodic: backend == Backend::Postgres,
@@ -456,6 +495,7 @@ impl ClaimCursor {
             lease,
             after: self.after.clone(),
             from_project: self.from_project.clone(),
+            most: self.most.clone(),
         }
     }
 
@@ -613,6 +653,7 @@ async fn work(
         };
         let (returned, outcome, chain_time) = processing.await?;
         chains = returned;
+        cursor.most = chains.slices();
         let mut only_held = false;
         processed = outcome.and_then(|outcome| {
             if !outcome.held.is_empty() {
@@ -707,4 +748,29 @@ fn stored(worker: &Worker, done: &Processed, started: Instant) {
         store_ms = started.elapsed().as_secs_f64() * 1000.0,
         "stored a batch"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_project_gets_a_slice_of_about_the_same_time_as_the_others() {
+        let mut chains = Chains::default();
+        chains
+            .cost
+            .insert("slow".into(), Duration::from_millis(180));
+        chains
+            .cost
+            .insert("middling".into(), Duration::from_millis(2));
+        chains.cost.insert("fast".into(), Duration::from_micros(20));
+        let slices = chains.slices();
+        assert_eq!(slices.get("slow"), Some(&1));
+        assert_eq!(slices.get("middling"), Some(&100));
+        assert_eq!(
+            slices.get("fast"),
+            None,
+            "a fast chain takes its full share"
+        );
+    }
 }

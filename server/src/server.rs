@@ -90,6 +90,7 @@ pub async fn serve(
         configs: configs.clone(),
         wake: wake.clone(),
         lease: config.lease,
+        quotas: quotas.clone(),
     };
     tasks.spawn(
         "delivery",

@@ -115,14 +115,39 @@ impl TestServer {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> (u16, Value) {
-        let url = format!(
-            "{}/api/projects/{}{path}",
-            self.base, self.project.project_id
-        );
+        self.call_api_raw_as(&self.project, method, path, body)
+            .await
+    }
+
+    /// [`TestServer::call_api`] for `project`, with its own key.
+    pub async fn call_api_as(
+        &self,
+        project: &CreatedProject,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.call_api_raw_as(
+            project,
+            method,
+            path,
+            body.map(|body| body.to_string().into_bytes()),
+        )
+        .await
+    }
+
+    async fn call_api_raw_as(
+        &self,
+        project: &CreatedProject,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
+        let url = format!("{}/api/projects/{}{path}", self.base, project.project_id);
         let mut request = self
             .client
             .request(method, url)
-            .bearer_auth(&self.project.api_key);
+            .bearer_auth(&project.api_key);
         if let Some(body) = body {
             request = request
                 .header("content-type", "application/json")
@@ -145,13 +170,25 @@ impl TestServer {
     /// Uploads a built plugin and installs it in the project with `config`
     /// and a failure policy; the install as the API shows it.
     pub async fn upload_and_install(&self, plugin: &str, config: Value, policy: &str) -> Value {
+        self.upload_and_install_as(&self.project, plugin, config, policy)
+            .await
+    }
+
+    /// [`TestServer::upload_and_install`] in `project`.
+    pub async fn upload_and_install_as(
+        &self,
+        project: &CreatedProject,
+        plugin: &str,
+        config: Value,
+        policy: &str,
+    ) -> Value {
         let response = self
             .client
             .post(format!(
                 "{}/api/projects/{}/plugins",
-                self.base, self.project.project_id
+                self.base, project.project_id
             ))
-            .bearer_auth(&self.project.api_key)
+            .bearer_auth(&project.api_key)
             .header("content-type", "application/wasm")
             .body(super::wasm(plugin))
             .send()
@@ -160,7 +197,8 @@ impl TestServer {
         let (status, uploaded) = read(response).await;
         assert_eq!(status, 201, "{uploaded}");
         let (status, created) = self
-            .call_api(
+            .call_api_as(
+                project,
                 reqwest::Method::POST,
                 "/plugin-configs",
                 Some(serde_json::json!({
@@ -176,13 +214,18 @@ impl TestServer {
 
     /// Sends PostHog batch events with the project's capture token.
     pub async fn capture_batch(&self, events: Value) -> (u16, Value) {
+        self.capture_batch_as(&self.project, events).await
+    }
+
+    /// Sends PostHog batch events with `project`'s capture token.
+    pub async fn capture_batch_as(&self, project: &CreatedProject, events: Value) -> (u16, Value) {
         read(
             self.client
                 .post(format!("{}/batch/", self.base))
                 .header("content-type", "application/json")
                 .body(
                     serde_json::json!({
-                        "api_key": self.project.capture_token,
+                        "api_key": project.capture_token,
                         "batch": events,
                     })
                     .to_string(),

@@ -87,11 +87,21 @@ pub struct Claim {
     pub after: HashMap<String, i64>,
     /// Projects after this one (in id order) come first; see [`MAX_SLICES`].
     pub from_project: String,
+    /// The most rows of a project one claim takes, for projects whose
+    /// chains are slow: the worker sizes each project's slice so that it
+    /// costs about the same time, not the same number of events.
+    pub most: HashMap<String, u32>,
 }
 
 impl Claim {
     fn after(&self, project_id: &str) -> i64 {
         self.after.get(project_id).copied().unwrap_or(0)
+    }
+
+    fn slice(&self, project_id: &str, even: i64) -> i64 {
+        self.most
+            .get(project_id)
+            .map_or(even, |most| even.min(i64::from(*most).max(1)))
     }
 }
 
@@ -224,7 +234,7 @@ impl Store {
                     query = query
                         .bind(project.as_str())
                         .bind(claim.after(project))
-                        .bind(per_project);
+                        .bind(claim.slice(project, per_project));
                 }
                 query.fetch_all(&mut *conn).await?
             }
@@ -263,7 +273,7 @@ impl Store {
                     query = query
                         .bind(project.as_str())
                         .bind(claim.after(project))
-                        .bind(per_project);
+                        .bind(claim.slice(project, per_project));
                 }
                 query.fetch_all(&mut *conn).await?
             }

@@ -1,0 +1,582 @@
+//! Tenant isolation: one project's plugins and traffic, however hostile,
+//! cost that project its own quotas and leave other projects alone. Each
+//! test plays one attack from the first project (`server.project`) while
+//! the second (`server.other`) uses the server as usual.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use sluice::runtime::Policy;
+use sluice::server::{ServeConfig, open_store};
+use sluice::store::{Backend, Claim, CreatedProject, QueuedEvent, StoreConfig};
+
+use crate::common::server::{TestServer, wait_until};
+
+/// A request to `project`'s API with its own key.
+async fn api_as(
+    server: &TestServer,
+    project: &CreatedProject,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    server.call_api_as(project, method, path, body).await
+}
+
+/// PostHog batch capture with `project`'s token; the status.
+async fn capture_as(server: &TestServer, project: &CreatedProject, events: Value) -> u16 {
+    server.capture_batch_as(project, events).await.0
+}
+
+/// Sets quota overrides for `project` as the operator does, and waits
+/// until the server applies them.
+async fn set_quotas(server: &TestServer, project: &CreatedProject, overrides: Value) {
+    let store = open_store(&server.store).await.unwrap();
+    assert!(
+        store
+            .set_project_quota_overrides(&project.project_id, Some(&overrides.to_string()))
+            .await
+            .unwrap()
+    );
+    store.close().await;
+    wait_until("the server to apply the quota overrides", || async {
+        let (status, body) = api_as(server, project, Method::GET, "/quotas", None).await;
+        assert_eq!(status, 200, "{body}");
+        overrides
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(name, value)| body["quotas"][name] == *value)
+            .then_some(())
+    })
+    .await;
+}
+
+fn events(prefix: &str, n: usize) -> Value {
+    Value::Array(
+        (0..n)
+            .map(|i| json!({"event": format!("{prefix} {i}"), "distinct_id": format!("{prefix}-user")}))
+            .collect(),
+    )
+}
+
+/// Waits until `project` has stored `n` events.
+async fn wait_stored(server: &TestServer, project: &CreatedProject, n: usize) -> Vec<Value> {
+    wait_until(&format!("{n} events of {}", project.project_id), || async {
+        let (status, body) = api_as(server, project, Method::GET, "/events?limit=1000", None).await;
+        assert_eq!(status, 200, "{body}");
+        let results = body["results"].as_array().unwrap().clone();
+        (results.len() >= n).then_some(results)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_chain_that_multiplies_events_dead_letters_the_input_and_spares_other_projects() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let server = TestServer::start(backend).await;
+        // Three links that each make 100 events of one: 10^6 without a
+        // total, over the default quota of 1,000 at the second link.
+        for _ in 0..3 {
+            server
+                .upload_and_install("splitter", json!({"copies": 99}), "open")
+                .await;
+        }
+        assert_eq!(
+            capture_as(&server, &server.project, events("bomb", 1)).await,
+            200
+        );
+        assert_eq!(
+            capture_as(&server, &server.other, events("calm", 5)).await,
+            200
+        );
+
+        wait_stored(&server, &server.other, 5).await;
+        let letters = wait_until("the bomb to be dead-lettered", || async {
+            let (status, body) = server.call_api(Method::GET, "/dead-letters", None).await;
+            assert_eq!(status, 200, "{body}");
+            let results = body["results"].as_array().unwrap().clone();
+            (!results.is_empty()).then_some(results)
+        })
+        .await;
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        let error = letters[0]["error"].as_str().unwrap();
+        assert!(error.contains("`events_per_input` (1000)"), "{error}");
+        assert_eq!(
+            letters[0]["event"]["event"], "bomb 0",
+            "the input as captured"
+        );
+        let (_, stored) = server.call_api(Method::GET, "/events", None).await;
+        assert_eq!(stored["results"], json!([]), "none of the copies is stored");
+        // Going over the total is not the plugins' failure.
+        let (_, configs) = server.call_api(Method::GET, "/plugin-configs", None).await;
+        for config in configs["results"].as_array().unwrap() {
+            assert_eq!(config["enabled"], true, "{config}");
+            assert_eq!(config["consecutive_failures"], 0, "{config}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_link_that_keeps_running_near_its_deadline_is_disabled_like_a_failing_one() {
+    let server = TestServer::start(Backend::Sqlite).await;
+    // 70 ms of its 100 ms deadline on every event: never a timeout.
+    let slow = server
+        .upload_and_install("slow-link", json!({"ms": 70}), "open")
+        .await;
+    assert_eq!(
+        capture_as(&server, &server.project, events("slow", 12)).await,
+        200
+    );
+    let reason = wait_until("the slow link to be disabled", || async {
+        let (_, configs) = server.call_api(Method::GET, "/plugin-configs", None).await;
+        let config = configs["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == slow["id"])
+            .unwrap()
+            .clone();
+        config["disabled_reason"].as_str().map(str::to_string)
+    })
+    .await;
+    assert!(reason.contains("near their deadline"), "{reason}");
+    // Every event was kept: slow is not wrong.
+    wait_stored(&server, &server.project, 12).await;
+}
+
+#[tokio::test]
+async fn the_chain_has_one_time_budget_per_event_across_its_links() {
+    let server = TestServer::start(Backend::Sqlite).await;
+    set_quotas(&server, &server.project, json!({"chain_time_ms": 100})).await;
+    server
+        .upload_and_install("slow-link", json!({"ms": 70}), "open")
+        .await;
+    let second = server
+        .upload_and_install("slow-link", json!({"ms": 70}), "open")
+        .await;
+    assert_eq!(
+        capture_as(&server, &server.project, events("timed", 1)).await,
+        200
+    );
+    // The second link gets what the first left, about 30 ms, and is
+    // stopped there; fail-open passes the event on.
+    wait_stored(&server, &server.project, 1).await;
+    let logs = wait_until("the second link's error to be logged", || async {
+        let (_, logs) = server
+            .call_api(
+                Method::GET,
+                &format!("/plugin-configs/{}/logs", second["id"].as_str().unwrap()),
+                None,
+            )
+            .await;
+        let lines: Vec<String> = logs["results"]
+            .as_array()?
+            .iter()
+            .filter_map(|l| l["message"].as_str().map(str::to_string))
+            .collect();
+        (!lines.is_empty()).then_some(lines)
+    })
+    .await;
+    assert!(
+        logs.iter()
+            .any(|line| line.contains("quota `chain_time_ms`, 100 ms")),
+        "{logs:?}"
+    );
+}
+
+fn queued(name: &str) -> QueuedEvent {
+    QueuedEvent {
+        uuid: uuid::Uuid::new_v4().to_string(),
+        event: name.into(),
+        distinct_id: "user".into(),
+        timestamp: "2026-01-01T00:00:00.000Z".into(),
+        received_at: "2026-01-01T00:00:00.000Z".into(),
+        properties: Default::default(),
+    }
+}
+
+#[tokio::test]
+async fn one_claim_takes_a_slice_of_every_waiting_project_however_long_one_backlog_is() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let database = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(crate::common::postgres::TestDatabase::create().await),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = match &database {
+            Some(database) => StoreConfig::Postgres {
+                url: database.url.clone(),
+            },
+            None => StoreConfig::Sqlite {
+                data_dir: dir.path().to_path_buf(),
+            },
+        };
+        let store = open_store(&config).await.unwrap();
+        let flood = store.create_project("flood").await.unwrap();
+        let calm = store.create_project("calm").await.unwrap();
+        let backlog: Vec<QueuedEvent> = (0..3_000).map(|_| queued("flood")).collect();
+        store.enqueue(&flood.project_id, &backlog).await.unwrap();
+        let late: Vec<QueuedEvent> = (0..5).map(|_| queued("calm")).collect();
+        store.enqueue(&calm.project_id, &late).await.unwrap();
+
+        let claim = Claim {
+            limit: 500,
+            lease: std::time::Duration::from_secs(30),
+            ..Claim::default()
+        };
+        let claimed = store.claim("worker", &claim).await.unwrap();
+        let calm_rows = claimed
+            .iter()
+            .filter(|row| row.project_id == calm.project_id)
+            .count();
+        assert_eq!(
+            calm_rows, 5,
+            "the calm project's events come in the first batch"
+        );
+        let flood_rows = claimed.len() - calm_rows;
+        assert!(
+            (1..=250).contains(&flood_rows),
+            "the flood gets its half of the batch, not all of it: {flood_rows}"
+        );
+        store.close().await;
+    }
+}
+
+/// The healthy neighbour: `server.other`, with a chain of three
+/// first-party transformations and a webhook destination to a local
+/// receiver, sending a batch every 50 ms while an attack runs.
+struct Neighbour {
+    sent: Arc<Mutex<HashSet<String>>>,
+    refused: Arc<Mutex<Vec<u16>>>,
+    delivered: Arc<Mutex<HashSet<String>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    stream: tokio::task::JoinHandle<()>,
+}
+
+impl Neighbour {
+    async fn start(server: &TestServer) -> Neighbour {
+        let other = &server.other;
+        server
+            .upload_and_install_as(
+                other,
+                "property-renamer",
+                json!({"properties": {"plan": "tier"}}),
+                "open",
+            )
+            .await;
+        server
+            .upload_and_install_as(other, "pii-scrubber", json!({"drop": ["password"]}), "open")
+            .await;
+        server
+            .upload_and_install_as(other, "url-parser", json!({}), "open")
+            .await;
+        let delivered = Arc::new(Mutex::new(HashSet::new()));
+        let receiver = {
+            let delivered = delivered.clone();
+            axum::Router::new().route(
+                "/hook",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let delivered = delivered.clone();
+                    async move {
+                        let records: Vec<Value> = serde_json::from_slice(&body).unwrap();
+                        let mut delivered = delivered.lock().unwrap();
+                        for record in records {
+                            delivered.insert(record["uuid"].as_str().unwrap().to_string());
+                        }
+                        "ok"
+                    }
+                }),
+            )
+        };
+        let url = format!("http://{}/hook", crate::common::serve(receiver));
+        server
+            .upload_and_install_as(other, "webhook", json!({"url": url}), "open")
+            .await;
+
+        let sent = Arc::new(Mutex::new(HashSet::new()));
+        let refused = Arc::new(Mutex::new(Vec::new()));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let stream = {
+            let (client, base, token) = (
+                server.client.clone(),
+                server.base.clone(),
+                other.capture_token.clone(),
+            );
+            let (sent, refused) = (sent.clone(), refused.clone());
+            tokio::spawn(async move {
+                while !*stopped.borrow() {
+                    let batch: Vec<Value> = (0..20)
+                        .map(|i| {
+                            json!({
+                                "event": "$pageview",
+                                "distinct_id": format!("neighbour-{i}"),
+                                "uuid": uuid::Uuid::new_v4().to_string(),
+                                "properties": {
+                                    "plan": "pro",
+                                    "password": "hunter2",
+                                    "$current_url": "https://shop.example/cart?item=7",
+                                },
+                            })
+                        })
+                        .collect();
+                    let response = client
+                        .post(format!("{base}/batch/"))
+                        .header("content-type", "application/json")
+                        .body(json!({"api_key": token, "batch": batch}).to_string())
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = response.status().as_u16();
+                    if status == 200 {
+                        sent.lock().unwrap().extend(
+                            batch
+                                .iter()
+                                .map(|e| e["uuid"].as_str().unwrap().to_string()),
+                        );
+                    } else {
+                        refused.lock().unwrap().push(status);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                        _ = stopped.changed() => {}
+                    }
+                }
+            })
+        };
+        Neighbour {
+            sent,
+            refused,
+            delivered,
+            stop,
+            stream,
+        }
+    }
+
+    /// Stops sending and checks that the neighbour never noticed the
+    /// attack: every batch accepted, every event stored and delivered,
+    /// every plugin config still enabled. Reports the server's memory.
+    async fn finish(self, server: &TestServer, attack: &str) {
+        let _ = self.stop.send(true);
+        self.stream.await.unwrap();
+        let refused = self.refused.lock().unwrap().clone();
+        assert!(
+            refused.is_empty(),
+            "{attack}: the neighbour's capture was refused: {refused:?}"
+        );
+        let sent = self.sent.lock().unwrap().clone();
+        assert!(!sent.is_empty(), "{attack}: the neighbour sent nothing");
+        let delivered = self.delivered.clone();
+        wait_until(
+            &format!(
+                "{attack}: the neighbour's {} events to be delivered",
+                sent.len()
+            ),
+            || async { delivered.lock().unwrap().is_superset(&sent).then_some(()) },
+        )
+        .await;
+        let (status, configs) = server
+            .call_api_as(&server.other, Method::GET, "/plugin-configs", None)
+            .await;
+        assert_eq!(status, 200, "{configs}");
+        for config in configs["results"].as_array().unwrap() {
+            assert_eq!(config["enabled"], true, "{attack}: {config}");
+            assert_eq!(config["disabled_reason"], Value::Null, "{attack}: {config}");
+        }
+        println!(
+            "{attack}: the neighbour had {} events stored and delivered; server RSS {} MiB",
+            sent.len(),
+            rss_mib()
+        );
+    }
+}
+
+/// This process's resident memory: the server runs in it.
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// A server whose plugins may call the neighbour's loopback receiver.
+async fn start(backend: Backend) -> TestServer {
+    TestServer::start_with(backend, |config| ServeConfig {
+        policy: Policy {
+            allow_loopback: true,
+            ..Policy::default()
+        },
+        ..config
+    })
+    .await
+}
+
+async fn attack_with_a_multiplying_chain(backend: Backend) {
+    let server = start(backend).await;
+    let neighbour = Neighbour::start(&server).await;
+    for _ in 0..4 {
+        server
+            .upload_and_install("splitter", json!({"copies": 99}), "open")
+            .await;
+    }
+    for round in 0..20 {
+        assert_eq!(
+            capture_as(
+                &server,
+                &server.project,
+                events(&format!("bomb {round}"), 5)
+            )
+            .await,
+            200
+        );
+    }
+    let letters = wait_until("every bomb to be dead-lettered", || async {
+        let (_, body) = server
+            .call_api(Method::GET, "/dead-letters?limit=1000", None)
+            .await;
+        let results = body["results"].as_array().unwrap().clone();
+        (results.len() == 100).then_some(results)
+    })
+    .await;
+    assert!(
+        letters.iter().all(|l| l["error"]
+            .as_str()
+            .unwrap()
+            .contains("quota `events_per_input`")),
+        "{letters:?}"
+    );
+    neighbour.finish(&server, "a multiplying chain").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multiplying_chain_leaves_the_neighbour_alone_on_sqlite() {
+    attack_with_a_multiplying_chain(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multiplying_chain_leaves_the_neighbour_alone_on_postgres() {
+    attack_with_a_multiplying_chain(Backend::Postgres).await;
+}
+
+async fn attack_with_a_slow_chain(backend: Backend) {
+    let server = start(backend).await;
+    let neighbour = Neighbour::start(&server).await;
+    // Four links each just inside their deadline: 380 ms an event without
+    // a single failure, were nothing counted.
+    let mut links = Vec::new();
+    for _ in 0..4 {
+        links.push(
+            server
+                .upload_and_install("slow-link", json!({"ms": 95}), "open")
+                .await,
+        );
+    }
+    for round in 0..8 {
+        assert_eq!(
+            capture_as(
+                &server,
+                &server.project,
+                events(&format!("slow {round}"), 5)
+            )
+            .await,
+            200
+        );
+    }
+    wait_until("the slow links to be disabled", || async {
+        let (_, configs) = server.call_api(Method::GET, "/plugin-configs", None).await;
+        configs["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["enabled"] == false)
+            .then_some(())
+    })
+    .await;
+    wait_stored(&server, &server.project, 40).await;
+    neighbour.finish(&server, "a slow chain").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_chain_is_disabled_and_leaves_the_neighbour_alone_on_sqlite() {
+    attack_with_a_slow_chain(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_chain_is_disabled_and_leaves_the_neighbour_alone_on_postgres() {
+    attack_with_a_slow_chain(Backend::Postgres).await;
+}
+
+async fn attack_with_many_plugin_configs(backend: Backend) {
+    let server = start(backend).await;
+    set_quotas(&server, &server.project, json!({"plugin_configs": 3})).await;
+    let neighbour = Neighbour::start(&server).await;
+    let mut sha = Value::Null;
+    for _ in 0..3 {
+        sha = server
+            .upload_and_install("passthrough", json!({}), "open")
+            .await["plugin_sha256"]
+            .clone();
+    }
+    let (status, body) = server
+        .call_api(
+            Method::POST,
+            "/plugin-configs",
+            Some(json!({"plugin_sha256": sha, "config": {}})),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("quota `plugin_configs` (3)"), "{detail}");
+    neighbour.finish(&server, "many plugin configs").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_configs_over_the_quota_are_refused_by_name_on_sqlite() {
+    attack_with_many_plugin_configs(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_configs_over_the_quota_are_refused_by_name_on_postgres() {
+    attack_with_many_plugin_configs(Backend::Postgres).await;
+}
+
+async fn attack_with_a_chain_slow_within_every_quota(backend: Backend) {
+    let server = start(backend).await;
+    let neighbour = Neighbour::start(&server).await;
+    // 180 ms an event, each call under half its deadline: nothing fails,
+    // nothing is disabled, and the batch must still not wait on it.
+    for _ in 0..4 {
+        server
+            .upload_and_install("slow-link", json!({"ms": 45}), "open")
+            .await;
+    }
+    assert_eq!(
+        capture_as(&server, &server.project, events("patient", 40)).await,
+        200
+    );
+    wait_stored(&server, &server.project, 40).await;
+    neighbour
+        .finish(&server, "a chain slow within every quota")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chain_slow_within_every_quota_delays_only_its_project_on_sqlite() {
+    attack_with_a_chain_slow_within_every_quota(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chain_slow_within_every_quota_delays_only_its_project_on_postgres() {
+    attack_with_a_chain_slow_within_every_quota(Backend::Postgres).await;
+}
