@@ -7,6 +7,8 @@
 #
 #   scripts/bench-load.sh              # everything (about 20 minutes)
 #   scripts/bench-load.sh sqlite       # only SQLite; or: postgres
+#   scripts/bench-load.sh attack       # a project beside an attacker, both backends
+#   scripts/bench-load.sh attack-sqlite   # or attack-postgres
 #
 # SLUICE_LOAD_POSTGRES names the PostgreSQL server (default: the local one);
 # each run creates a database of its own there and drops it afterwards.
@@ -22,7 +24,7 @@ unset SLUICE_LOAD_POSTGRES
 # Building the bench builds the `sluice` binary it starts, with the same
 # features; building the binary on its own would compile much of it twice.
 cargo bench -p sluice --bench load --no-run
-./target/release/sluice plugin build plugins/*/ --out-dir target/plugins
+./target/release/sluice plugin build plugins/*/ tests/plugins/slow-link/ tests/plugins/splitter/ --out-dir target/plugins
 
 load() { cargo bench -q -p sluice --bench load 2>/dev/null; }
 
@@ -48,9 +50,31 @@ run_backend() {
   unset SLUICE_LOAD_POSTGRES
 }
 
+# One project offered a fixed rate alone, then beside each attack; then
+# flat out alone and beside a flood. Only the measured project's events
+# count (see SLUICE_LOAD_ATTACK in server/benches/load.rs).
+run_attacks() {
+  local backend=$1 rate=${SLUICE_LOAD_ATTACK_RATE:-3000}
+  if [ "$backend" = postgres ]; then export SLUICE_LOAD_POSTGRES=$SLUICE_LOAD_POSTGRES_URL; fi
+  echo "== $backend: one project offered $rate events/s for 20 s, alone"
+  SLUICE_LOAD_RATE=$rate SLUICE_LOAD_SECONDS=20 load
+  for mode in flood slow multiply; do
+    echo "== $backend: the same, beside an attacker ($mode)"
+    SLUICE_LOAD_ATTACK=$mode SLUICE_LOAD_RATE=$rate SLUICE_LOAD_SECONDS=20 load
+  done
+  echo "== $backend: one project flat out, alone"
+  SLUICE_LOAD_EVENTS=60000 load
+  echo "== $backend: one project flat out, beside an attacker (flood)"
+  SLUICE_LOAD_ATTACK=flood SLUICE_LOAD_EVENTS=60000 load
+  unset SLUICE_LOAD_POSTGRES
+}
+
 case "${1:-all}" in
+  attack) run_attacks sqlite; run_attacks postgres ;;
+  attack-sqlite) run_attacks sqlite ;;
+  attack-postgres) run_attacks postgres ;;
   sqlite) run_backend sqlite ;;
   postgres) run_backend postgres ;;
   all) run_backend sqlite; run_backend postgres ;;
-  *) echo "usage: scripts/bench-load.sh [sqlite|postgres|all]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench-load.sh [sqlite|postgres|all|attack|attack-sqlite|attack-postgres]" >&2; exit 2 ;;
 esac

@@ -8,7 +8,17 @@
 //! SLUICE_LOAD_POSTGRES=postgres://postgres@127.0.0.1:5432/test cargo bench -p sluice --bench load
 //! SLUICE_LOAD_RATE=10000 cargo bench -p sluice --bench load   # a fixed offered rate
 //! SLUICE_LOAD_PROJECTS=5 SLUICE_LOAD_CHAIN=4 cargo bench -p sluice --bench load  # 20 configs
+//! SLUICE_LOAD_RATE=3000 SLUICE_LOAD_ATTACK=flood cargo bench -p sluice --bench load  # beside an attacker
 //! ```
+//!
+//! With `SLUICE_LOAD_ATTACK`, one more project attacks while the others
+//! are measured: it sends flat out from 8 clients of its own (a refusal is
+//! waited out for its `Retry-After`, at most 1 s, and the batch sent
+//! again), through a chain chosen by the mode: `flood` (the same three
+//! plugins), `slow` (four `slow-link` test plugins of 45 ms each: 180 ms an
+//! event, within every quota) or `multiply` (three `splitter` test plugins
+//! making 100 events of each, over `events_per_input`). Only the measured
+//! projects' events count: the drain ends when none of theirs is queued.
 //!
 //! `sluice serve` runs as its own process (the release binary cargo built
 //! for this bench) on a fresh SQLite data dir, or on a fresh PostgreSQL
@@ -225,13 +235,6 @@ async fn install_chain(
     root: &Path,
     chain: usize,
 ) {
-    let api = |path: &str| {
-        format!(
-            "{base}/api/projects/{}{path}",
-            project["project_id"].as_str().unwrap()
-        )
-    };
-    let key = project["api_key"].as_str().unwrap();
     let mut links = vec![
         (
             "pii-scrubber",
@@ -249,7 +252,47 @@ async fn install_chain(
             json!({"drop": ["$set_once"], "redact_phones": false}),
         ));
     }
-    for (plugin, config) in links.into_iter().take(chain) {
+    links.truncate(chain);
+    install(client, base, project, root, &links).await;
+}
+
+/// The attacking project's chain for `mode` (see the module's docs).
+async fn install_attack(
+    client: &reqwest::Client,
+    base: &str,
+    project: &Value,
+    root: &Path,
+    mode: &str,
+) {
+    match mode {
+        "flood" => install_chain(client, base, project, root, 3).await,
+        "slow" => {
+            let links = vec![("slow-link", json!({"ms": 45})); 4];
+            install(client, base, project, root, &links).await;
+        }
+        "multiply" => {
+            let links = vec![("splitter", json!({"copies": 99})); 3];
+            install(client, base, project, root, &links).await;
+        }
+        other => panic!("SLUICE_LOAD_ATTACK must be flood, slow or multiply, got {other}"),
+    }
+}
+
+async fn install(
+    client: &reqwest::Client,
+    base: &str,
+    project: &Value,
+    root: &Path,
+    links: &[(&str, Value)],
+) {
+    let api = |path: &str| {
+        format!(
+            "{base}/api/projects/{}{path}",
+            project["project_id"].as_str().unwrap()
+        )
+    };
+    let key = project["api_key"].as_str().unwrap();
+    for (plugin, config) in links {
         let wasm = std::fs::read(root.join(format!("target/plugins/{plugin}.wasm")))
             .unwrap_or_else(|_| panic!("target/plugins/{plugin}.wasm is missing: run scripts/bench-load.sh, which builds the plugins"));
         let uploaded: Value = serde_json::from_str(
@@ -423,6 +466,53 @@ async fn send(client: &reqwest::Client, url: &str, body: String) -> u64 {
     }
 }
 
+/// The attacker: `clients` tasks sending flat out until `stop`; what
+/// capture answered, by status.
+fn attack(
+    clients: usize,
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    template: &Arc<Template>,
+    stop: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<HashMap<u16, u64>>> {
+    (0..clients)
+        .map(|c| {
+            let (client, url, token, template, stop) = (
+                client.clone(),
+                url.to_string(),
+                token.to_string(),
+                template.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut answers: HashMap<u16, u64> = HashMap::new();
+                let mut seq = (c as u64) << 32;
+                while stop.load(Ordering::Relaxed) == 0 {
+                    seq += 1;
+                    let (body, _) = template.batch(&token, 50, seq);
+                    let Ok(response) = client.post(&url).body(body).send().await else {
+                        *answers.entry(0).or_default() += 1;
+                        continue;
+                    };
+                    let status = response.status().as_u16();
+                    *answers.entry(status).or_default() += 1;
+                    if status != 200 {
+                        let wait: u64 = response
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(1);
+                        tokio::time::sleep(Duration::from_secs(wait.min(1))).await;
+                    }
+                }
+                answers
+            })
+        })
+        .collect()
+}
+
 /// Sends a batch whose first event is `key`, timing it from `since`
 /// (when it was sent, or when it was due), and records what the client saw.
 async fn send_timed(
@@ -465,6 +555,17 @@ async fn main() {
     for project in &created {
         install_chain(&client, &server.base, project, &root, chain).await;
     }
+    let attack_mode = std::env::var("SLUICE_LOAD_ATTACK")
+        .ok()
+        .filter(|m| !m.is_empty());
+    let attacker = match &attack_mode {
+        Some(mode) => {
+            let project = create_project(&backend, "attacker");
+            install_attack(&client, &server.base, &project, &root, mode).await;
+            Some(project)
+        }
+        None => None,
+    };
     let tokens: Vec<String> = created
         .iter()
         .map(|p| p["capture_token"].as_str().unwrap().to_string())
@@ -509,6 +610,18 @@ async fn main() {
         })
     };
 
+    let attack_stop = Arc::new(AtomicU64::new(0));
+    let attackers = match &attacker {
+        Some(project) => attack(
+            8,
+            &client,
+            &url,
+            project["capture_token"].as_str().unwrap(),
+            &template,
+            &attack_stop,
+        ),
+        None => Vec::new(),
+    };
     let observed = Arc::new(Mutex::new(Observed::default()));
     let sent_events;
     if rate == 0 {
@@ -587,12 +700,20 @@ async fn main() {
     // Whether the queue is empty, through its primary key: a COUNT(*)
     // every 20 ms read the whole queue on PostgreSQL (tens of thousands of
     // rows when capture runs ahead) and took CPU from the server it times.
+    let measured = project_ids
+        .iter()
+        .map(|id| format!("'{id}'"))
+        .collect::<Vec<_>>()
+        .join(",");
     let stored_in = loop {
-        let head: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM capture_queue ORDER BY id LIMIT 1")
-                .fetch_optional(&pool)
-                .await
-                .unwrap();
+        // By the index on (project_id, id): only the measured projects'
+        // events count, not the attacker's backlog.
+        let head: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT id FROM capture_queue WHERE project_id IN ({measured}) ORDER BY id LIMIT 1"
+        ))
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
         if head.is_none() {
             break started.elapsed();
         }
@@ -603,13 +724,22 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let server_cpu = server.cpu_seconds() - cpu_at_start;
+    attack_stop.store(1, Ordering::Relaxed);
+    let mut attacked: HashMap<u16, u64> = HashMap::new();
+    for task in attackers {
+        for (status, n) in task.await.unwrap() {
+            *attacked.entry(status).or_default() += n;
+        }
+    }
     done.store(1, Ordering::Relaxed);
     let mut stored_latencies = watcher.await.unwrap();
     sampler.await.unwrap();
-    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let stored: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM events WHERE project_id IN ({measured})"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     let (_, rss_peak, _) = server.rss_mib();
     drop(server);
     pool.close().await;
@@ -669,4 +799,16 @@ async fn main() {
     println!(
         "server RSS:               {rss_loaded:.0} MiB at the end of the load ({anon_loaded:.0} MiB anonymous), peak {rss_peak:.0} MiB"
     );
+    if let Some(mode) = attack_mode {
+        let mut answers: Vec<(u16, u64)> = attacked.into_iter().collect();
+        answers.sort();
+        let answers: Vec<String> = answers
+            .iter()
+            .map(|(status, n)| format!("{n} x {status}"))
+            .collect();
+        println!(
+            "attacker ({mode}):        batches of 50 answered {}",
+            answers.join(", ")
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! The `sluice plugin` commands, run as a user runs them.
+//! The `sluice plugin` and `sluice project` commands, run as a user runs them.
 
 use crate::common;
 
@@ -292,4 +292,89 @@ fn serve_reads_a_config_file_and_refuses_unknown_settings() {
         data.join("sluice.db").exists(),
         "the data dir comes from the file"
     );
+}
+
+#[test]
+fn project_quotas_are_shown_set_and_unset_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_dir = data.to_str().unwrap();
+    let project = common::process::create_project(&data);
+    let id = project["project_id"].as_str().unwrap();
+
+    let out = sluice(
+        &[
+            "project",
+            "quotas",
+            id,
+            "--set",
+            "events_per_input=500",
+            "--set",
+            "plugin_configs=7",
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        shown["overrides"],
+        json!({"events_per_input": 500, "plugin_configs": 7})
+    );
+    assert_eq!(shown["quotas"]["events_per_input"], 500);
+    assert_eq!(
+        shown["quotas"]["queued_events"], 200_000,
+        "the rest keep the defaults"
+    );
+
+    let out = sluice(
+        &[
+            "project",
+            "quotas",
+            id,
+            "--unset",
+            "events_per_input",
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["overrides"], json!({"plugin_configs": 7}));
+    assert_eq!(shown["quotas"]["events_per_input"], 1_000);
+
+    let out = sluice(
+        &[
+            "project",
+            "quotas",
+            id,
+            "--set",
+            "events=5",
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let error = text(&out.stderr);
+    assert!(error.contains("no quota named `events`"), "{error}");
+    assert!(
+        error.contains("events_per_input"),
+        "it lists the names: {error}"
+    );
+
+    let out = sluice(
+        &[
+            "project",
+            "quotas",
+            "no-such-project",
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("there is no project no-such-project"));
 }

@@ -580,3 +580,56 @@ async fn a_chain_slow_within_every_quota_delays_only_its_project_on_sqlite() {
 async fn a_chain_slow_within_every_quota_delays_only_its_project_on_postgres() {
     attack_with_a_chain_slow_within_every_quota(Backend::Postgres).await;
 }
+
+/// Uploads a built plugin as `project`; the status and the answer.
+async fn upload_as(server: &TestServer, project: &CreatedProject, plugin: &str) -> (u16, Value) {
+    let response = server
+        .client
+        .post(format!(
+            "{}/api/projects/{}/plugins",
+            server.base, project.project_id
+        ))
+        .bearer_auth(&project.api_key)
+        .body(crate::common::wasm(plugin))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        serde_json::from_str(&response.text().await.unwrap()).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn plugin_uploads_count_against_the_uploading_projects_quota() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let server = TestServer::start(backend).await;
+        set_quotas(&server, &server.project, json!({"plugins": 2})).await;
+        for plugin in ["passthrough", "splitter"] {
+            let (status, body) = upload_as(&server, &server.project, plugin).await;
+            assert_eq!(status, 201, "{body}");
+        }
+        let (status, body) = upload_as(&server, &server.project, "slow-link").await;
+        assert_eq!(status, 403, "{body}");
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains("quota `plugins` (2)"), "{detail}");
+        // A file it uploaded before counts once, and another project's
+        // uploads are its own.
+        let (status, body) = upload_as(&server, &server.project, "passthrough").await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = upload_as(&server, &server.other, "slow-link").await;
+        assert_eq!(status, 201, "{body}");
+
+        set_quotas(
+            &server,
+            &server.project,
+            json!({"plugins": 10, "plugin_bytes": 1000}),
+        )
+        .await;
+        let (status, body) = upload_as(&server, &server.project, "slow-link").await;
+        assert_eq!(status, 403, "{body}");
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains("quota `plugin_bytes` (1000)"), "{detail}");
+    }
+}

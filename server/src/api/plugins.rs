@@ -17,7 +17,7 @@ use crate::model::FailurePolicy;
 use crate::model::manifest::FieldType;
 use crate::model::quotas::Hit;
 use crate::runtime::Install;
-use crate::store::{self, DeliverySettings, PluginConfig, PluginConfigPatch};
+use crate::store::{self, DeliverySettings, PluginConfig, PluginConfigPatch, Upload};
 
 pub(super) fn router<S>() -> Router<S>
 where
@@ -47,7 +47,7 @@ pub const MAX_PLUGIN_BYTES: usize = 50 << 20;
 /// the embedded manifest, compiles it, and stores it under its sha256.
 async fn upload_plugin(
     State(state): State<ApiState>,
-    _: Authorised,
+    Authorised(project_id): Authorised,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if body.len() > MAX_PLUGIN_BYTES {
@@ -55,6 +55,14 @@ async fn upload_plugin(
             "plugins are limited to {MAX_PLUGIN_BYTES} bytes"
         )));
     }
+    // Compiling a plugin takes seconds of CPU: one at a time per project,
+    // shared with the checks of new configs.
+    let _turn = state.checks.begin(&project_id).ok_or_else(|| {
+        ApiError::Busy(
+            "another plugin of this project is being uploaded or checked; retry when it is done"
+                .into(),
+        )
+    })?;
     let runtime = state.runtime.clone();
     let wasm = body.to_vec();
     let (plugin, wasm) =
@@ -62,10 +70,41 @@ async fn upload_plugin(
             .await
             .map_err(|err| ApiError::Invalid(format!("failed to load the plugin: {err}")))?
             .map_err(|err| ApiError::Invalid(format!("this is not a usable plugin: {err}")))?;
-    state
+    let quotas = state.quotas.get(&project_id);
+    let saved = state
         .store
-        .save_plugin(plugin.sha256(), plugin.manifest(), &wasm)
+        .save_uploaded_plugin(
+            &project_id,
+            plugin.sha256(),
+            plugin.manifest(),
+            &wasm,
+            quotas.plugins,
+            quotas.plugin_bytes,
+        )
         .await?;
+    match saved {
+        Upload::Saved => {}
+        Upload::TooMany => {
+            return Err(ApiError::OverQuota(format!(
+                "the project has uploaded {} plugin files, its most: {}",
+                quotas.plugins,
+                Hit {
+                    quota: "plugins",
+                    limit: u64::from(quotas.plugins)
+                }
+            )));
+        }
+        Upload::TooLarge { stored } => {
+            return Err(ApiError::OverQuota(format!(
+                "this plugin's {} bytes would take the project's uploads from {stored} bytes over {}",
+                wasm.len(),
+                Hit {
+                    quota: "plugin_bytes",
+                    limit: quotas.plugin_bytes
+                }
+            )));
+        }
+    }
     let manifest = plugin.manifest();
     Ok((
         StatusCode::CREATED,

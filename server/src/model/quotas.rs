@@ -20,6 +20,10 @@ use serde_json::{Map, Value};
 pub struct Quotas {
     /// Plugin configs (enabled or not) in the project.
     pub plugin_configs: u32,
+    /// Distinct plugin files (`.wasm`) the project has uploaded, and their
+    /// bytes together: each is kept in the database and compiled.
+    pub plugins: u32,
+    pub plugin_bytes: u64,
     /// Events one captured event may become across the whole chain of
     /// transformations. Over it, the captured event is dead-lettered with
     /// the reason: without a total, four links that each return 100 events
@@ -68,6 +72,8 @@ impl Default for Quotas {
     fn default() -> Self {
         Quotas {
             plugin_configs: 50,
+            plugins: 100,
+            plugin_bytes: 1 << 30,
             events_per_input: 1_000,
             chain_time_ms: 250,
             instances: 32,

@@ -21,6 +21,7 @@ mod persons;
 mod plugin_configs;
 mod plugin_logs;
 mod plugins;
+pub use plugins::Upload;
 mod projects;
 mod scheduled_runs;
 mod sql;
