@@ -89,6 +89,14 @@ pub struct ServeArgs {
     /// starts answering 503 [default: 30].
     #[arg(long, env = "SLUICE_MAX_QUEUE_AGE_SECONDS")]
     pub max_queue_age_seconds: Option<u64>,
+    /// Seconds a capture request's body may take to arrive before the
+    /// request gets 408 [default: 30].
+    #[arg(long, env = "SLUICE_CAPTURE_BODY_TIMEOUT_SECONDS")]
+    pub capture_body_timeout_seconds: Option<u64>,
+    /// Seconds a capture request may take in all before it gets 503
+    /// [default: 60].
+    #[arg(long, env = "SLUICE_CAPTURE_REQUEST_TIMEOUT_SECONDS")]
+    pub capture_request_timeout_seconds: Option<u64>,
     /// Do not record the client address as `$ip`.
     #[arg(long, env = "SLUICE_NO_IP")]
     pub no_ip: bool,
@@ -124,6 +132,8 @@ pub struct FileConfig {
     pub max_body_bytes: Option<usize>,
     pub max_queue_depth: Option<i64>,
     pub max_queue_age_seconds: Option<u64>,
+    pub capture_body_timeout_seconds: Option<u64>,
+    pub capture_request_timeout_seconds: Option<u64>,
     pub record_ip: Option<bool>,
     pub lease_seconds: Option<u64>,
     pub query_timeout_seconds: Option<f64>,
@@ -276,6 +286,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Some(0) => anyhow::bail!("--max-queue-age-seconds must be at least 1"),
             Some(seconds) => std::time::Duration::from_secs(seconds),
             None => defaults.max_queue_age,
+        },
+        capture_body_timeout: match args
+            .capture_body_timeout_seconds
+            .or(file.capture_body_timeout_seconds)
+        {
+            Some(0) => anyhow::bail!("--capture-body-timeout-seconds must be at least 1"),
+            Some(seconds) => std::time::Duration::from_secs(seconds),
+            None => defaults.capture_body_timeout,
+        },
+        capture_request_timeout: match args
+            .capture_request_timeout_seconds
+            .or(file.capture_request_timeout_seconds)
+        {
+            Some(0) => anyhow::bail!("--capture-request-timeout-seconds must be at least 1"),
+            Some(seconds) => std::time::Duration::from_secs(seconds),
+            None => defaults.capture_request_timeout,
         },
         record_ip: !args.no_ip && file.record_ip.unwrap_or(true),
         lease: args

@@ -21,6 +21,12 @@ pub struct ServeConfig {
     /// long: the pipeline is behind, and acknowledging more would promise
     /// what it cannot store soon.
     pub max_queue_age: Duration,
+    /// How long a capture request's body may take to arrive; a slower one
+    /// (a slowloris client holding a request slot) gets 408.
+    pub capture_body_timeout: Duration,
+    /// How long a capture request may take in all, body, parsing and
+    /// commit; a slower one gets 503 with `Retry-After`.
+    pub capture_request_timeout: Duration,
     /// Record the client address as `$ip`.
     pub record_ip: bool,
     /// What plugins may do; see `runtime::Policy`.
@@ -43,6 +49,8 @@ impl ServeConfig {
             max_body_bytes: 20 << 20,
             max_queue_depth: 1_000_000,
             max_queue_age: Duration::from_secs(30),
+            capture_body_timeout: Duration::from_secs(30),
+            capture_request_timeout: Duration::from_secs(60),
             record_ip: true,
             policy: Policy::default(),
             lease: DEFAULT_LEASE,

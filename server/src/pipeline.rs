@@ -224,6 +224,7 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
             continue;
         }
         outcome.done.push(id);
+        outcome.count_done(&project_id);
         let batch = &mut outcome.batch;
         let Some(chain) = chains.by_project.get_mut(&project_id) else {
             batch.events.push((project_id, event));
@@ -244,6 +245,7 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
                 // and whatever the chain made of it so far is dropped, to
                 // be made again when it runs.
                 outcome.done.pop();
+                outcome.uncount_done(&project_id);
                 outcome.held.push(id);
                 chains.held.insert(project_id, reason);
             }
@@ -279,7 +281,26 @@ struct Outcome {
     done: Vec<i64>,
     /// Rows left queued, their projects' chains unable to run now.
     held: Vec<i64>,
+    /// How many of `done` each project has, for the queue's gauge.
+    done_per_project: HashMap<String, usize>,
     batch: ProcessedBatch,
+}
+
+impl Outcome {
+    fn count_done(&mut self, project_id: &str) {
+        match self.done_per_project.get_mut(project_id) {
+            Some(n) => *n += 1,
+            None => {
+                self.done_per_project.insert(project_id.to_string(), 1);
+            }
+        }
+    }
+
+    fn uncount_done(&mut self, project_id: &str) {
+        if let Some(n) = self.done_per_project.get_mut(project_id) {
+            *n -= 1;
+        }
+    }
 }
 
 enum ChainEnd {
@@ -527,6 +548,8 @@ impl ClaimCursor {
 /// A batch that has been through the chains, waiting to be stored.
 struct Processed {
     ids: Vec<i64>,
+    /// How many of `ids` each project has.
+    per_project: HashMap<String, usize>,
     batch: ProcessedBatch,
     chain_time: Duration,
 }
@@ -662,6 +685,7 @@ async fn work(
             }
             (!outcome.done.is_empty()).then_some(Processed {
                 ids: outcome.done,
+                per_project: outcome.done_per_project,
                 batch: outcome.batch,
                 chain_time,
             })
@@ -730,7 +754,7 @@ async fn store_batch(
 }
 
 fn stored(worker: &Worker, done: &Processed, started: Instant) {
-    worker.queue.removed(done.ids.len());
+    worker.queue.removed(&done.per_project);
     // Only a round with a large batch says what the pipeline can do: a
     // small one means it keeps up, and its fixed costs would make the
     // pipeline look slower than it is. Chains and storing overlap, so a

@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::api::ApiState;
-use crate::capture::{CaptureState, GroupCommit, TokenCache};
+use crate::capture::CaptureState;
 pub use crate::config::ServeConfig;
 use crate::configs::ConfigWatch;
 use crate::delivery::Delivery;
@@ -51,6 +51,7 @@ pub async fn serve(
     let config = Arc::new(config);
     let gauge = Arc::new(QueueGauge::default());
     gauge.set(store.queue_status().await?);
+    gauge.set_projects(store.queue_status_by_project().await?);
     let runtime = Runtime::new(RuntimeConfig {
         policy: config.policy.clone(),
         ..RuntimeConfig::default()
@@ -131,14 +132,13 @@ pub async fn serve(
     }
 
     let state = AppState {
-        capture: CaptureState {
-            store: store.clone(),
-            config: config.clone(),
-            queue: gauge.clone(),
-            commit: GroupCommit::start(store.clone()),
-            tokens: TokenCache::default(),
-            wake: wake.clone(),
-        },
+        capture: CaptureState::new(
+            store.clone(),
+            config.clone(),
+            gauge.clone(),
+            quotas.clone(),
+            wake.clone(),
+        ),
         api: ApiState {
             store: store.clone(),
             runtime,
@@ -153,7 +153,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/_health", get(|| async { "ok" }))
         .route("/_ready", get(ready))
-        .merge(capture::router())
+        .merge(capture::router(&config))
         .merge(api::router())
         .with_state(state);
     tracing::info!(addr = %listener.local_addr()?, "sluice is serving");

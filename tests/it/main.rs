@@ -13,6 +13,7 @@ mod delivery;
 mod durability;
 mod hubspot;
 mod isolation;
+mod isolation_capture;
 mod query;
 mod runtime;
 mod s3;

@@ -2,66 +2,102 @@
 //! (gzip, form `data=`, JSON), every event is normalised, and the whole
 //! request is written to the durable queue in one transaction before the 200;
 //! a request with any bad event stores nothing.
+//!
+//! Capture is shared by every project, so what one token sends must not
+//! cost the others: a token is checked (known, within its project's
+//! request rate, its project's queue not over its share) before its body
+//! is read wherever the wire format puts the token outside the body; a
+//! body must arrive, and a request finish, within a time bound; and large
+//! bodies are parsed off the async runtime.
 
+mod body;
 mod commit;
 mod normalize;
 mod posthog;
+mod rates;
 mod segment;
 mod tokens;
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::sync::Arc;
-
-use axum::Router;
-use axum::body::Bytes;
-use axum::http::HeaderMap;
-use base64::Engine;
-use serde_json::Value;
-
-use crate::config::ServeConfig;
-use crate::queue::{QueueGauge, Wakeups};
-use crate::store::{QueueWrite, Store};
+use std::time::Duration;
 
 use axum::Json;
+use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
-
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+use crate::config::ServeConfig;
+use crate::model::Quotas;
+use crate::model::quotas::Hit;
+use crate::queue::{QueueGauge, Wakeups};
+use crate::quotas::QuotaBook;
+use crate::store::{QueueWrite, Store};
+
+pub use body::Parsers;
 pub use commit::GroupCommit;
 pub use normalize::{Normalizer, RawBatch};
+pub use rates::RequestRates;
 pub use tokens::TokenCache;
 
-/// What capture needs: where to write, the queue's bounds and gauge, and
-/// whom to wake.
+/// What capture needs: where to write, the queue's bounds and gauge, the
+/// projects' quotas, and whom to wake.
 #[derive(Clone)]
 pub struct CaptureState {
     pub store: Store,
     pub config: Arc<ServeConfig>,
-    /// The capture queue's depth and oldest age, cheap enough to check on
-    /// every request.
+    /// The capture queue's depth and oldest age, in all and per project,
+    /// cheap enough to check on every request.
     pub queue: Arc<QueueGauge>,
     /// Where capture writes: concurrent requests share commits.
     pub commit: GroupCommit,
     pub tokens: TokenCache,
+    pub quotas: QuotaBook,
+    /// Each token's `capture_requests_per_second`.
+    pub rates: RequestRates,
+    pub parsers: Parsers,
     pub wake: Wakeups,
+}
+
+impl CaptureState {
+    /// Capture's state, with its own group commit writers, token cache,
+    /// request rates and parsers.
+    pub fn new(
+        store: Store,
+        config: Arc<ServeConfig>,
+        queue: Arc<QueueGauge>,
+        quotas: QuotaBook,
+        wake: Wakeups,
+    ) -> CaptureState {
+        CaptureState {
+            commit: GroupCommit::start(store.clone()),
+            store,
+            config,
+            queue,
+            tokens: TokenCache::default(),
+            quotas,
+            rates: RequestRates::default(),
+            parsers: Parsers::default(),
+            wake,
+        }
+    }
 }
 
 /// The PostHog- and Segment-compatible capture routes. Browsers send
 /// events from other origins (posthog-js, analytics.js), so CORS allows any
 /// origin, with credentials, and answers preflights.
-pub fn router<S>() -> Router<S>
+pub fn router<S>(config: &ServeConfig) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
     CaptureState: axum::extract::FromRef<S>,
 {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let timeout = config.capture_request_timeout;
     posthog::router()
         .merge(segment::router())
         .layer(axum::middleware::from_fn(move |request, next| {
-            shed_over_limit(in_flight.clone(), request, next)
+            limit_requests(in_flight.clone(), timeout, request, next)
         }))
         .layer(tower_http::cors::CorsLayer::very_permissive())
 }
@@ -73,71 +109,123 @@ where
 /// request is answered 503 at once, before its body is read.
 const MAX_IN_FLIGHT: usize = 256;
 
-async fn shed_over_limit(
+/// Sheds requests past [`MAX_IN_FLIGHT`], and answers a request that has
+/// not finished within `timeout` (waiting for a parser, a slow commit), so
+/// no request keeps its slot for long.
+async fn limit_requests(
     in_flight: Arc<Semaphore>,
+    timeout: Duration,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match in_flight.try_acquire_owned() {
-        Ok(permit) => {
-            let response = next.run(request).await;
-            drop(permit);
-            response
-        }
-        Err(_) => CaptureError::Overloaded {
+    let Ok(permit) = in_flight.try_acquire_owned() else {
+        return CaptureError::Overloaded {
             reason: format!(
                 "the server is busy: {MAX_IN_FLIGHT} capture requests are being handled"
             ),
             retry_after_secs: 1,
         }
+        .into_response();
+    };
+    let response = match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => CaptureError::TimedOut {
+            seconds: timeout.as_secs_f64(),
+        }
         .into_response(),
-    }
+    };
+    drop(permit);
+    response
 }
 
-/// Stores a decoded request: checks the token and the queue's bounds,
-/// normalises every event, and writes them all to the queue in one
-/// transaction (shared with other requests arriving at the same time).
-pub(crate) async fn accept(
-    state: &CaptureState,
-    token: &str,
-    batch: RawBatch,
-    ip: Option<String>,
-) -> Result<usize, CaptureError> {
+/// Seconds a client is asked to wait when capture is behind.
+const BEHIND_RETRY_SECS: u64 = 5;
+
+/// Checks what the token alone decides, so a request that will be refused
+/// is refused before its body is read or parsed where the token comes
+/// outside the body: the token is known, within its project's
+/// `capture_requests_per_second`, and the project's part of the queue has
+/// room. Returns the token's project.
+pub(crate) async fn admit(state: &CaptureState, token: &str) -> Result<String, CaptureError> {
     let project_id = state
         .tokens
         .project_for(&state.store, token)
         .await?
         .ok_or(CaptureError::UnknownToken)?;
+    let quotas = state.quotas.get(&project_id);
+    if let Err(wait) = state.rates.take(token, quotas.capture_requests_per_second) {
+        let hit = Hit {
+            quota: "capture_requests_per_second",
+            limit: quotas.capture_requests_per_second.into(),
+        };
+        return Err(CaptureError::RateLimited {
+            reason: format!("this capture token sends requests faster than {hit}"),
+            retry_after_secs: (wait.as_secs_f64().ceil() as u64).max(1),
+        });
+    }
+    queue_has_room(state, &project_id, &quotas)?;
+    Ok(project_id)
+}
+
+/// Refuses a project's request while its own part of the queue is over
+/// its share or behind. The worker takes an equal slice of each waiting
+/// project's events, so only the project's own backlog decides how long
+/// its events would wait: a project's flood gets that project refused,
+/// not every project. `max_queue_depth` stays as a cap on everyone.
+fn queue_has_room(
+    state: &CaptureState,
+    project_id: &str,
+    quotas: &Quotas,
+) -> Result<(), CaptureError> {
+    let behind = |reason: String| CaptureError::Overloaded {
+        reason,
+        retry_after_secs: BEHIND_RETRY_SECS,
+    };
     if state.queue.depth() >= state.config.max_queue_depth {
-        return Err(CaptureError::Overloaded {
-            reason: "the queue is full".into(),
-            retry_after_secs: 5,
-        });
+        return Err(behind("the queue is full".into()));
     }
-    let age = state.queue.oldest_age();
-    if age >= state.config.max_queue_age {
-        return Err(CaptureError::Overloaded {
-            reason: format!(
-                "the queue is behind: its oldest event has waited {} s to be stored, over the bound of {} s",
-                age.as_secs(),
-                state.config.max_queue_age.as_secs()
-            ),
-            retry_after_secs: 5,
-        });
+    let max_age = state.config.max_queue_age;
+    let backlog = state.queue.backlog(project_id);
+    if backlog.depth >= 0 && backlog.depth as u64 >= quotas.queued_events {
+        let hit = Hit {
+            quota: "queued_events",
+            limit: quotas.queued_events,
+        };
+        return Err(behind(format!(
+            "the project's events waiting in the queue to be stored ({}) are at {hit}",
+            backlog.depth
+        )));
     }
-    if let Some(wait) = state.queue.predicted_wait()
-        && wait >= state.config.max_queue_age
+    if backlog.oldest_age >= max_age {
+        return Err(behind(format!(
+            "the queue is behind: its oldest event has waited {} s to be stored, over the bound of {} s (counting only this project's events)",
+            backlog.oldest_age.as_secs(),
+            max_age.as_secs()
+        )));
+    }
+    if let Some(wait) = backlog.predicted_wait
+        && wait >= max_age
     {
-        return Err(CaptureError::Overloaded {
-            reason: format!(
-                "the queue is behind: it holds {} events, about {} s of work at the rate this server stores them, over the bound of {} s",
-                state.queue.depth(),
-                wait.as_secs(),
-                state.config.max_queue_age.as_secs()
-            ),
-            retry_after_secs: 5,
-        });
+        return Err(behind(format!(
+            "the queue is behind: it holds {} events of this project, about {} s of work at the rate this server stores them shared by {} projects waiting, over the bound of {} s",
+            backlog.depth,
+            wait.as_secs(),
+            backlog.projects_waiting,
+            max_age.as_secs()
+        )));
     }
+    Ok(())
+}
+
+/// Stores a request of `project_id` (see [`admit`]): normalises every
+/// event, and writes them all to the queue in one transaction (shared with
+/// other requests arriving at the same time).
+pub(crate) async fn accept(
+    state: &CaptureState,
+    project_id: &str,
+    batch: RawBatch,
+    ip: Option<String>,
+) -> Result<usize, CaptureError> {
     let normalizer = Normalizer {
         now: chrono::Utc::now(),
         ip,
@@ -146,9 +234,9 @@ pub(crate) async fn accept(
     let count = events.len();
     state
         .commit
-        .enqueue(QueueWrite::new(&project_id, &events))
+        .enqueue(QueueWrite::new(project_id, &events))
         .await?;
-    state.queue.added(count);
+    state.queue.added(project_id, count);
     state.wake.worker.notify_one();
     Ok(count)
 }
@@ -169,13 +257,43 @@ pub enum CaptureError {
         "the request holds {count} events, over the limit of {limit} per request; send them in smaller batches"
     )]
     TooManyEvents { count: usize, limit: usize },
+    #[error(
+        "the request body did not arrive within {seconds} s; send it again, in smaller requests on a slow link"
+    )]
+    BodyTimeout { seconds: f64 },
+    #[error("{reason}; retry after {retry_after_secs} s")]
+    RateLimited {
+        reason: String,
+        retry_after_secs: u64,
+    },
     #[error("{reason}; retry after {retry_after_secs} s")]
     Overloaded {
         reason: String,
         retry_after_secs: u64,
     },
+    #[error(
+        "the server did not finish the request within {seconds} s; retry later (a retried event keeps its uuid and is stored once)"
+    )]
+    TimedOut { seconds: f64 },
     #[error("storage failed")]
     Store(#[from] crate::store::Error),
+}
+
+impl CaptureError {
+    /// Seconds a client should wait before sending again, for the answers
+    /// that say so.
+    fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            CaptureError::RateLimited {
+                retry_after_secs, ..
+            }
+            | CaptureError::Overloaded {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            CaptureError::TimedOut { .. } | CaptureError::Store(_) => Some(BEHIND_RETRY_SECS),
+            _ => None,
+        }
+    }
 }
 
 impl IntoResponse for CaptureError {
@@ -188,9 +306,11 @@ impl IntoResponse for CaptureError {
             CaptureError::TooLarge { .. } | CaptureError::TooManyEvents { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "validation_error")
             }
-            CaptureError::Overloaded { .. } | CaptureError::Store(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "server_error")
-            }
+            CaptureError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "timeout_error"),
+            CaptureError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            CaptureError::Overloaded { .. }
+            | CaptureError::TimedOut { .. }
+            | CaptureError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
         };
         let detail = match &self {
             // Details of storage failures go to the log, not to clients.
@@ -201,82 +321,18 @@ impl IntoResponse for CaptureError {
             other => other.to_string(),
         };
         let mut response = (status, Json(json!({"type": kind, "detail": detail}))).into_response();
-        if let CaptureError::Overloaded {
-            retry_after_secs, ..
-        } = self
-        {
+        if let Some(seconds) = self.retry_after_secs() {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
-        } else if matches!(self, CaptureError::Store(_)) {
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, CaptureError::BodyTimeout { .. }) {
+            // The rest of the body is still on its way: the connection
+            // cannot carry another request.
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(5u64));
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
-}
-
-fn is_gzip(bytes: &[u8]) -> bool {
-    bytes.starts_with(&[0x1f, 0x8b])
-}
-
-fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, CaptureError> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|err| CaptureError::Invalid(format!("the body is not valid gzip: {err}")))?;
-    if out.len() > limit {
-        return Err(CaptureError::TooLarge { limit });
-    }
-    Ok(out)
-}
-
-pub(crate) fn decode(
-    headers: &HeaderMap,
-    query: &HashMap<String, String>,
-    bytes: &Bytes,
-    limit: usize,
-) -> Result<Value, CaptureError> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let compression = query.get("compression").map(String::as_str).unwrap_or("");
-    let mut bytes =
-        if encoding.contains("gzip") || compression.starts_with("gzip") || is_gzip(bytes) {
-            gunzip(bytes, limit)?
-        } else {
-            bytes.to_vec()
-        };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    // `curl -d '{...}'` labels JSON as a form: trust the bytes over the label.
-    let looks_like_json = bytes
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| *b == b'{' || *b == b'[');
-    if (content_type.starts_with("application/x-www-form-urlencoded") && !looks_like_json)
-        || bytes.starts_with(b"data=")
-    {
-        let fields: HashMap<String, String> = form_urlencoded::parse(&bytes).into_owned().collect();
-        let data = fields.get("data").ok_or_else(|| {
-            CaptureError::Invalid("a form body needs a `data` field holding base64 JSON".into())
-        })?;
-        let trimmed = data.trim().trim_end_matches('=');
-        bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(trimmed)
-            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed))
-            .map_err(|err| {
-                CaptureError::Invalid(format!("the form field `data` is not base64: {err}"))
-            })?;
-        if is_gzip(&bytes) {
-            bytes = gunzip(&bytes, limit)?;
-        }
-    }
-    serde_json::from_slice(&bytes)
-        .map_err(|err| CaptureError::Invalid(format!("the body is not valid JSON: {err}")))
 }

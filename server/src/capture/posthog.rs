@@ -1,6 +1,7 @@
 //! PostHog's capture endpoints: `/capture`, `/e`, `/batch`, `/i/v0/e`, with
 //! or without a trailing slash. The token comes as `api_key` or `token` in
-//! the body, the batch or an event's properties. Bodies may be JSON, gzip
+//! the body, the batch or an event's properties, or in the query string
+//! (checked before the body is read). Bodies may be JSON, gzip
 //! (`Content-Encoding: gzip` or `?compression=gzip-js`), or a form whose
 //! `data` field is base64 JSON.
 
@@ -16,7 +17,7 @@ use axum::routing::post;
 use serde_json::{Map, Value, json};
 
 use super::CaptureState;
-use super::{CaptureError, RawBatch, decode};
+use super::{CaptureError, RawBatch, body};
 
 pub fn router<S>() -> Router<S>
 where
@@ -39,15 +40,29 @@ async fn capture(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, CaptureError> {
+    // A token in the query string is checked before the body is read; one
+    // in the body (the usual place) only once it is parsed.
+    let query_token = ["api_key", "token"]
+        .iter()
+        .find_map(|key| query.get(*key).filter(|token| !token.is_empty()))
+        .cloned();
+    let admitted = match &query_token {
+        Some(token) => Some(super::admit(&state, token).await?),
+        None => None,
+    };
     let limit = state.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| CaptureError::TooLarge { limit })?;
-    let value = decode(&headers, &query, &bytes, limit)?;
+    let bytes = body::read(body, limit, state.config.capture_body_timeout).await?;
+    let value = state.parsers.parse(&headers, &query, bytes, limit).await?;
     let batch = raw_batch(value)?;
-    let token = batch.token().ok_or(CaptureError::MissingToken)?;
+    // A token in the body wins, as it did before the query was read.
+    let project_id = match (batch.token(), admitted) {
+        (Some(token), Some(project_id)) if Some(&token) == query_token.as_ref() => project_id,
+        (Some(token), _) => super::admit(&state, &token).await?,
+        (None, Some(project_id)) => project_id,
+        (None, None) => return Err(CaptureError::MissingToken),
+    };
     let ip = state.config.record_ip.then(|| client_ip(&headers, peer));
-    super::accept(&state, &token, batch, ip).await?;
+    super::accept(&state, &project_id, batch, ip).await?;
     Ok(Json(json!({"status": 1})))
 }
 

@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 
 use super::CaptureState;
 use super::posthog::client_ip;
-use super::{CaptureError, RawBatch, decode};
+use super::{CaptureError, RawBatch, body};
 
 pub fn router<S>() -> Router<S>
 where
@@ -46,22 +46,30 @@ async fn capture(
             )));
         }
     };
+    // The write key is usually the Basic-auth user: then it is checked
+    // before the body is read, and an unknown key costs no parsing.
+    let auth_key = basic_auth_user(&headers);
+    let admitted = match &auth_key {
+        Some(key) => Some(super::admit(&state, key).await?),
+        None => None,
+    };
     let limit = state.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| CaptureError::TooLarge { limit })?;
-    let Value::Object(mut body) = decode(&headers, &query, &bytes, limit)? else {
+    let bytes = body::read(body, limit, state.config.capture_body_timeout).await?;
+    let Value::Object(mut body) = state.parsers.parse(&headers, &query, bytes, limit).await? else {
         return Err(CaptureError::Invalid(
             "the body must be a JSON object".into(),
         ));
     };
-    let write_key = basic_auth_user(&headers)
-        .or_else(|| {
-            body.get("writeKey")
+    let project_id = match admitted {
+        Some(project_id) => project_id,
+        None => {
+            let write_key = body
+                .get("writeKey")
                 .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .ok_or(CaptureError::MissingToken)?;
+                .ok_or(CaptureError::MissingToken)?;
+            super::admit(&state, write_key).await?
+        }
+    };
     let sent_at = body
         .get("sentAt")
         .and_then(Value::as_str)
@@ -103,12 +111,12 @@ async fn capture(
         vec![to_posthog(&kind, body).map_err(CaptureError::Invalid)?]
     };
     let batch = RawBatch {
-        token: Some(write_key.clone()),
+        token: None,
         sent_at,
         events: messages,
     };
     let ip = state.config.record_ip.then(|| client_ip(&headers, peer));
-    super::accept(&state, &write_key, batch, ip).await?;
+    super::accept(&state, &project_id, batch, ip).await?;
     Ok(Json(json!({"success": true})))
 }
 

@@ -162,6 +162,35 @@ impl Store {
         })
     }
 
+    /// Each project's part of the queue: its depth, and when its oldest
+    /// row was accepted. The counts come from one pass over
+    /// `capture_queue_by_project` (project, id), and each project's oldest
+    /// row is one seek by its lowest id; a project with nothing queued is
+    /// not listed.
+    pub async fn queue_status_by_project(&self) -> Result<Vec<(String, QueueStatus)>> {
+        let rows = sqlx::query(
+            "SELECT q.project_id, q.depth, c.enqueued_at
+             FROM (SELECT project_id, COUNT(*) AS depth, MIN(id) AS first
+                   FROM capture_queue GROUP BY project_id) q
+             JOIN capture_queue c ON c.id = q.first",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let enqueued_at: String = row.get("enqueued_at");
+                let status = QueueStatus {
+                    depth: row.get("depth"),
+                    oldest_enqueued_ms: chrono::DateTime::parse_from_rfc3339(&enqueued_at)
+                        .ok()
+                        .map(|at| at.timestamp_millis()),
+                };
+                (row.get("project_id"), status)
+            })
+            .collect())
+    }
+
     /// Leases up to `claim.limit` ready rows to `owner`, on its own. On
     /// SQLite, whose leases live in memory (see `claim_in`), that is a
     /// read and needs no turn at the write lock.

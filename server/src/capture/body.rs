@@ -1,0 +1,238 @@
+//! A capture request's body: read within a time bound, then decoded (gzip,
+//! form `data=` base64) and parsed as JSON. Small bodies are parsed where
+//! the request runs; large ones on the blocking pool, a few at a time, so
+//! a stream of 20 MiB bodies cannot stall the async runtime every other
+//! request (and every other project) runs on.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, header};
+use base64::Engine;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use super::CaptureError;
+
+/// Decoded bytes up to which a body is parsed on the async runtime: tens
+/// of microseconds of work, less than a trip to the blocking pool costs.
+/// The bound is on the decoded size, so a small gzip body that inflates
+/// past it is started again off the runtime, at the cost of at most this
+/// much inflating done twice.
+const INLINE_BYTES: usize = 64 << 10;
+
+/// Reads the whole body, up to `limit` bytes, within `timeout`: a client
+/// that sends its body a byte at a time (slowloris) must not hold one of
+/// capture's request slots for longer.
+pub(super) async fn read(
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, CaptureError> {
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(CaptureError::TooLarge { limit }),
+        Err(_) => Err(CaptureError::BodyTimeout {
+            seconds: timeout.as_secs_f64(),
+        }),
+    }
+}
+
+/// Where large bodies are parsed: the blocking pool, behind a permit per
+/// core, so parsing uses the cores and no more while requests wait for a
+/// permit (within the request's time bound) instead of piling up threads.
+#[derive(Clone)]
+pub struct Parsers {
+    permits: Arc<Semaphore>,
+}
+
+impl Default for Parsers {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Parsers {
+            permits: Arc::new(Semaphore::new(cores)),
+        }
+    }
+}
+
+impl Parsers {
+    /// The body as JSON.
+    pub async fn parse(
+        &self,
+        headers: &HeaderMap,
+        query: &HashMap<String, String>,
+        bytes: Bytes,
+        limit: usize,
+    ) -> Result<Value, CaptureError> {
+        let framing = Framing::of(headers, query);
+        if bytes.len() <= INLINE_BYTES
+            && let Some(value) = decode(&framing, &bytes, limit, INLINE_BYTES.min(limit))?
+        {
+            return Ok(value);
+        }
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the parsers' semaphore is never closed");
+        let decoded = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            decode(&framing, &bytes, limit, limit)
+        })
+        .await;
+        match decoded {
+            Ok(decoded) => Ok(decoded?.expect("with the whole limit to use, decoding finishes")),
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
+    }
+}
+
+/// How the body says it is encoded.
+struct Framing {
+    gzip: bool,
+    form: bool,
+}
+
+impl Framing {
+    fn of(headers: &HeaderMap, query: &HashMap<String, String>) -> Framing {
+        let text = |name| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        };
+        let compression = query.get("compression").map(String::as_str).unwrap_or("");
+        Framing {
+            gzip: text(header::CONTENT_ENCODING).contains("gzip")
+                || compression.starts_with("gzip"),
+            form: text(header::CONTENT_TYPE).starts_with("application/x-www-form-urlencoded"),
+        }
+    }
+}
+
+fn is_gzip(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0x1f, 0x8b])
+}
+
+/// The inflated bytes, or `None` once they pass `budget`; past `limit`
+/// they are refused.
+fn gunzip(bytes: &[u8], limit: usize, budget: usize) -> Result<Option<Vec<u8>>, CaptureError> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .take(budget as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|err| CaptureError::Invalid(format!("the body is not valid gzip: {err}")))?;
+    if out.len() <= budget {
+        Ok(Some(out))
+    } else if budget >= limit {
+        Err(CaptureError::TooLarge { limit })
+    } else {
+        Ok(None)
+    }
+}
+
+/// Decodes and parses a body, or gives up (`None`) once the decoded bytes
+/// pass `budget`, which is below `limit` when the work is done inline.
+fn decode(
+    framing: &Framing,
+    bytes: &[u8],
+    limit: usize,
+    budget: usize,
+) -> Result<Option<Value>, CaptureError> {
+    let mut bytes = if framing.gzip || is_gzip(bytes) {
+        match gunzip(bytes, limit, budget)? {
+            Some(inflated) => inflated,
+            None => return Ok(None),
+        }
+    } else {
+        bytes.to_vec()
+    };
+    // `curl -d '{...}'` labels JSON as a form: trust the bytes over the label.
+    let looks_like_json = bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{' || *b == b'[');
+    if (framing.form && !looks_like_json) || bytes.starts_with(b"data=") {
+        let fields: HashMap<String, String> = form_urlencoded::parse(&bytes).into_owned().collect();
+        let data = fields.get("data").ok_or_else(|| {
+            CaptureError::Invalid("a form body needs a `data` field holding base64 JSON".into())
+        })?;
+        let trimmed = data.trim().trim_end_matches('=');
+        bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(trimmed)
+            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed))
+            .map_err(|err| {
+                CaptureError::Invalid(format!("the form field `data` is not base64: {err}"))
+            })?;
+        if is_gzip(&bytes) {
+            bytes = match gunzip(&bytes, limit, budget)? {
+                Some(inflated) => inflated,
+                None => return Ok(None),
+            };
+        }
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|err| CaptureError::Invalid(format!("the body is not valid JSON: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    fn plain() -> Framing {
+        Framing {
+            gzip: false,
+            form: false,
+        }
+    }
+
+    #[test]
+    fn a_small_gzip_body_that_inflates_past_the_budget_is_left_for_the_blocking_pool() {
+        let big = format!("[{}]", vec!["{\"event\":\"e\"}"; 10_000].join(","));
+        let compressed = gzip(big.as_bytes());
+        assert!(compressed.len() < INLINE_BYTES);
+        assert!(matches!(
+            decode(&plain(), &compressed, 20 << 20, INLINE_BYTES),
+            Ok(None)
+        ));
+        let value = decode(&plain(), &compressed, 20 << 20, 20 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(value.as_array().unwrap().len(), 10_000);
+        assert!(matches!(
+            decode(&plain(), &compressed, 1_000, 1_000),
+            Err(CaptureError::TooLarge { limit: 1_000 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn large_and_small_bodies_parse_the_same() {
+        let parsers = Parsers::default();
+        let (headers, query) = (HeaderMap::new(), HashMap::new());
+        for n in [1, 10_000] {
+            let body = format!("[{}]", vec!["{\"event\":\"e\"}"; n].join(","));
+            let value = parsers
+                .parse(&headers, &query, Bytes::from(body), 20 << 20)
+                .await
+                .unwrap();
+            assert_eq!(value.as_array().unwrap().len(), n);
+        }
+        let err = parsers
+            .parse(&headers, &query, Bytes::from(vec![b'x'; 100_000]), 20 << 20)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+}
