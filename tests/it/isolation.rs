@@ -633,3 +633,219 @@ async fn plugin_uploads_count_against_the_uploading_projects_quota() {
         assert!(detail.contains("quota `plugin_bytes` (1000)"), "{detail}");
     }
 }
+
+/// Capture answers seen by a flood: status and body.
+type Answers = Arc<Mutex<Vec<(u16, String)>>>;
+
+/// Sends `project`'s batches of `size` events from `clients` clients flat
+/// out until `stop`, recording every answer.
+fn flood(
+    server: &TestServer,
+    project: &CreatedProject,
+    clients: usize,
+    size: usize,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> (Answers, Vec<tokio::task::JoinHandle<()>>) {
+    let answers = Answers::default();
+    let tasks = (0..clients)
+        .map(|_| {
+            let (client, url, token, stop, answers) = (
+                server.client.clone(),
+                format!("{}/batch/", server.base),
+                project.capture_token.clone(),
+                stop.clone(),
+                answers.clone(),
+            );
+            tokio::spawn(async move {
+                while !*stop.borrow() {
+                    let batch = events("flood", size);
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(json!({"api_key": token, "batch": batch}).to_string())
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = response.status().as_u16();
+                    let text = response.text().await.unwrap();
+                    answers.lock().unwrap().push((status, text));
+                }
+            })
+        })
+        .collect();
+    (answers, tasks)
+}
+
+/// Waits until the flood has been answered `status` with a detail holding
+/// `quota`, then stops it; every answer.
+async fn flood_until(
+    stop: tokio::sync::watch::Sender<bool>,
+    answers: Answers,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    status: u16,
+    quota: &str,
+) -> Vec<(u16, String)> {
+    wait_until(
+        &format!("the flood to be answered {status} naming {quota}"),
+        || async {
+            answers
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(s, detail)| *s == status && detail.contains(quota))
+                .then_some(())
+        },
+    )
+    .await;
+    let _ = stop.send(true);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    answers.lock().unwrap().clone()
+}
+
+async fn attack_with_a_capture_flood(backend: Backend) {
+    let server = start(backend).await;
+    set_quotas(&server, &server.project, json!({"queued_events": 2000})).await;
+    // A chain of 20 ms an event: the project's backlog grows whatever
+    // the machine, and the worker keeps taking the neighbour's events.
+    server
+        .upload_and_install("slow-link", json!({"ms": 20}), "open")
+        .await;
+    let neighbour = Neighbour::start(&server).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (answers, tasks) = flood(&server, &server.project, 4, 100, &stopped);
+    let answers = flood_until(stop, answers, tasks, 503, "quota `queued_events` (2000)").await;
+    let refused: Vec<&(u16, String)> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        refused
+            .iter()
+            .all(|(status, _)| *status == 503 || *status == 429),
+        "{:?}",
+        refused.iter().take(3).collect::<Vec<_>>()
+    );
+    neighbour.finish(&server, "a capture flood").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capture_flood_is_refused_for_its_own_queue_share_only_on_sqlite() {
+    attack_with_a_capture_flood(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capture_flood_is_refused_for_its_own_queue_share_only_on_postgres() {
+    attack_with_a_capture_flood(Backend::Postgres).await;
+}
+
+async fn attack_with_a_request_storm(backend: Backend) {
+    let server = start(backend).await;
+    set_quotas(
+        &server,
+        &server.project,
+        json!({"capture_requests_per_second": 20}),
+    )
+    .await;
+    let neighbour = Neighbour::start(&server).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (answers, tasks) = flood(&server, &server.project, 8, 1, &stopped);
+    flood_until(
+        stop,
+        answers,
+        tasks,
+        429,
+        "quota `capture_requests_per_second` (20)",
+    )
+    .await;
+    neighbour.finish(&server, "a request storm").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_storm_gets_429_for_its_token_only_on_sqlite() {
+    attack_with_a_request_storm(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_storm_gets_429_for_its_token_only_on_postgres() {
+    attack_with_a_request_storm(Backend::Postgres).await;
+}
+
+async fn attack_with_heavy_bodies(backend: Backend) {
+    let server = TestServer::start_with(backend, |config| ServeConfig {
+        policy: Policy {
+            allow_loopback: true,
+            ..Policy::default()
+        },
+        capture_body_timeout: std::time::Duration::from_secs(2),
+        ..config
+    })
+    .await;
+    let neighbour = Neighbour::start(&server).await;
+    // 19 MiB of JSON that is not an event batch, 10,001 tiny events, a
+    // gzip bomb, and bodies sent a byte at a time; each with the
+    // project's own token.
+    let token = server.project.capture_token.clone();
+    let junk = format!(
+        "{{\"api_key\":\"{token}\",\"batch\":[{}]}}",
+        vec!["[[[[[[[[[[1]]]]]]]]]]"; 900_000].join(",")
+    );
+    let many = json!({"api_key": token, "batch": events("tiny", 10_001)}).to_string();
+    let bomb = {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(format!("{{\"api_key\":\"{token}\",\"batch\":[").as_bytes())
+            .unwrap();
+        gz.write_all(&vec![b' '; 24 << 20]).unwrap();
+        gz.finish().unwrap()
+    };
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let address = server.base.trim_start_matches("http://").to_string();
+        slow.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            let _ = stream
+                .write_all(b"POST /batch/ HTTP/1.1\r\nhost: s\r\ncontent-length: 100000\r\n\r\n{")
+                .await;
+            for _ in 0..20 {
+                if stream.write_all(b" ").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        }));
+    }
+    for _ in 0..2 {
+        for (body, gzip) in [
+            (junk.clone().into_bytes(), false),
+            (many.clone().into_bytes(), false),
+            (bomb.clone(), true),
+        ] {
+            let mut request = server
+                .client
+                .post(format!("{}/batch/", server.base))
+                .header("content-type", "application/json");
+            if gzip {
+                request = request.header("content-encoding", "gzip");
+            }
+            let status = request.body(body).send().await.unwrap().status().as_u16();
+            assert!(
+                [400, 413].contains(&status),
+                "a heavy body is refused as bad input, got {status}"
+            );
+        }
+    }
+    for task in slow {
+        task.await.unwrap();
+    }
+    neighbour.finish(&server, "heavy and slow bodies").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heavy_and_slow_bodies_cost_the_neighbour_nothing_on_sqlite() {
+    attack_with_heavy_bodies(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heavy_and_slow_bodies_cost_the_neighbour_nothing_on_postgres() {
+    attack_with_heavy_bodies(Backend::Postgres).await;
+}

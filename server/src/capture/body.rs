@@ -41,12 +41,32 @@ pub(super) async fn read(
     }
 }
 
+/// Memory the parsed JSON of one body may take, per byte of its decoded
+/// text, on top of [`PARSE_FLOOR`]: ordinary event batches take 5 to 18
+/// times their text (the most for many tiny events), nested arrays 70.
+const PARSE_FACTOR: usize = 24;
+
+/// Memory any body may take to parse, however small.
+const PARSE_FLOOR: usize = 1 << 20;
+
+/// Memory all large bodies being parsed at once may take, in MiB.
+const PARSE_MEMORY_MIB: u32 = 256;
+
+/// What parsing a body of `decoded` bytes may take.
+fn parse_budget(decoded: usize) -> usize {
+    (decoded.saturating_mul(PARSE_FACTOR) + PARSE_FLOOR).min((PARSE_MEMORY_MIB as usize) << 20)
+}
+
 /// Where large bodies are parsed: the blocking pool, behind a permit per
 /// core, so parsing uses the cores and no more while requests wait for a
-/// permit (within the request's time bound) instead of piling up threads.
+/// permit (within the request's time bound) instead of piling up threads;
+/// and within a shared memory budget, so that however many large bodies
+/// arrive at once, their parsed trees take at most [`PARSE_MEMORY_MIB`].
 #[derive(Clone)]
 pub struct Parsers {
     permits: Arc<Semaphore>,
+    /// MiB of [`PARSE_MEMORY_MIB`].
+    memory: Arc<Semaphore>,
 }
 
 impl Default for Parsers {
@@ -54,6 +74,7 @@ impl Default for Parsers {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Parsers {
             permits: Arc::new(Semaphore::new(cores)),
+            memory: Arc::new(Semaphore::new(PARSE_MEMORY_MIB as usize)),
         }
     }
 }
@@ -73,14 +94,29 @@ impl Parsers {
         {
             return Ok(value);
         }
+        // A gzip body's decoded size is known only once inflated: it takes
+        // what the largest decoded body may.
+        let decoded = if framing.gzip || is_gzip(&bytes) || framing.form {
+            limit
+        } else {
+            bytes.len()
+        };
+        let memory = parse_budget(decoded);
+        let mib = memory.div_ceil(1 << 20).min(PARSE_MEMORY_MIB as usize) as u32;
+        let reserved = self
+            .memory
+            .clone()
+            .acquire_many_owned(mib)
+            .await
+            .expect("the parsers' semaphores are never closed");
         let permit = self
             .permits
             .clone()
             .acquire_owned()
             .await
-            .expect("the parsers' semaphore is never closed");
+            .expect("the parsers' semaphores are never closed");
         let decoded = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _held = (permit, reserved);
             decode(&framing, &bytes, limit, limit)
         })
         .await;
@@ -175,9 +211,16 @@ fn decode(
             };
         }
     }
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|err| CaptureError::Invalid(format!("the body is not valid JSON: {err}")))
+    let budget = parse_budget(bytes.len());
+    match super::bounded::parse(&bytes, budget) {
+        Ok(value) => Ok(Some(value)),
+        Err(Some(err)) => Err(CaptureError::Invalid(format!(
+            "the body is not valid JSON: {err}"
+        ))),
+        Err(None) => Err(CaptureError::TooComplex {
+            budget_mib: budget.div_ceil(1 << 20),
+        }),
+    }
 }
 
 #[cfg(test)]

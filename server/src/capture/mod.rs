@@ -11,6 +11,7 @@
 //! bodies are parsed off the async runtime.
 
 mod body;
+mod bounded;
 mod commit;
 mod normalize;
 mod posthog;
@@ -254,6 +255,10 @@ pub enum CaptureError {
     #[error("the request body is over the limit of {limit} bytes")]
     TooLarge { limit: usize },
     #[error(
+        "the request body's JSON would take more than {budget_mib} MiB of memory to read: it is nested or packed far beyond event data; send events as the capture API documents them"
+    )]
+    TooComplex { budget_mib: usize },
+    #[error(
         "the request holds {count} events, over the limit of {limit} per request; send them in smaller batches"
     )]
     TooManyEvents { count: usize, limit: usize },
@@ -303,7 +308,9 @@ impl IntoResponse for CaptureError {
             CaptureError::MissingToken | CaptureError::UnknownToken => {
                 (StatusCode::UNAUTHORIZED, "authentication_error")
             }
-            CaptureError::TooLarge { .. } | CaptureError::TooManyEvents { .. } => {
+            CaptureError::TooLarge { .. }
+            | CaptureError::TooComplex { .. }
+            | CaptureError::TooManyEvents { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "validation_error")
             }
             CaptureError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "timeout_error"),
