@@ -331,6 +331,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             None => defaults.max_concurrent_queries,
         },
         quotas: default_quotas(&file, &args.quotas)?,
+        retention_period: defaults.retention_period,
         policy: file.plugins.clone().unwrap_or(defaults.policy),
         store: args.store.config(&file),
     };

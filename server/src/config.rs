@@ -40,6 +40,11 @@ pub struct ServeConfig {
     pub max_concurrent_queries: u32,
     /// Every project's quotas, unless the project has its own.
     pub quotas: Quotas,
+    /// Time between rounds of pruning plugin logs and dead letters (see
+    /// `retention`): by default 5 minutes, often enough that a flood of
+    /// log lines is cut back soon, rarely enough that the rounds that find
+    /// nothing cost nothing to speak of.
+    pub retention_period: Duration,
 }
 
 impl ServeConfig {
@@ -57,6 +62,7 @@ impl ServeConfig {
             query_limits: QueryLimits::default(),
             max_concurrent_queries: 4,
             quotas: Quotas::default(),
+            retention_period: Duration::from_secs(300),
         }
     }
 }

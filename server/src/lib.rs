@@ -9,7 +9,8 @@
 //! scheduled tasks; [`query`] answers analytics questions and `api` serves
 //! them. [`model`] holds the domain types they share, `loader` starts an
 //! install's plugin, `configs` follows the installed configs, `quotas`
-//! holds each project's share of what projects share, and `supervisor` keeps the background tasks running. [`server`] wires it
+//! holds each project's share of what projects share, `retention` prunes
+//! what they keep, and `supervisor` keeps the background tasks running. [`server`] wires it
 //! all into `serve(config, listener, shutdown)`; [`author`] is the plugin
 //! authors' tooling (scaffold, build, test), and [`cli`] the command line.
 //!
@@ -28,6 +29,7 @@ pub(crate) mod pipeline;
 pub mod query;
 pub(crate) mod queue;
 pub(crate) mod quotas;
+pub(crate) mod retention;
 pub mod runtime;
 pub(crate) mod scheduler;
 pub mod server;

@@ -25,14 +25,16 @@ pub use crate::config::ServeConfig;
 use crate::configs::ConfigWatch;
 use crate::delivery::Delivery;
 use crate::pipeline::Worker;
+use crate::query::{QuerySlots, WAIT_FOR_A_SLOT};
 use crate::queue::{QueueGauge, Wakeups};
 use crate::quotas::QuotaBook;
+use crate::retention::Retention;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::scheduler::Scheduler;
 use crate::state::AppState;
 use crate::store::{Backend, Store, StoreConfig};
 use crate::supervisor::{Readiness, Supervisor, task};
-use crate::{api, capture, delivery, pipeline, queue, scheduler};
+use crate::{api, capture, delivery, pipeline, queue, retention, scheduler};
 
 /// How long `/_ready` waits for the database.
 const READY_PING: Duration = Duration::from_secs(2);
@@ -47,7 +49,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = open_store(&config.store).await?;
+    // One reader per query slot, and one for the events list.
+    let store = Store::open_with_readers(&config.store, config.max_concurrent_queries + 1).await?;
     let config = Arc::new(config);
     let gauge = Arc::new(QueueGauge::default());
     gauge.set(store.queue_status().await?);
@@ -106,6 +109,15 @@ pub async fn serve(
         "scheduler",
         task(move |health, stop| scheduler::run_scheduler(scheduler.clone(), health, stop)),
     );
+    let retention = Retention {
+        store: store.clone(),
+        quotas: quotas.clone(),
+        period: config.retention_period,
+    };
+    tasks.spawn(
+        "retention",
+        task(move |health, stop| retention::run_retention(retention.clone(), health, stop)),
+    );
     tasks.spawn("queue monitor", {
         let (store, gauge, max_age) = (store.clone(), gauge.clone(), config.max_queue_age);
         task(move |health, stop| {
@@ -143,6 +155,9 @@ pub async fn serve(
             store: store.clone(),
             runtime,
             query_limits: config.query_limits,
+            queries: QuerySlots::new(config.max_concurrent_queries, WAIT_FOR_A_SLOT),
+            queue: gauge.clone(),
+            max_queue_depth: config.max_queue_depth,
             wake: wake.clone(),
             configs,
             quotas: quotas.clone(),

@@ -374,11 +374,17 @@ async fn permanent_errors_go_to_dead_letters_and_replay_delivers_them_after_the_
     let (status, body) = api
         .post("/dead-letters/replay", json!({"ids": [first]}))
         .await;
-    assert_eq!((status, body), (200, json!({"replayed": 1})));
+    assert_eq!(
+        (status, body),
+        (200, json!({"replayed": 1, "remaining": 0}))
+    );
     let (status, body) = api
         .post("/dead-letters/replay", json!({"plugin_config_id": id}))
         .await;
-    assert_eq!((status, body), (200, json!({"replayed": 29})));
+    assert_eq!(
+        (status, body),
+        (200, json!({"replayed": 29, "remaining": 0}))
+    );
 
     wait_until("the replayed events at the receiver", || async {
         (receiver.delivered() == sent).then_some(())

@@ -14,6 +14,7 @@ mod durability;
 mod hubspot;
 mod isolation;
 mod isolation_capture;
+mod isolation_query;
 mod query;
 mod runtime;
 mod s3;

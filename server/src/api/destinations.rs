@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::ApiState;
 use super::plugins::public_view;
 use super::{ApiError, ApiPath, ApiQuery, Authorised};
+use crate::model::quotas::Hit;
 use crate::store::{PluginConfig, ReplaySelector};
 
 pub(super) fn router<S>() -> Router<S>
@@ -160,6 +161,13 @@ struct Replay {
 
 /// `POST /api/projects/{id}/dead-letters/replay` with exactly one of
 /// `{"ids": [...]}`, `{"plugin_config_id": "..."}` or `{"all": true}`.
+///
+/// One request replays at most the project's `replay_batch` letters,
+/// oldest first, and no more than the capture queue has room for; the
+/// answer says how many remain, to replay again. While the queue is over
+/// the project's share or the server's bound, it replays nothing and
+/// answers 503: replayed events would only wait behind the backlog, or
+/// push capture into refusing the project's new events.
 async fn replay(
     State(state): State<ApiState>,
     Authorised(project_id): Authorised,
@@ -199,11 +207,38 @@ async fn replay(
             ));
         }
     };
-    let replayed = state
+    let limit = replay_room(&state, &project_id).await?;
+    let done = state
         .store
-        .replay_dead_letters(&project_id, &selector)
+        .replay_dead_letters(&project_id, &selector, limit)
         .await?;
     state.wake.worker.notify_one();
     state.wake.delivery.notify_waiters();
-    Ok(Json(json!({"replayed": replayed})))
+    Ok(Json(json!(done)))
+}
+
+/// How many letters one replay of the project may send back now: its
+/// `replay_batch`, within what is left of the capture queue's bounds.
+async fn replay_room(state: &ApiState, project_id: &str) -> Result<u64, ApiError> {
+    let quotas = state.quotas.get(project_id);
+    let depth = state.queue.depth();
+    if depth >= state.max_queue_depth {
+        return Err(ApiError::Unavailable(format!(
+            "the capture queue holds {depth} events, the server's limit (--max-queue-depth {}); replay once the pipeline has caught up",
+            state.max_queue_depth
+        )));
+    }
+    let queued = state.store.project_queue_depth(project_id).await?;
+    let share = i64::try_from(quotas.queued_events).unwrap_or(i64::MAX);
+    if queued >= share {
+        return Err(ApiError::Unavailable(format!(
+            "the project has {queued} events waiting in the capture queue, {}; replay once the pipeline has caught up",
+            Hit {
+                quota: "queued_events",
+                limit: quotas.queued_events,
+            }
+        )));
+    }
+    let room = (share - queued).min(state.max_queue_depth - depth);
+    Ok(u64::from(quotas.replay_batch).min(room as u64))
 }

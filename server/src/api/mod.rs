@@ -5,6 +5,8 @@ mod destinations;
 mod plugins;
 mod query;
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
@@ -20,19 +22,24 @@ use serde_json::{Value, json};
 
 use crate::configs::ConfigWatch;
 use crate::model::format_timestamp;
-use crate::query::QueryLimits;
-use crate::queue::Wakeups;
+use crate::query::{QueryLimits, QuerySlots};
+use crate::queue::{QueueGauge, Wakeups};
 use crate::quotas::QuotaBook;
 use crate::runtime::Runtime;
 use crate::store::{EventFilter, Store};
 
 /// What the API needs: the store, the runtime to check plugins with, the
-/// query budget, and the signals that make a change take effect at once.
+/// query budget and slots, the capture queue's gauge (replay adds to the
+/// queue), and the signals that make a change take effect at once.
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
     pub runtime: Runtime,
     pub query_limits: QueryLimits,
+    pub queries: QuerySlots,
+    pub queue: Arc<QueueGauge>,
+    /// The server's `--max-queue-depth`: replay adds nothing past it.
+    pub max_queue_depth: i64,
     pub wake: Wakeups,
     /// Waited on after a plugin config changes, so the change applies to
     /// every event accepted after the response.
@@ -109,6 +116,10 @@ pub enum ApiError {
     /// A quota on what the project may do at once: worth retrying soon.
     #[error("{0}")]
     Busy(String),
+    /// The server cannot take the work now (its queue is full): worth
+    /// retrying once it has caught up.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{}", if .0.is_transient() {
         "the database is unavailable; retry later"
     } else {
@@ -126,6 +137,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::OverQuota(_) => StatusCode::FORBIDDEN,
             ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(err) => {
                 tracing::error!("API request failed: {err}");
                 if err.is_transient() {

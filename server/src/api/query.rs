@@ -64,27 +64,32 @@ fn parse_body(body: &[u8]) -> Result<Value, QueryError> {
     })
 }
 
+/// A query runs once it has a slot (see `query::QuerySlots`): a project
+/// already running its `concurrent_queries`, or a server running its
+/// most, gets 429. A malformed query is refused before it takes one.
 async fn run_query(
     State(state): State<ApiState>,
     Authorised(project_id): Authorised,
     body: Bytes,
 ) -> Result<Response, Response> {
-    let run = async {
-        let value = parse_body(&body)?;
-        let query = Query::parse(&value)?;
-        query::run(
-            &state.store,
-            &project_id,
-            &query,
-            state.query_limits,
-            chrono::Utc::now(),
-        )
+    let value = parse_body(&body).map_err(IntoResponse::into_response)?;
+    let query = Query::parse(&value).map_err(IntoResponse::into_response)?;
+    let quota = state.quotas.get(&project_id).concurrent_queries;
+    let _slot = state
+        .queries
+        .acquire(&project_id, quota)
         .await
-    };
-    match run.await {
-        Ok(result) => Ok(Json(result).into_response()),
-        Err(err) => Err(err.into_response()),
-    }
+        .map_err(|refused| ApiError::Busy(refused.to_string()).into_response())?;
+    query::run(
+        &state.store,
+        &project_id,
+        &query,
+        state.query_limits,
+        chrono::Utc::now(),
+    )
+    .await
+    .map(|result| Json(result).into_response())
+    .map_err(IntoResponse::into_response)
 }
 
 async fn get_project(

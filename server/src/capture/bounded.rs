@@ -21,10 +21,6 @@ const ARRAY: usize = 192;
 const OBJECT: usize = 256;
 const OBJECT_ENTRY: usize = 80;
 
-/// The memory estimate went over the budget.
-#[derive(Debug)]
-pub struct OverBudget;
-
 /// Parses `bytes` as JSON, or fails once the tree would take more than
 /// `budget` bytes; `Err(None)` for the budget, `Err(Some(_))` for bad JSON.
 pub fn parse(bytes: &[u8], budget: usize) -> Result<Value, Option<serde_json::Error>> {

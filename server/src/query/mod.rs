@@ -4,11 +4,14 @@
 //! The store streams the rows a query needs through an index range scan
 //! (`store::Scan`); filters, bucketing and arithmetic happen here, in one
 //! implementation, so SQLite and PostgreSQL give identical answers. Each
-//! query is bounded by a row budget and a deadline, checked as rows arrive.
+//! query is bounded by a row budget and a deadline, checked as rows arrive,
+//! and holds a [`QuerySlot`] while it runs (see `slots`); it reads on the
+//! store's analytics readers, apart from the write path.
 
 mod events;
 mod filter;
 mod funnel;
+mod slots;
 pub mod spec;
 pub mod time;
 mod trends;
@@ -20,6 +23,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde_json::Value;
 
+pub use slots::{NoSlot, QuerySlot, QuerySlots, WAIT_FOR_A_SLOT};
 pub use spec::Query;
 
 use crate::store::{Scan, ScanRow, Store};

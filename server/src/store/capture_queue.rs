@@ -146,6 +146,16 @@ impl Store {
             .map_err(Into::into)
     }
 
+    /// How many of a project's events wait in the queue, claimed or not:
+    /// a range of `capture_queue_by_project`.
+    pub async fn project_queue_depth(&self, project_id: &str) -> Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM capture_queue WHERE project_id = $1")
+            .bind(project_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Into::into)
+    }
+
     /// The queue's depth and the age of its oldest row. Rows are taken in
     /// id order, so the lowest id is the oldest waiting event.
     pub async fn queue_status(&self) -> Result<QueueStatus> {

@@ -5,9 +5,15 @@
 //! both through sqlx's `Any` driver; the few that differ say so.
 //!
 //! This file owns no table: it opens the pools, hands out write
-//! transactions with this process's turn at the write lock, and
-//! checkpoints the SQLite WAL. Each table's statements are in the file
+//! transactions with this process's turn at the write lock, deletes in
+//! bounded chunks for retention, and checkpoints the SQLite WAL. Each table's statements are in the file
 //! named after it.
+//!
+//! Analytics reads (queries, the events list) have a pool of their own,
+//! [`Store::open_with_readers`]: a year-long trend holds its connection
+//! for seconds, and on the pool that capture's lookups, the worker's
+//! claims and delivery share, a few of them at once left those waiting
+//! for a connection.
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -38,6 +44,10 @@ pub enum Backend {
 #[derive(Clone)]
 pub struct Store {
     pub(super) pool: AnyPool,
+    /// Analytics reads only: on SQLite, read-only connections to the same
+    /// file (WAL lets them read while the writer writes); on PostgreSQL, a
+    /// second small pool. See [`Store::open_with_readers`].
+    pub(super) read: AnyPool,
     /// On SQLite, the one connection every write transaction of this
     /// process runs on; see [`Store::write`]. On PostgreSQL writes use
     /// `pool`.
@@ -62,7 +72,8 @@ pub(super) enum Commit {
     /// the next durable commit (capture's next group) flushes it too, and
     /// a lost commit takes only later, equally redoable ones with it. This
     /// saves a flush of the log per batch, milliseconds on this machine's
-    /// disk, most of them with SQLite's write lock held.
+    /// disk, most of them with SQLite's write lock held. Retention's
+    /// deletions too: one that power loss takes is made again next round.
     Redoable,
 }
 
@@ -81,6 +92,24 @@ const SQLITE_PRAGMAS: [&str; 6] = [
     "PRAGMA mmap_size = 1073741824",
     "PRAGMA cache_size = -65536",
 ];
+
+/// The analytics readers' settings: those of [`SQLITE_PRAGMAS`] a
+/// read-only connection may set. The file is in WAL mode already (the
+/// writer opens first), and a reader commits nothing to sync.
+const SQLITE_READER_PRAGMAS: [&str; 3] = [
+    "PRAGMA busy_timeout = 10000",
+    "PRAGMA mmap_size = 1073741824",
+    "PRAGMA cache_size = -65536",
+];
+
+/// Analytics readers a store opens with [`Store::open`]: what a process
+/// that runs no queries (the CLI) or the default server needs.
+const DEFAULT_READERS: u32 = 5;
+
+/// How long a read waits for a connection of the readers' pool before it
+/// fails. The query API lets no more queries run than the pool has
+/// connections, so only an events list behind many others waits at all.
+const READER_ACQUIRE: Duration = Duration::from_secs(10);
 
 /// The writer connection's settings: as above, without the memory map,
 /// and with two more.
@@ -127,6 +156,19 @@ const CHECKPOINT_PASSES: usize = 4;
 /// passing beside the writers and takes the lock for the rest.
 const CHECKPOINT_LOCKED_PAGES: i64 = 256;
 
+/// Rows one pruning statement deletes at most, each in its own
+/// transaction: on SQLite a transaction holds the one write lock, and
+/// capture's commits wait behind it, so a backlog of millions is pruned in
+/// many short turns rather than one long one.
+pub const PRUNE_CHUNK: u64 = 10_000;
+
+/// The upper bound of a pruning statement.
+#[derive(Clone, Copy)]
+pub(super) enum Bound<'a> {
+    Text(&'a str),
+    Id(i64),
+}
+
 /// A pool of connections to the SQLite file at `path`, each set up with
 /// `pragmas` when it opens.
 async fn sqlite_pool(
@@ -149,18 +191,45 @@ async fn sqlite_pool(
         .map_err(|err| anyhow::anyhow!("failed to open {}: {err}", path.display()))
 }
 
+/// The analytics readers' pool on the SQLite file at `path`: read-only
+/// connections, opened as reads need them.
+fn sqlite_readers(options: AnyPoolOptions, path: &Path) -> anyhow::Result<AnyPool> {
+    options
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                for pragma in SQLITE_READER_PRAGMAS {
+                    sqlx::query(pragma).execute(&mut *conn).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_lazy(&format!("sqlite://{}?mode=ro", path.display()))
+        .map_err(|err| anyhow::anyhow!("failed to open {}: {err}", path.display()))
+}
+
 impl Store {
     /// Connects to the configured database and runs its migrations.
     pub async fn open(config: &StoreConfig) -> anyhow::Result<Store> {
+        Self::open_with_readers(config, DEFAULT_READERS).await
+    }
+
+    /// [`Store::open`] with `readers` connections for analytics reads,
+    /// opened when first needed. The server gives one per query it lets
+    /// run at once, and one more so the events list does not wait behind
+    /// them.
+    pub async fn open_with_readers(config: &StoreConfig, readers: u32) -> anyhow::Result<Store> {
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let readers = AnyPoolOptions::new()
+            .max_connections(readers.max(1))
+            .acquire_timeout(READER_ACQUIRE);
         match config {
-            StoreConfig::Sqlite { data_dir } => Self::open_sqlite(data_dir).await,
-            StoreConfig::Postgres { url } => Self::open_postgres(url).await,
+            StoreConfig::Sqlite { data_dir } => Self::open_sqlite(data_dir, readers).await,
+            StoreConfig::Postgres { url } => Self::open_postgres(url, readers).await,
         }
     }
 
-    async fn open_sqlite(data_dir: &Path) -> anyhow::Result<Store> {
+    async fn open_sqlite(data_dir: &Path, readers: AnyPoolOptions) -> anyhow::Result<Store> {
         std::fs::create_dir_all(data_dir).map_err(|err| {
             anyhow::anyhow!(
                 "failed to create the data dir {}: {err}",
@@ -189,15 +258,19 @@ impl Store {
             &SQLITE_WRITER_PRAGMAS,
         )
         .await?;
+        // Opened after the writer, so the file is in WAL mode and its
+        // shared-memory index exists for read-only connections to use.
+        let read = sqlite_readers(readers, &path)?;
         Ok(Store {
             pool,
+            read,
             writer: Some(writer),
             backend: Backend::Sqlite,
             writers: Default::default(),
         })
     }
 
-    async fn open_postgres(url: &str) -> anyhow::Result<Store> {
+    async fn open_postgres(url: &str, readers: AnyPoolOptions) -> anyhow::Result<Store> {
         let shown = redact_url(url);
         let pool = AnyPoolOptions::new()
             .max_connections(16)
@@ -209,8 +282,12 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|err| anyhow::anyhow!("failed to migrate {shown}: {err}"))?;
+        let read = readers
+            .connect_lazy(url)
+            .map_err(|err| anyhow::anyhow!("failed to connect to {shown}: {err}"))?;
         Ok(Store {
             pool,
+            read,
             writer: None,
             backend: Backend::Postgres,
             writers: Default::default(),
@@ -276,6 +353,32 @@ impl Store {
                         .await?;
                 }
                 Ok((tx, None))
+            }
+        }
+    }
+
+    /// Runs `delete` (which deletes at most [`PRUNE_CHUNK`] rows of its
+    /// key `$1` up to `$2`) until it deletes fewer, each time in a write
+    /// transaction of its own.
+    pub(super) async fn prune_in_chunks(
+        &self,
+        delete: &str,
+        key: &str,
+        bound: Bound<'_>,
+    ) -> Result<u64> {
+        let mut deleted = 0;
+        loop {
+            let (mut tx, _turn) = self.write_with(Commit::Redoable).await?;
+            let query = sqlx::query(delete).bind(key);
+            let query = match bound {
+                Bound::Text(text) => query.bind(text),
+                Bound::Id(id) => query.bind(id),
+            };
+            let n = query.execute(&mut *tx).await?.rows_affected();
+            tx.commit().await?;
+            deleted += n;
+            if n < PRUNE_CHUNK {
+                return Ok(deleted);
             }
         }
     }
@@ -366,6 +469,7 @@ impl Store {
         if let Some(writer) = &self.writer {
             writer.close().await;
         }
+        self.read.close().await;
         self.pool.close().await;
     }
 }
@@ -380,5 +484,36 @@ fn redact_url(url: &str) -> String {
             parsed.to_string()
         }
         Err(_) => "the database URL".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_readers_see_committed_writes_and_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with_readers(
+            &StoreConfig::Sqlite {
+                data_dir: dir.path().into(),
+            },
+            2,
+        )
+        .await
+        .unwrap();
+        let project = store.create_project("p").await.unwrap().project_id;
+        let name: String = sqlx::query_scalar("SELECT name FROM projects WHERE id = $1")
+            .bind(&project)
+            .fetch_one(&store.read)
+            .await
+            .unwrap();
+        assert_eq!(name, "p");
+        let refused = sqlx::query("UPDATE projects SET name = 'q'")
+            .execute(&store.read)
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("readonly"), "{refused}");
+        store.close().await;
     }
 }

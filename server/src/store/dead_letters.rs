@@ -2,13 +2,15 @@
 //! not handle, and events a destination gave up on, kept until an
 //! operator replays them. Both kinds are written inside the transaction
 //! of the work that failed (storing a batch, recording a delivery), with
-//! one multi-row statement; replay sends each letter back where it failed
-//! (see `replay_dead_letters`) and deletes it in one transaction.
+//! one multi-row statement; replay sends a bounded batch of letters back
+//! where they failed (see `replay_dead_letters`) and deletes them in one
+//! transaction. Retention deletes letters past the project's quota of days.
 
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 
+use super::db::{Bound, PRUNE_CHUNK};
 use super::sql::{ROWS_PER_INSERT, corrupt, id_list, values_placeholders};
 use super::{Backend, OutboxRow, Result, Store, capture_queue, now_ms, now_rfc3339, outbox};
 use crate::model::DeadLetterStage;
@@ -41,6 +43,14 @@ pub enum ReplaySelector {
     Ids(Vec<i64>),
     PluginConfig(String),
     All,
+}
+
+/// What one replay did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Replayed {
+    pub replayed: u64,
+    /// Letters the selector still names that a replay can send back.
+    pub remaining: u64,
 }
 
 /// A dead letter as written.
@@ -104,38 +114,50 @@ impl Store {
         .map_err(Into::into)
     }
 
-    /// Sends dead letters back where they failed, in one transaction:
-    /// delivery letters to their destination's outbox, transformation
-    /// letters to the capture queue to run through the chain again. Letters
-    /// of a destination that no longer exists stay. Returns how many were
-    /// replayed.
+    /// Sends up to `limit` dead letters back where they failed, oldest
+    /// first, in one transaction: delivery letters to their destination's
+    /// outbox, transformation letters to the capture queue to run through
+    /// the chain again. Letters of a destination that no longer exists
+    /// stay, and are not counted as remaining.
+    ///
+    /// The limit keeps the transaction (on SQLite, a hold on the one write
+    /// lock) and what it adds to the queue bounded, however many letters
+    /// the selector names.
     pub async fn replay_dead_letters(
         &self,
         project_id: &str,
         selector: &ReplaySelector,
-    ) -> Result<u64> {
-        let mut sql = String::from(
-            "SELECT d.id, d.plugin_config_id, d.event, d.stage FROM dead_letters d
+        limit: u64,
+    ) -> Result<Replayed> {
+        let mut filter = String::from(
+            " FROM dead_letters d
              WHERE d.project_id = $1
                AND (d.stage <> 'delivery' OR EXISTS (SELECT 1 FROM plugin_configs c WHERE c.id = d.plugin_config_id))",
         );
         let mut config = None;
         match selector {
             ReplaySelector::Ids(ids) => {
-                sql.push_str(&format!(" AND d.id IN ({})", id_list(ids.iter().copied())));
+                filter.push_str(&format!(" AND d.id IN ({})", id_list(ids.iter().copied())));
             }
             ReplaySelector::PluginConfig(id) => {
-                sql.push_str(" AND d.plugin_config_id = $2");
+                filter.push_str(" AND d.plugin_config_id = $2");
                 config = Some(id);
             }
             ReplaySelector::All => {}
         }
-        sql.push_str(" ORDER BY d.id");
         if matches!(selector, ReplaySelector::Ids(ids) if ids.is_empty()) {
-            return Ok(0);
+            return Ok(Replayed {
+                replayed: 0,
+                remaining: 0,
+            });
         }
+        let select = format!(
+            "SELECT d.id, d.plugin_config_id, d.event, d.stage{filter} ORDER BY d.id LIMIT {}",
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        );
+        let count = format!("SELECT COUNT(*){filter}");
         let (mut tx, _turn) = self.write().await?;
-        let mut query = sqlx::query(&sql).bind(project_id);
+        let mut query = sqlx::query(&select).bind(project_id);
         if let Some(id) = config {
             query = query.bind(id);
         }
@@ -176,8 +198,28 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        let mut remaining = sqlx::query_scalar::<_, i64>(&count).bind(project_id);
+        if let Some(id) = config {
+            remaining = remaining.bind(id);
+        }
+        let remaining = remaining.fetch_one(&mut *tx).await?;
         tx.commit().await?;
-        Ok(letters.len() as u64)
+        Ok(Replayed {
+            replayed: letters.len() as u64,
+            remaining: remaining.max(0) as u64,
+        })
+    }
+
+    /// Deletes a project's dead letters created before `before` (a time as
+    /// [`crate::model::format_timestamp`] writes it), in chunks. Returns
+    /// how many it deleted.
+    pub async fn prune_dead_letters(&self, project_id: &str, before: &str) -> Result<u64> {
+        let delete = format!(
+            "DELETE FROM dead_letters WHERE id IN
+               (SELECT id FROM dead_letters WHERE project_id = $1 AND created_at < $2 LIMIT {PRUNE_CHUNK})"
+        );
+        self.prune_in_chunks(&delete, project_id, Bound::Text(before))
+            .await
     }
 }
 

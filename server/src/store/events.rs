@@ -228,7 +228,7 @@ impl Store {
         &self,
         timeout: Duration,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.read.begin().await?;
         if self.backend() == Backend::Postgres {
             // `set_config(…, true)` is `SET LOCAL`: both settings apply to
             // this transaction only, and the connection goes back to the pool
@@ -292,9 +292,9 @@ impl Store {
     /// Stored events of a project, newest first: the first page of a scan
     /// with all properties and no paths.
     ///
-    /// It reads on the pool, not in the read transaction of scans: the
-    /// events API sets no statement timeout, and one statement is one
-    /// round trip.
+    /// It reads on the analytics readers' pool, but not in the read
+    /// transaction of scans: the events API sets no statement timeout, and
+    /// one statement is one round trip.
     pub async fn list_events(
         &self,
         project_id: &str,
@@ -316,7 +316,7 @@ impl Store {
         let rows = self
             .statement(&scan, Some(&page))
             .query()
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         rows.iter()
             .map(|row| {

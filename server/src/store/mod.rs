@@ -30,8 +30,8 @@ pub use batch::ProcessedBatch;
 pub use capture_queue::{
     Claim, Claimed, DEFAULT_LEASE, MAX_SLICES, QueueStatus, QueueWrite, QueuedEvent,
 };
-pub use db::{Backend, Store, StoreConfig};
-pub use dead_letters::{DeadLetter, ReplaySelector, StoredDeadLetter};
+pub use db::{Backend, PRUNE_CHUNK, Store, StoreConfig};
+pub use dead_letters::{DeadLetter, ReplaySelector, Replayed, StoredDeadLetter};
 pub use events::{Cursor, EventFilter, Scan, ScanRow, StoredEvent};
 pub use outbox::{Attempt, DeliveryRecord, DestinationStats, Disposition, OutboxRow};
 pub use persons::Person;

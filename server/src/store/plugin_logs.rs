@@ -2,11 +2,13 @@
 //! are written in the transaction of the work that logged them (storing a
 //! batch, recording a delivery), so they take that transaction and go in
 //! with multi-row statements; the rest on their own. The API reads them
-//! back newest first.
+//! back newest first. Retention prunes them per plugin config, by age
+//! and by count (see [`Store::prune_plugin_logs`]).
 
 use serde::Serialize;
 use sqlx::Row;
 
+use super::db::{Bound, PRUNE_CHUNK};
 use super::sql::{ROWS_PER_INSERT, values_placeholders};
 use super::{Backend, Result, Store};
 use crate::model::LogRecord;
@@ -53,6 +55,42 @@ impl Store {
         let (mut tx, _turn) = self.write().await?;
         insert_logs(&mut tx, self.backend(), plugin_config_id, logs).await?;
         tx.commit().await.map_err(Into::into)
+    }
+
+    /// Deletes a plugin config's log lines older than `before` (a time as
+    /// [`crate::model::format_timestamp`] writes it) and all but its
+    /// newest `keep`. Returns how many it deleted.
+    pub async fn prune_plugin_logs(
+        &self,
+        plugin_config_id: &str,
+        before: &str,
+        keep: u64,
+    ) -> Result<u64> {
+        let old = format!(
+            "DELETE FROM plugin_logs WHERE id IN
+               (SELECT id FROM plugin_logs WHERE plugin_config_id = $1 AND at < $2 LIMIT {PRUNE_CHUNK})"
+        );
+        let mut deleted = self
+            .prune_in_chunks(&old, plugin_config_id, Bound::Text(before))
+            .await?;
+        // The newest line past the ones kept; it and every older line go.
+        let boundary: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM plugin_logs WHERE plugin_config_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2",
+        )
+        .bind(plugin_config_id)
+        .bind(i64::try_from(keep).unwrap_or(i64::MAX))
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(boundary) = boundary {
+            let surplus = format!(
+                "DELETE FROM plugin_logs WHERE id IN
+                   (SELECT id FROM plugin_logs WHERE plugin_config_id = $1 AND id <= $2 LIMIT {PRUNE_CHUNK})"
+            );
+            deleted += self
+                .prune_in_chunks(&surplus, plugin_config_id, Bound::Id(boundary))
+                .await?;
+        }
+        Ok(deleted)
     }
 }
 

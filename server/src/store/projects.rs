@@ -93,6 +93,14 @@ impl Store {
         tx.commit().await.map_err(Into::into)
     }
 
+    /// Every project's id.
+    pub async fn project_ids(&self) -> Result<Vec<String>> {
+        sqlx::query_scalar("SELECT id FROM projects ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Into::into)
+    }
+
     /// A project's name and time zone.
     pub async fn project(&self, project_id: &str) -> Result<Option<(String, String)>> {
         let row = sqlx::query("SELECT name, timezone FROM projects WHERE id = $1")
