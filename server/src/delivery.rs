@@ -14,6 +14,11 @@
 //!   [`PAUSE_AFTER_DEAD_BATCHES`] such batches in a row the destination is
 //!   paused, since its config is likely wrong.
 //!
+//! A batch whose plugin had no room to run (the sandbox's pool was full,
+//! or the project held every instance its `instances` quota allows) is
+//! given back as it was: no attempt counts, so waiting for room never ends
+//! in dead letters or a paused destination.
+//!
 //! A crash leaves rows leased; the lease runs out and another lane takes
 //! them, so every event is delivered at least once or dead-lettered.
 
@@ -51,6 +56,9 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 /// rows another lane gave back, and rows of a transaction that committed
 /// after a later one (PostgreSQL hands out ids before commit).
 const REWIND_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a destination waits after its plugin found no room to run.
+const NO_ROOM_WAIT: Duration = Duration::from_secs(1);
 
 /// What delivery needs: the outboxes, the plugins, the published configs
 /// and the wake-up the worker sends when events reach an outbox.
@@ -318,7 +326,15 @@ async fn lane(delivery: Delivery, destination: Arc<Destination>, mut stop: watch
                 continue;
             }
         };
-        let record = deliver(&delivery, &destination, &owner, &mut instance, rows).await;
+        let Some(record) = deliver(&delivery, &destination, &owner, &mut instance, rows).await
+        else {
+            if let Err(err) = store.release_outbox(&owner).await {
+                tracing::warn!(destination = %config.id, "failed to give back a batch: {err}");
+            }
+            destination.hold(Instant::now() + NO_ROOM_WAIT);
+            after = 0;
+            continue;
+        };
         match record.disposition {
             Disposition::Retry { at } => {
                 let wait = at - chrono::Utc::now().timestamp_millis();
@@ -369,19 +385,27 @@ enum Outcome {
     Permanent(String),
 }
 
-/// Exports one leased batch and decides what becomes of it.
+/// Exports one leased batch and decides what becomes of it; `None` when
+/// the plugin had no room to run, and the batch should wait untouched.
 async fn deliver(
     delivery: &Delivery,
     destination: &Destination,
     owner: &str,
     instance: &mut Option<PluginInstance>,
     rows: Vec<OutboxRow>,
-) -> DeliveryRecord {
+) -> Option<DeliveryRecord> {
     let config = &destination.config;
     let started = Instant::now();
     let mut logs = Vec::new();
     let mut status_code = None;
+    let no_room = |reason: &dyn std::fmt::Display| {
+        tracing::warn!(destination = %config.id, "a batch waits for room to run the plugin: {reason}");
+    };
     let outcome = match take_instance(delivery, config, instance).await {
+        Err(err) if err.is_exhausted() => {
+            no_room(&err);
+            return None;
+        }
         Err(err) => Outcome::Retryable {
             message: err.to_string(),
             retry_after: None,
@@ -409,6 +433,12 @@ async fn deliver(
                         },
                         Err(ExportFailure::Permanent { message, .. }) => {
                             Outcome::Permanent(message)
+                        }
+                        // A trap discarded the instance and no room was
+                        // left to start another.
+                        Err(ExportFailure::Plugin(err)) if err.is_exhausted() => {
+                            no_room(&err);
+                            return None;
                         }
                         // A trap (a deadline, memory) may pass; retries end
                         // in dead letters if it does not.
@@ -492,7 +522,7 @@ async fn deliver(
     if let Some(reason) = &pause {
         tracing::warn!(destination = %config.id, "{reason}");
     }
-    DeliveryRecord {
+    Some(DeliveryRecord {
         project_id: config.project_id.clone(),
         plugin_config_id: config.id.clone(),
         attempt: Attempt {
@@ -507,7 +537,7 @@ async fn deliver(
         disposition,
         logs,
         pause,
-    }
+    })
 }
 
 /// The lane's instance, started if it has none. Any failure to start is

@@ -23,12 +23,23 @@ pub enum StartError {
     /// The host's: try again later.
     #[error("{0}")]
     Host(String),
+    /// There was no room to run it (the sandbox's pool is full, or its
+    /// project holds every instance its quota allows): the work waits,
+    /// without counting as a failed attempt.
+    #[error("{0}")]
+    Exhausted(String),
 }
 
 impl StartError {
     /// Whether the install should be disabled for it.
     pub fn is_plugin_fault(&self) -> bool {
         matches!(self, StartError::Plugin(_))
+    }
+
+    /// Whether it did not start for want of room (see
+    /// [`StartError::Exhausted`]).
+    pub fn is_exhausted(&self) -> bool {
+        matches!(self, StartError::Exhausted(_))
     }
 }
 
@@ -51,8 +62,10 @@ pub async fn start(
             ))
         })?;
     let runtime = runtime.clone();
+    let project_id = config.project_id.clone();
     let install = Install {
         install_id: config.id.clone(),
+        project_id: config.project_id.clone(),
         config: config.config.clone(),
         limits: None,
     };
@@ -69,9 +82,20 @@ pub async fn start(
         plugin.install(install).map_err(|err| {
             let message = format!("failed to start: {err}");
             match err {
-                PluginError::Instantiate { .. } | PluginError::Exhausted { .. } => {
-                    StartError::Host(message)
+                PluginError::Exhausted { .. } => {
+                    let holders: Vec<String> = runtime
+                        .instances_by_project()
+                        .into_iter()
+                        .map(|(project, n)| format!("{project}: {n}"))
+                        .collect();
+                    tracing::warn!(
+                        project = %project_id,
+                        "no room for a plugin instance; live instances by project: {}",
+                        holders.join(", ")
+                    );
+                    StartError::Exhausted(message)
                 }
+                PluginError::Instantiate { .. } => StartError::Host(message),
                 _ => StartError::Plugin(message),
             }
         })

@@ -27,7 +27,7 @@ use crate::delivery::Delivery;
 use crate::pipeline::Worker;
 use crate::queue::{QueueGauge, Wakeups};
 use crate::quotas::QuotaBook;
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::runtime::{ProjectQuotas, Runtime, RuntimeConfig};
 use crate::scheduler::Scheduler;
 use crate::state::AppState;
 use crate::store::{Backend, Store, StoreConfig};
@@ -51,14 +51,18 @@ pub async fn serve(
     let config = Arc::new(config);
     let gauge = Arc::new(QueueGauge::default());
     gauge.set(store.queue_status().await?);
+    let quotas = QuotaBook::new(config.quotas.clone());
+    quotas.refresh(&store).await?;
     let runtime = Runtime::new(RuntimeConfig {
         policy: config.policy.clone(),
+        quotas: ProjectQuotas::new({
+            let quotas = quotas.clone();
+            move |project_id| quotas.get(project_id)
+        }),
         ..RuntimeConfig::default()
     })?;
     let wake = Wakeups::default();
     let configs = ConfigWatch::default();
-    let quotas = QuotaBook::new(config.quotas.clone());
-    quotas.refresh(&store).await?;
     let readiness = Arc::new(Readiness::default());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

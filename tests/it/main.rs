@@ -12,6 +12,7 @@ mod clickhouse;
 mod delivery;
 mod durability;
 mod hubspot;
+mod isolation_runtime;
 mod query;
 mod runtime;
 mod s3;
