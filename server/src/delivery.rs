@@ -234,6 +234,9 @@ async fn lane(delivery: Delivery, destination: Arc<Destination>, mut stop: watch
     // `Store::claim_outbox`.
     let mut after: i64 = 0;
     let mut rewound_at = Instant::now();
+    // Whether the destination's log already says its batches wait for
+    // room, so a long wait is one line, not one a second.
+    let mut told_no_room = false;
     loop {
         if *stop.borrow() {
             break;
@@ -326,15 +329,31 @@ async fn lane(delivery: Delivery, destination: Arc<Destination>, mut stop: watch
                 continue;
             }
         };
-        let Some(record) = deliver(&delivery, &destination, &owner, &mut instance, rows).await
-        else {
-            if let Err(err) = store.release_outbox(&owner).await {
-                tracing::warn!(destination = %config.id, "failed to give back a batch: {err}");
+        let record = match deliver(&delivery, &destination, &owner, &mut instance, rows).await {
+            Ok(record) => record,
+            Err(NoRoom(reason)) => {
+                if let Err(err) = store.release_outbox(&owner).await {
+                    tracing::warn!(destination = %config.id, "failed to give back a batch: {err}");
+                }
+                if !told_no_room {
+                    tracing::warn!(destination = %config.id, "batches wait for room to run the plugin: {reason}");
+                    let line = LogRecord {
+                        at: now_rfc3339(),
+                        level: LogLevel::Warn,
+                        message: format!(
+                            "batches wait, without counting as attempts, for room to run the plugin: {reason}"
+                        ),
+                        fields: Vec::new(),
+                        event_uuid: None,
+                    };
+                    told_no_room = store.append_plugin_logs(&config.id, &[line]).await.is_ok();
+                }
+                destination.hold(Instant::now() + NO_ROOM_WAIT);
+                after = 0;
+                continue;
             }
-            destination.hold(Instant::now() + NO_ROOM_WAIT);
-            after = 0;
-            continue;
         };
+        told_no_room = false;
         match record.disposition {
             Disposition::Retry { at } => {
                 let wait = at - chrono::Utc::now().timestamp_millis();
@@ -385,27 +404,24 @@ enum Outcome {
     Permanent(String),
 }
 
-/// Exports one leased batch and decides what becomes of it; `None` when
-/// the plugin had no room to run, and the batch should wait untouched.
+/// The plugin had no room to run (see `PluginError::Exhausted`): why.
+struct NoRoom(String);
+
+/// Exports one leased batch and decides what becomes of it, unless the
+/// plugin had no room to run and the batch should wait untouched.
 async fn deliver(
     delivery: &Delivery,
     destination: &Destination,
     owner: &str,
     instance: &mut Option<PluginInstance>,
     rows: Vec<OutboxRow>,
-) -> Option<DeliveryRecord> {
+) -> Result<DeliveryRecord, NoRoom> {
     let config = &destination.config;
     let started = Instant::now();
     let mut logs = Vec::new();
     let mut status_code = None;
-    let no_room = |reason: &dyn std::fmt::Display| {
-        tracing::warn!(destination = %config.id, "a batch waits for room to run the plugin: {reason}");
-    };
     let outcome = match take_instance(delivery, config, instance).await {
-        Err(err) if err.is_exhausted() => {
-            no_room(&err);
-            return None;
-        }
+        Err(err) if err.is_exhausted() => return Err(NoRoom(err.to_string())),
         Err(err) => Outcome::Retryable {
             message: err.to_string(),
             retry_after: None,
@@ -437,8 +453,7 @@ async fn deliver(
                         // A trap discarded the instance and no room was
                         // left to start another.
                         Err(ExportFailure::Plugin(err)) if err.is_exhausted() => {
-                            no_room(&err);
-                            return None;
+                            return Err(NoRoom(err.to_string()));
                         }
                         // A trap (a deadline, memory) may pass; retries end
                         // in dead letters if it does not.
@@ -522,7 +537,7 @@ async fn deliver(
     if let Some(reason) = &pause {
         tracing::warn!(destination = %config.id, "{reason}");
     }
-    Some(DeliveryRecord {
+    Ok(DeliveryRecord {
         project_id: config.project_id.clone(),
         plugin_config_id: config.id.clone(),
         attempt: Attempt {

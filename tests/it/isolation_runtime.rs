@@ -320,3 +320,155 @@ fn key_value_writes_stop_at_the_configs_and_the_projects_quota_naming_it() {
     runtime.forget_install("x");
     assert_eq!(count(&mut y, "u2")["seen"], json!(1));
 }
+
+/// Request bodies by the path they were posted to.
+type Bodies = Arc<Mutex<HashMap<String, Vec<String>>>>;
+
+/// A receiver that keeps every request body by path.
+fn receiver() -> (String, Bodies) {
+    let bodies: Bodies = Arc::default();
+    let kept = bodies.clone();
+    let router = axum::Router::new().route(
+        "/{path}",
+        axum::routing::post(
+            move |axum::extract::Path(path): axum::extract::Path<String>, body: String| {
+                let kept = kept.clone();
+                async move {
+                    kept.lock().unwrap().entry(path).or_default().push(body);
+                    "ok"
+                }
+            },
+        ),
+    );
+    let addr = common::serve(router);
+    (format!("http://127.0.0.1:{}", addr.port()), bodies)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_with_no_room_to_run_waits_without_failing_and_delivers_once_there_is_room() {
+    use common::server::{TestServer, wait_until};
+    use reqwest::Method;
+    use sluice::server::ServeConfig;
+    use sluice::store::Backend;
+
+    let server = TestServer::start_with(Backend::Sqlite, |config| ServeConfig {
+        policy: Policy {
+            allow_loopback: true,
+            ..Policy::default()
+        },
+        quotas: Quotas {
+            instances: 1,
+            ..Quotas::default()
+        },
+        ..config
+    })
+    .await;
+    let (base, bodies) = receiver();
+    // With no time for retries, a batch counted as failed would go to dead
+    // letters and pause its destination at once.
+    let delivery = json!({"batch_size": 100, "linger_ms": 50, "max_retry_seconds": 0});
+    let mut ids = Vec::new();
+    for path in ["one", "two"] {
+        let (status, uploaded) = server
+            .call_api_raw(Method::POST, "/plugins", Some(wasm("webhook")))
+            .await;
+        assert_eq!(status, 201, "{uploaded}");
+        let (status, created) = server
+            .call_api(
+                Method::POST,
+                "/plugin-configs",
+                Some(json!({
+                    "plugin_sha256": uploaded["sha256"],
+                    "config": {"url": format!("{base}/{path}")},
+                    "delivery": delivery,
+                })),
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+        ids.push(created["id"].as_str().unwrap().to_string());
+    }
+    let (status, body) = server
+        .capture_batch(json!([
+            {"event": "e1", "distinct_id": "u"},
+            {"event": "e2", "distinct_id": "u"},
+        ]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // One destination's lane holds the project's only instance; the
+    // other's batch waits, and says so in its log.
+    let view = |id: String| {
+        let server = &server;
+        async move {
+            let (status, view) = server
+                .call_api(Method::GET, &format!("/destinations/{id}"), None)
+                .await;
+            assert_eq!(status, 200, "{view}");
+            view
+        }
+    };
+    let waiting = wait_until("a destination to wait for room", || async {
+        for id in &ids {
+            let view = view(id.clone()).await;
+            let told = view["logs"].as_array().unwrap().iter().any(|line| {
+                line["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("wait, without counting as attempts, for room"))
+            });
+            if told {
+                return Some(view);
+            }
+        }
+        None
+    })
+    .await;
+    let message = waiting["logs"][0]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("quota `instances` (1)"), "{message}");
+    assert_eq!(waiting["paused"], false, "{waiting}");
+    assert_eq!(waiting["stats"]["failed_attempts"], 0, "{waiting}");
+    assert_eq!(waiting["stats"]["dead_lettered"], 0, "{waiting}");
+    assert_eq!(waiting["recent_attempts"], json!([]), "{waiting}");
+
+    // A config checked now has no room either: the API says to retry,
+    // and does not call the config wrong.
+    let (status, uploaded) = server
+        .call_api_raw(Method::POST, "/plugins", Some(wasm("passthrough")))
+        .await;
+    assert_eq!(status, 201, "{uploaded}");
+    let (status, refused) = server
+        .call_api(
+            Method::POST,
+            "/plugin-configs",
+            Some(json!({"plugin_sha256": uploaded["sha256"], "config": {}})),
+        )
+        .await;
+    assert_eq!(status, 429, "{refused}");
+    assert!(
+        refused.to_string().contains("quota `instances` (1)"),
+        "{refused}"
+    );
+
+    // The operator gives the project room: the batch that waited goes out.
+    let store = sluice::server::open_store(&server.store).await.unwrap();
+    store
+        .set_project_quota_overrides(&server.project.project_id, Some(r#"{"instances": 4}"#))
+        .await
+        .unwrap();
+    let waiting_id = waiting["id"].as_str().unwrap().to_string();
+    let delivered = wait_until("the waiting destination to deliver", || async {
+        let view = view(waiting_id.clone()).await;
+        (view["stats"]["delivered"] == 2).then_some(view)
+    })
+    .await;
+    assert_eq!(delivered["stats"]["failed_attempts"], 0, "{delivered}");
+    assert_eq!(delivered["stats"]["dead_lettered_total"], 0, "{delivered}");
+    let outcomes: Vec<&Value> = delivered["recent_attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|attempt| &attempt["outcome"])
+        .collect();
+    assert_eq!(outcomes, vec![&json!("delivered")], "{delivered}");
+    let bodies = bodies.lock().unwrap();
+    assert_eq!(bodies.len(), 2, "both destinations got their batch");
+}

@@ -823,3 +823,42 @@ impl PluginInstance {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Quotas;
+    use host::kv::Owner;
+
+    #[test]
+    fn expired_key_value_entries_are_swept_without_being_read() {
+        let runtime = Runtime::new(RuntimeConfig {
+            cache_dir: None,
+            pool_size: 0,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let kv = &runtime.inner.services.kv;
+        let quotas = Quotas {
+            kv_keys_per_config: 1,
+            ..Quotas::default()
+        };
+        let owner = Owner {
+            namespace: "install",
+            project_id: "project",
+            quotas: &quotas,
+        };
+        kv.set(owner, "gone", b"x".to_vec(), Some(Duration::ZERO))
+            .unwrap();
+        // Unread, the expired key holds the install's only place until the
+        // runtime's sweep takes it away.
+        let started = std::time::Instant::now();
+        while kv.set(owner, "next", b"y".to_vec(), None).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the sweep never freed the expired key's place"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

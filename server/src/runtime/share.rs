@@ -9,10 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use crate::model::Quotas;
 
+/// Looks up one project's quotas.
+type Lookup = dyn Fn(&str) -> Arc<Quotas> + Send + Sync;
+
 /// Reads a project's quotas. The server hands in its quota book, so a
 /// change made with `sluice project quotas` reaches running plugins.
 #[derive(Clone)]
-pub struct ProjectQuotas(Arc<dyn Fn(&str) -> Arc<Quotas> + Send + Sync>);
+pub struct ProjectQuotas(Arc<Lookup>);
 
 impl ProjectQuotas {
     pub fn new(get: impl Fn(&str) -> Arc<Quotas> + Send + Sync + 'static) -> Self {

@@ -187,10 +187,11 @@ impl Data {
                 )));
             }
         }
-        if let Some(old) = self.entries.remove(&id) {
-            if let Some(at) = old.expiry {
-                self.expiries.remove(&(at, id.0.clone(), id.1.clone()));
-            }
+        if let Some(Entry {
+            expiry: Some(at), ..
+        }) = self.entries.remove(&id)
+        {
+            self.expiries.remove(&(at, id.0.clone(), id.1.clone()));
         }
         if let Some(at) = entry.expiry {
             self.expiries.insert((at, id.0.clone(), id.1.clone()));
