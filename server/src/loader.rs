@@ -11,8 +11,15 @@
 //! the next try, and disabling a customer's transformation for it would
 //! turn a blip into lost work.
 
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use crate::runtime::{Install, LoadError, PluginError, PluginInstance, Runtime};
 use crate::store::{PluginConfig, Store};
+
+/// How often at most the log lists who holds the plugin instances: while
+/// there is no room, every lane and chain asks again every second.
+const HOLDERS_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why an install's plugin did not start.
 #[derive(Debug, thiserror::Error)]
@@ -83,16 +90,7 @@ pub async fn start(
             let message = format!("failed to start: {err}");
             match err {
                 PluginError::Exhausted { .. } => {
-                    let holders: Vec<String> = runtime
-                        .instances_by_project()
-                        .into_iter()
-                        .map(|(project, n)| format!("{project}: {n}"))
-                        .collect();
-                    tracing::warn!(
-                        project = %project_id,
-                        "no room for a plugin instance; live instances by project: {}",
-                        holders.join(", ")
-                    );
+                    log_holders(&runtime, &project_id);
                     StartError::Exhausted(message)
                 }
                 PluginError::Instantiate { .. } => StartError::Host(message),
@@ -102,4 +100,25 @@ pub async fn start(
     })
     .await
     .map_err(|err| StartError::Host(format!("failed to start: {err}")))?
+}
+
+/// Logs which projects hold the live instances, so the operator sees who
+/// fills the pool or a quota; at most every [`HOLDERS_LOG_EVERY`].
+fn log_holders(runtime: &Runtime, project_id: &str) {
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().expect("not poisoned");
+    if last.is_some_and(|at| at.elapsed() < HOLDERS_LOG_EVERY) {
+        return;
+    }
+    *last = Some(Instant::now());
+    let holders: Vec<String> = runtime
+        .instances_by_project()
+        .into_iter()
+        .map(|(project, n)| format!("{project}: {n}"))
+        .collect();
+    tracing::warn!(
+        project = %project_id,
+        "no room for a plugin instance; live instances by project: {}",
+        holders.join(", ")
+    );
 }

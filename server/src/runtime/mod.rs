@@ -151,7 +151,6 @@ impl Runtime {
         let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let weak = engine.weak();
         let weak_kv = Arc::downgrade(&kv);
-        drop(kv);
         let stop = ticker_stop.clone();
         std::thread::Builder::new()
             .name("sluice-epoch".into())
