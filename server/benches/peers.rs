@@ -165,6 +165,7 @@ fn install(runtime: &Runtime, name: &str, config: Value) -> PluginInstance {
         .expect("plugin loads")
         .install(Install {
             install_id: format!("peers-{name}"),
+            project_id: "bench".into(),
             config,
             limits: None,
         })

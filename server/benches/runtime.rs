@@ -37,6 +37,7 @@ fn install(plugin: &Arc<LoadedPlugin>, config: Value) -> PluginInstance {
     plugin
         .install(Install {
             install_id: format!("bench-{}", plugin.id()),
+            project_id: "bench".into(),
             config,
             limits: None,
         })

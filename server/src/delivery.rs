@@ -14,6 +14,11 @@
 //!   [`PAUSE_AFTER_DEAD_BATCHES`] such batches in a row the destination is
 //!   paused, since its config is likely wrong.
 //!
+//! A batch whose plugin had no room to run (the sandbox's pool was full,
+//! or the project held every instance its `instances` quota allows) is
+//! given back as it was: no attempt counts, so waiting for room never ends
+//! in dead letters or a paused destination.
+//!
 //! A crash leaves rows leased; the lease runs out and another lane takes
 //! them, so every event is delivered at least once or dead-lettered.
 
@@ -52,6 +57,9 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 /// rows another lane gave back, and rows of a transaction that committed
 /// after a later one (PostgreSQL hands out ids before commit).
 const REWIND_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a destination waits after its plugin found no room to run.
+const NO_ROOM_WAIT: Duration = Duration::from_secs(1);
 
 /// What delivery needs: the outboxes, the plugins, the published configs
 /// and the wake-up the worker sends when events reach an outbox.
@@ -276,6 +284,9 @@ async fn lane(delivery: Delivery, destination: Arc<Destination>, mut stop: watch
     // `Store::claim_outbox`.
     let mut after: i64 = 0;
     let mut rewound_at = Instant::now();
+    // Whether the destination's log already says its batches wait for
+    // room, so a long wait is one line, not one a second.
+    let mut told_no_room = false;
     loop {
         if *stop.borrow() {
             break;
@@ -368,7 +379,31 @@ async fn lane(delivery: Delivery, destination: Arc<Destination>, mut stop: watch
                 continue;
             }
         };
-        let record = deliver(&delivery, &destination, &owner, &mut instance, rows).await;
+        let record = match deliver(&delivery, &destination, &owner, &mut instance, rows).await {
+            Ok(record) => record,
+            Err(NoRoom(reason)) => {
+                if let Err(err) = store.release_outbox(&owner).await {
+                    tracing::warn!(destination = %config.id, "failed to give back a batch: {err}");
+                }
+                if !told_no_room {
+                    tracing::warn!(destination = %config.id, "batches wait for room to run the plugin: {reason}");
+                    let line = LogRecord {
+                        at: now_rfc3339(),
+                        level: LogLevel::Warn,
+                        message: format!(
+                            "batches wait, without counting as attempts, for room to run the plugin: {reason}"
+                        ),
+                        fields: Vec::new(),
+                        event_uuid: None,
+                    };
+                    told_no_room = store.append_plugin_logs(&config.id, &[line]).await.is_ok();
+                }
+                destination.hold(Instant::now() + NO_ROOM_WAIT);
+                after = 0;
+                continue;
+            }
+        };
+        told_no_room = false;
         match record.disposition {
             Disposition::Retry { at } => {
                 let wait = at - chrono::Utc::now().timestamp_millis();
@@ -419,19 +454,24 @@ enum Outcome {
     Permanent(String),
 }
 
-/// Exports one leased batch and decides what becomes of it.
+/// The plugin had no room to run (see `PluginError::Exhausted`): why.
+struct NoRoom(String);
+
+/// Exports one leased batch and decides what becomes of it, unless the
+/// plugin had no room to run and the batch should wait untouched.
 async fn deliver(
     delivery: &Delivery,
     destination: &Destination,
     owner: &str,
     instance: &mut Option<PluginInstance>,
     rows: Vec<OutboxRow>,
-) -> DeliveryRecord {
+) -> Result<DeliveryRecord, NoRoom> {
     let config = &destination.config;
     let started = Instant::now();
     let mut logs = Vec::new();
     let mut status_code = None;
     let outcome = match take_instance(delivery, config, instance).await {
+        Err(err) if err.is_exhausted() => return Err(NoRoom(err.to_string())),
         Err(err) => Outcome::Retryable {
             message: err.to_string(),
             retry_after: None,
@@ -459,6 +499,11 @@ async fn deliver(
                         },
                         Err(ExportFailure::Permanent { message, .. }) => {
                             Outcome::Permanent(message)
+                        }
+                        // A trap discarded the instance and no room was
+                        // left to start another.
+                        Err(ExportFailure::Plugin(err)) if err.is_exhausted() => {
+                            return Err(NoRoom(err.to_string()));
                         }
                         // A trap (a deadline, memory) may pass; retries end
                         // in dead letters if it does not.
@@ -542,7 +587,7 @@ async fn deliver(
     if let Some(reason) = &pause {
         tracing::warn!(destination = %config.id, "{reason}");
     }
-    DeliveryRecord {
+    Ok(DeliveryRecord {
         project_id: config.project_id.clone(),
         plugin_config_id: config.id.clone(),
         attempt: Attempt {
@@ -557,7 +602,7 @@ async fn deliver(
         disposition,
         logs,
         pause,
-    }
+    })
 }
 
 /// The lane's instance, started if it has none. Any failure to start is

@@ -11,8 +11,15 @@
 //! the next try, and disabling a customer's transformation for it would
 //! turn a blip into lost work.
 
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use crate::runtime::{Install, LoadError, PluginError, PluginInstance, Runtime};
 use crate::store::{PluginConfig, Store};
+
+/// How often at most the log lists who holds the plugin instances: while
+/// there is no room, every lane and chain asks again every second.
+const HOLDERS_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why an install's plugin did not start.
 #[derive(Debug, thiserror::Error)]
@@ -23,12 +30,23 @@ pub enum StartError {
     /// The host's: try again later.
     #[error("{0}")]
     Host(String),
+    /// There was no room to run it (the sandbox's pool is full, or its
+    /// project holds every instance its quota allows): the work waits,
+    /// without counting as a failed attempt.
+    #[error("{0}")]
+    Exhausted(String),
 }
 
 impl StartError {
     /// Whether the install should be disabled for it.
     pub fn is_plugin_fault(&self) -> bool {
         matches!(self, StartError::Plugin(_))
+    }
+
+    /// Whether it did not start for want of room (see
+    /// [`StartError::Exhausted`]).
+    pub fn is_exhausted(&self) -> bool {
+        matches!(self, StartError::Exhausted(_))
     }
 }
 
@@ -51,8 +69,10 @@ pub async fn start(
             ))
         })?;
     let runtime = runtime.clone();
+    let project_id = config.project_id.clone();
     let install = Install {
         install_id: config.id.clone(),
+        project_id: config.project_id.clone(),
         config: config.config.clone(),
         limits: None,
     };
@@ -69,13 +89,36 @@ pub async fn start(
         plugin.install(install).map_err(|err| {
             let message = format!("failed to start: {err}");
             match err {
-                PluginError::Instantiate { .. } | PluginError::Exhausted { .. } => {
-                    StartError::Host(message)
+                PluginError::Exhausted { .. } => {
+                    log_holders(&runtime, &project_id);
+                    StartError::Exhausted(message)
                 }
+                PluginError::Instantiate { .. } => StartError::Host(message),
                 _ => StartError::Plugin(message),
             }
         })
     })
     .await
     .map_err(|err| StartError::Host(format!("failed to start: {err}")))?
+}
+
+/// Logs which projects hold the live instances, so the operator sees who
+/// fills the pool or a quota; at most every [`HOLDERS_LOG_EVERY`].
+fn log_holders(runtime: &Runtime, project_id: &str) {
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().expect("not poisoned");
+    if last.is_some_and(|at| at.elapsed() < HOLDERS_LOG_EVERY) {
+        return;
+    }
+    *last = Some(Instant::now());
+    let holders: Vec<String> = runtime
+        .instances_by_project()
+        .into_iter()
+        .map(|(project, n)| format!("{project}: {n}"))
+        .collect();
+    tracing::warn!(
+        project = %project_id,
+        "no room for a plugin instance; live instances by project: {}",
+        holders.join(", ")
+    );
 }

@@ -29,7 +29,7 @@ use crate::query::{QuerySlots, WAIT_FOR_A_SLOT};
 use crate::queue::{QueueGauge, Wakeups};
 use crate::quotas::QuotaBook;
 use crate::retention::Retention;
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::runtime::{ProjectQuotas, Runtime, RuntimeConfig};
 use crate::scheduler::Scheduler;
 use crate::state::AppState;
 use crate::store::{Backend, Store, StoreConfig};
@@ -55,14 +55,18 @@ pub async fn serve(
     let gauge = Arc::new(QueueGauge::default());
     gauge.set(store.queue_status().await?);
     gauge.set_projects(store.queue_status_by_project().await?);
+    let quotas = QuotaBook::new(config.quotas.clone());
+    quotas.refresh(&store).await?;
     let runtime = Runtime::new(RuntimeConfig {
         policy: config.policy.clone(),
+        quotas: ProjectQuotas::new({
+            let quotas = quotas.clone();
+            move |project_id| quotas.get(project_id)
+        }),
         ..RuntimeConfig::default()
     })?;
     let wake = Wakeups::default();
     let configs = ConfigWatch::default();
-    let quotas = QuotaBook::new(config.quotas.clone());
-    quotas.refresh(&store).await?;
     let readiness = Arc::new(Readiness::default());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

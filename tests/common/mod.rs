@@ -99,9 +99,13 @@ pub fn runtime(policy: Policy) -> Runtime {
     .expect("runtime starts")
 }
 
+/// The project of [`install`]'s installs.
+pub const PROJECT: &str = "test-project";
+
 pub fn install(install_id: &str, config: Value) -> Install {
     Install {
         install_id: install_id.into(),
+        project_id: PROJECT.into(),
         config,
         limits: None,
     }

@@ -15,6 +15,7 @@ mod hubspot;
 mod isolation;
 mod isolation_capture;
 mod isolation_query;
+mod isolation_runtime;
 mod query;
 mod runtime;
 mod s3;

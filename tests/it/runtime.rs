@@ -25,6 +25,7 @@ fn trap_of(result: Result<Vec<sluice::runtime::PluginEvent>, PluginError>) -> (S
 fn patient(install_id: &str) -> Install {
     Install {
         install_id: install_id.into(),
+        project_id: common::PROJECT.into(),
         config: json!({}),
         limits: Some(Limits {
             transform_deadline: Duration::from_secs(20),
@@ -168,6 +169,7 @@ fn an_export_that_never_returns_is_stopped_at_the_export_deadline() {
     let mut instance = plugin
         .install(Install {
             install_id: "spin-export".into(),
+            project_id: common::PROJECT.into(),
             config: json!({}),
             limits: Some(limits),
         })
@@ -202,6 +204,7 @@ fn an_install_cannot_raise_its_limits_above_the_operators_caps() {
     let instance = plugin
         .install(Install {
             install_id: "greedy".into(),
+            project_id: common::PROJECT.into(),
             config: json!({}),
             limits: Some(greedy),
         })

@@ -16,7 +16,7 @@ use super::{ApiError, ApiPath, Authorised, JsonBody};
 use crate::model::FailurePolicy;
 use crate::model::manifest::FieldType;
 use crate::model::quotas::Hit;
-use crate::runtime::Install;
+use crate::runtime::{Install, PluginError};
 use crate::store::{self, DeliverySettings, PluginConfig, PluginConfigPatch, Upload};
 
 pub(super) fn router<S>() -> Router<S>
@@ -169,6 +169,7 @@ async fn try_install(
     })?;
     let runtime = state.runtime.clone();
     let config = config.clone();
+    let project_id = project_id.to_string();
     tokio::task::spawn_blocking(move || {
         let plugin = runtime
             .load(&wasm)
@@ -183,11 +184,19 @@ async fn try_install(
         let started = plugin
             .install(Install {
                 install_id: install_id.clone(),
+                project_id,
                 config: Value::Object(validated.clone()),
                 limits: None,
             })
             .map(drop)
-            .map_err(|err| ApiError::Invalid(err.to_string()));
+            .map_err(|err| match err {
+                // The check counts towards the project's instances like
+                // any other; with no room for it the config is not wrong.
+                PluginError::Exhausted { .. } => {
+                    ApiError::Busy(format!("cannot check the config now: {err}; retry later"))
+                }
+                err => ApiError::Invalid(err.to_string()),
+            });
         runtime.forget_install(&install_id);
         started.map(|()| validated)
     })

@@ -151,6 +151,8 @@ pub fn run(wasm: &Path, options: &TestOptions) -> anyhow::Result<Report> {
         .map_err(|err| anyhow::anyhow!("failed to load {}: {err}", wasm.display()))?;
     let mut instance = plugin.install(Install {
         install_id: format!("plugin-test:{}", plugin.id()),
+        // One install alone in its runtime: the default quotas apply.
+        project_id: "plugin-test".into(),
         config,
         limits: None,
     })?;

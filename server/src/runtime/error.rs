@@ -124,6 +124,13 @@ pub enum LoadError {
     Link { plugin: String, message: String },
 }
 
+/// The pool limit an instantiation ran into, if that is why it failed: no
+/// room, rather than anything wrong with the plugin.
+pub fn pool_limit(err: &wasmtime::Error) -> Option<&wasmtime::PoolConcurrencyLimitError> {
+    err.chain()
+        .find_map(|cause| cause.downcast_ref::<wasmtime::PoolConcurrencyLimitError>())
+}
+
 /// Classifies a wasmtime error from a call into a trap reason.
 pub fn trap_reason(err: &wasmtime::Error, deadline: Duration, panic: Option<String>) -> TrapReason {
     if let Some(LimitExceeded(reason)) = err.downcast_ref::<LimitExceeded>() {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod event;
 pub mod host;
 pub mod limits;
+mod share;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -29,12 +30,31 @@ pub use error::{LoadError, Phase, PluginError, TrapReason};
 pub use event::PluginEvent;
 pub use host::{HttpCall, LogLevel, LogRecord};
 pub use limits::{Limits, Policy};
+pub use share::ProjectQuotas;
 
+use crate::model::quotas::Hit;
 use capability::Grants;
 use host::{Activity, HostServices, HostState, InstallContext};
+use share::{InstanceCounts, InstanceSlot};
 
 /// How often the engine's epoch advances: the resolution of every deadline.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// How often expired key-value entries are swept away, in epoch ticks (about
+/// two seconds): their memory and their place in the quotas come back
+/// without anyone reading them.
+const KV_SWEEP_TICKS: u32 = 400;
+
+/// What one component may take of the pool, so no single plugin holds the
+/// share of many. Every first-party and test plugin has 3 core instances,
+/// 1 memory and 2 tables (its module, and the shims `wit-component` adds);
+/// the room above that is for other toolchains' adapters. A component over
+/// these fails to load (when uploaded), never later. The sizes of one
+/// instance's metadata keep wasmtime's defaults (1 MiB each), and its
+/// memory the policy's `memory_bytes`.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+const MEMORIES_PER_COMPONENT: u32 = 2;
+const TABLES_PER_COMPONENT: u32 = 4;
 
 /// How to build a [`Runtime`].
 #[derive(Clone, Debug)]
@@ -48,6 +68,9 @@ pub struct RuntimeConfig {
     /// carry credentials). Otherwise query values are redacted and bodies
     /// left out.
     pub record_http_details: bool,
+    /// Each project's quotas: its live instances, HTTP permits and
+    /// key-value data.
+    pub quotas: ProjectQuotas,
 }
 
 impl Default for RuntimeConfig {
@@ -57,6 +80,7 @@ impl Default for RuntimeConfig {
             cache_dir: cache::default_dir(),
             pool_size: 100,
             record_http_details: false,
+            quotas: ProjectQuotas::default(),
         }
     }
 }
@@ -73,6 +97,9 @@ struct Inner {
     policy: Policy,
     cache: cache::ComponentCache,
     services: Arc<HostServices>,
+    /// Instances the pool holds; 0 when pooling is off.
+    pool_size: u32,
+    instances: Arc<InstanceCounts>,
     ticker_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -97,6 +124,9 @@ impl Runtime {
                 .total_memories(n * 2)
                 .total_tables(n * 4)
                 .total_stacks(n)
+                .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+                .max_memories_per_component(MEMORIES_PER_COMPONENT)
+                .max_tables_per_component(TABLES_PER_COMPONENT)
                 .max_memory_size(policy.limits.memory_bytes as usize);
             wasm.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
@@ -109,24 +139,35 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|err| anyhow::anyhow!("failed to link WASI: {err}"))?;
 
+        let kv: Arc<dyn host::kv::KvStore> = Arc::new(host::kv::MemoryKv::default());
         let services = Arc::new(HostServices {
             http: host::http::HttpClient::new(&policy)?,
-            kv: Arc::new(host::kv::MemoryKv::default()),
+            kv: kv.clone(),
             metrics: host::metrics::Metrics::default(),
             record_http_details: config.record_http_details,
+            quotas: config.quotas,
         });
 
         let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let weak = engine.weak();
+        let weak_kv = Arc::downgrade(&kv);
         let stop = ticker_stop.clone();
         std::thread::Builder::new()
             .name("sluice-epoch".into())
             .spawn(move || {
+                let mut ticks = 0u32;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
                     match weak.upgrade() {
                         Some(engine) => engine.increment_epoch(),
                         None => break,
+                    }
+                    ticks += 1;
+                    if ticks >= KV_SWEEP_TICKS {
+                        ticks = 0;
+                        if let Some(kv) = weak_kv.upgrade() {
+                            kv.sweep_expired();
+                        }
                     }
                 }
             })?;
@@ -138,6 +179,8 @@ impl Runtime {
                 policy,
                 cache: cache::ComponentCache::new(config.cache_dir),
                 services,
+                pool_size: config.pool_size,
+                instances: Arc::default(),
                 ticker_stop,
             }),
         })
@@ -150,6 +193,12 @@ impl Runtime {
     /// Counters reported by plugins, per install.
     pub fn metrics(&self) -> &host::metrics::Metrics {
         &self.inner.services.metrics
+    }
+
+    /// Projects holding live plugin instances and how many, the most
+    /// first: who fills the pool when it is full.
+    pub fn instances_by_project(&self) -> Vec<(String, u32)> {
+        self.inner.instances.by_project()
     }
 
     /// Drops what an install left in the shared host services (its
@@ -351,6 +400,8 @@ impl Hooks {
 pub struct Install {
     /// Unique per install; namespaces key-value data and metrics.
     pub install_id: String,
+    /// The project the install belongs to, whose quotas it keeps to.
+    pub project_id: String,
     /// The config as given; checked against the manifest's schema.
     pub config: Value,
     /// Limits asked for by the install; capped by the operator's policy.
@@ -402,6 +453,7 @@ impl LoadedPlugin {
             context: InstallContext {
                 plugin,
                 install_id: install.install_id,
+                project_id: install.project_id,
                 grants: Arc::new(grants),
                 limits,
                 activity: Arc::new(Mutex::new(Activity::default())),
@@ -440,6 +492,9 @@ pub struct PluginInstance {
 struct Live {
     store: Store<HostState>,
     hooks: Hooks,
+    /// Dropped after the store, so the count never says less than what
+    /// lives.
+    _slot: InstanceSlot,
 }
 
 /// Why an export batch was not delivered.
@@ -515,6 +570,7 @@ impl PluginInstance {
             return Ok(());
         }
         let runtime = &self.plugin.runtime.inner;
+        let slot = self.take_slot()?;
         let state = HostState::new(self.context.clone(), runtime.services.clone());
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|state| state);
@@ -522,6 +578,9 @@ impl PluginInstance {
         let setup_deadline = self.context.limits.setup_deadline;
         store.set_epoch_deadline(epoch_ticks(setup_deadline));
         let hooks = self.plugin.pre.instantiate(&mut store).map_err(|err| {
+            if let Some(full) = error::pool_limit(&err) {
+                return self.pool_full(full);
+            }
             let reason = error::trap_reason(&err, setup_deadline, None);
             match reason {
                 TrapReason::Other(message) => PluginError::Instantiate {
@@ -535,12 +594,56 @@ impl PluginInstance {
                 },
             }
         })?;
-        self.live = Some(Live { store, hooks });
+        self.live = Some(Live {
+            store,
+            hooks,
+            _slot: slot,
+        });
         let config = self.config_json.clone();
         self.run(Phase::Setup, setup_deadline, None, |live| {
             live.hooks.setup(&mut live.store, &config)
         })
         .inspect_err(|_| self.live = None)
+    }
+
+    /// A place for one more live instance in the project's `instances`
+    /// quota.
+    fn take_slot(&self) -> Result<InstanceSlot, PluginError> {
+        let runtime = &self.plugin.runtime.inner;
+        let project = &self.context.project_id;
+        let limit = runtime.services.quotas.get(project).instances;
+        runtime.instances.take(project, limit).map_err(|held| {
+            let hit = Hit {
+                quota: "instances",
+                limit: limit.into(),
+            };
+            PluginError::Exhausted {
+                plugin: self.context.plugin.clone(),
+                message: format!(
+                    "project {project} already holds {held} live plugin instances, {hit}; its work waits until one of them ends"
+                ),
+            }
+        })
+    }
+
+    /// The error for a pool with no room, naming who holds the most of it.
+    fn pool_full(&self, full: &wasmtime::PoolConcurrencyLimitError) -> PluginError {
+        let runtime = &self.plugin.runtime.inner;
+        let holders: Vec<String> = runtime
+            .instances
+            .by_project()
+            .into_iter()
+            .take(3)
+            .map(|(project, n)| format!("{project} ({n})"))
+            .collect();
+        PluginError::Exhausted {
+            plugin: self.context.plugin.clone(),
+            message: format!(
+                "the plugin sandbox's pool of {} instances, shared by every project, is full ({full}); the projects holding the most: {}. The work waits and is tried again; if this lasts, lower the `instances` quota of those projects with `sluice project quotas`",
+                runtime.pool_size,
+                holders.join(", ")
+            ),
+        }
     }
 
     /// Runs one hook on the live instance under a deadline. A trap discards
@@ -717,5 +820,44 @@ impl PluginInstance {
         self.run(Phase::Task, deadline, None, |live| {
             live.hooks.run_task(&mut live.store, name)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Quotas;
+    use host::kv::Owner;
+
+    #[test]
+    fn expired_key_value_entries_are_swept_without_being_read() {
+        let runtime = Runtime::new(RuntimeConfig {
+            cache_dir: None,
+            pool_size: 0,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let kv = &runtime.inner.services.kv;
+        let quotas = Quotas {
+            kv_keys_per_config: 1,
+            ..Quotas::default()
+        };
+        let owner = Owner {
+            namespace: "install",
+            project_id: "project",
+            quotas: &quotas,
+        };
+        kv.set(owner, "gone", b"x".to_vec(), Some(Duration::ZERO))
+            .unwrap();
+        // Unread, the expired key holds the install's only place until the
+        // runtime's sweep takes it away.
+        let started = std::time::Instant::now();
+        while kv.set(owner, "next", b"y".to_vec(), None).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the sweep never freed the expired key's place"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }

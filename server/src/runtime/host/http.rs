@@ -2,14 +2,23 @@
 //! address checks against SSRF (at resolution time, so DNS cannot smuggle a
 //! private address past them), timeouts, a response-size cap and a
 //! concurrency cap. Redirects are never followed.
+//!
+//! A request takes a permit of its project (the `http_permits` quota)
+//! before one of the server's (`http_concurrency`), both within the
+//! call's deadline, so one project's slow endpoints hold only its own
+//! permits and every other project's requests still go out.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 use super::{HostState, HttpCall};
+use crate::model::quotas::Hit;
 use crate::runtime::bindings::http::{Host, HttpError, Method, Request, Response};
 use crate::runtime::limits::Policy;
 
@@ -132,7 +141,16 @@ pub struct HttpClient {
     policy: AddressPolicy,
     /// Always `Some` until drop.
     io: Option<tokio::runtime::Runtime>,
-    permits: Arc<tokio::sync::Semaphore>,
+    /// The server's permits, shared by every project.
+    permits: Arc<Semaphore>,
+    /// How many there are.
+    concurrency: usize,
+    /// Each project's permits, created at its first request with its
+    /// quota then. A project whose quota has changed since gets a new
+    /// semaphore of the new size at its next request; requests in flight
+    /// keep their permits of the old one, so for as long as they last the
+    /// project may have up to both sizes in flight.
+    project_permits: Mutex<HashMap<String, (u32, Arc<Semaphore>)>>,
 }
 
 impl HttpClient {
@@ -155,8 +173,23 @@ impl HttpClient {
             client,
             policy: address_policy,
             io: Some(io),
-            permits: Arc::new(tokio::sync::Semaphore::new(policy.http_concurrency.max(1))),
+            permits: Arc::new(Semaphore::new(policy.http_concurrency.max(1))),
+            concurrency: policy.http_concurrency.max(1),
+            project_permits: Mutex::default(),
         })
+    }
+
+    /// The permits of `project_id`, sized by its `http_permits` quota.
+    fn project_permits(&self, project_id: &str, quota: u32) -> Arc<Semaphore> {
+        let mut by_project = self.project_permits.lock().expect("permits lock");
+        match by_project.get(project_id) {
+            Some((size, permits)) if *size == quota => permits.clone(),
+            _ => {
+                let permits = Arc::new(Semaphore::new(quota.max(1) as usize));
+                by_project.insert(project_id.to_string(), (quota, permits.clone()));
+                permits
+            }
+        }
     }
 
     fn send(
@@ -164,15 +197,37 @@ impl HttpClient {
         request: reqwest::Request,
         timeout: Duration,
         max_body: u64,
+        project_id: &str,
+        quota: u32,
     ) -> Result<Response, HttpError> {
         let client = self.client.clone();
         let permits = self.permits.clone();
+        let total = self.concurrency;
+        let ours = self.project_permits(project_id, quota);
+        let project_id = project_id.to_string();
         let task = async move {
             let deadline = tokio::time::Instant::now() + timeout;
+            let shutting_down = |_| HttpError::Connection("the host is shutting down".into());
+            let _ours = tokio::time::timeout_at(deadline, ours.acquire_owned())
+                .await
+                .map_err(|_| {
+                    let hit = Hit {
+                        quota: "http_permits",
+                        limit: quota.into(),
+                    };
+                    HttpError::Connection(format!(
+                        "no HTTP permit came free within the call's deadline: project {project_id}'s plugins already have {quota} requests in flight, {hit}"
+                    ))
+                })?
+                .map_err(shutting_down)?;
             let _permit = tokio::time::timeout_at(deadline, permits.acquire_owned())
                 .await
-                .map_err(|_| HttpError::Timeout)?
-                .map_err(|_| HttpError::Connection("the host is shutting down".into()))?;
+                .map_err(|_| {
+                    HttpError::Connection(format!(
+                        "no HTTP permit came free within the call's deadline: every project's plugins together have the server's {total} requests in flight (the operator's policy http_concurrency)"
+                    ))
+                })?
+                .map_err(shutting_down)?;
             let exchange = async {
                 let mut response = client.execute(request).await.map_err(classify)?;
                 let status = response.status().as_u16();
@@ -434,7 +489,11 @@ impl Host for HostState {
         let started = Instant::now();
         let result = self.build_request(&request).and_then(|(built, timeout)| {
             let max_body = self.install.limits.max_http_response_bytes;
-            self.services.http.send(built, timeout, max_body)
+            let project_id = &self.install.project_id;
+            let quota = self.services.quotas.get(project_id).http_permits;
+            self.services
+                .http
+                .send(built, timeout, max_body, project_id, quota)
         });
         self.record(&request, started, &result);
         Ok(result)

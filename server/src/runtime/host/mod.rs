@@ -31,6 +31,8 @@ pub struct HostServices {
     /// Keep full URLs and request bodies in recorded HTTP calls. Off in the
     /// server, where they may carry credentials; on for `sluice plugin test`.
     pub record_http_details: bool,
+    /// Each project's quotas.
+    pub quotas: super::ProjectQuotas,
 }
 
 /// What one install (plugin version + project + config) carries into each of
@@ -41,6 +43,9 @@ pub struct InstallContext {
     pub plugin: String,
     /// Names the install in key-value namespaces and metrics.
     pub install_id: String,
+    /// Whose quotas the install's instances, requests and data count
+    /// towards.
+    pub project_id: String,
     pub grants: Arc<Grants>,
     pub limits: Limits,
     pub activity: Arc<Mutex<Activity>>,
