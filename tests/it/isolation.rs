@@ -814,7 +814,8 @@ async fn attack_with_heavy_bodies(backend: Backend) {
             }
         }));
     }
-    for _ in 0..2 {
+    for round in 0..4 {
+        println!("round {round}: RSS {} MiB", rss_mib());
         for (body, gzip) in [
             (junk.clone().into_bytes(), false),
             (many.clone().into_bytes(), false),
@@ -848,4 +849,239 @@ async fn heavy_and_slow_bodies_cost_the_neighbour_nothing_on_sqlite() {
 #[tokio::test(flavor = "multi_thread")]
 async fn heavy_and_slow_bodies_cost_the_neighbour_nothing_on_postgres() {
     attack_with_heavy_bodies(Backend::Postgres).await;
+}
+
+async fn attack_with_a_key_value_flood(backend: Backend) {
+    let server = start(backend).await;
+    set_quotas(&server, &server.project, json!({"kv_keys_per_config": 50})).await;
+    let neighbour = Neighbour::start(&server).await;
+    server
+        .upload_and_install("kv-counter", json!({}), "open")
+        .await;
+    // A key per distinct id: 200 keys wanted, 50 allowed.
+    let batch: Vec<Value> = (0..200)
+        .map(|i| json!({"event": "count me", "distinct_id": format!("kv-{i}")}))
+        .collect();
+    assert_eq!(
+        capture_as(&server, &server.project, Value::Array(batch)).await,
+        200
+    );
+    let stored = wait_stored(&server, &server.project, 200).await;
+    let refused: Vec<&str> = stored
+        .iter()
+        .filter_map(|e| e["properties"]["kv_error"].as_str())
+        .collect();
+    assert_eq!(refused.len(), 150, "every key past the quota is refused");
+    assert!(
+        refused[0].contains("`kv_keys_per_config` (50)"),
+        "{}",
+        refused[0]
+    );
+    neighbour.finish(&server, "a key-value flood").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_value_flood_stops_at_its_quota_on_sqlite() {
+    attack_with_a_key_value_flood(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_value_flood_stops_at_its_quota_on_postgres() {
+    attack_with_a_key_value_flood(Backend::Postgres).await;
+}
+
+async fn attack_with_hanging_destinations(backend: Backend) {
+    let server = start(backend).await;
+    let neighbour = Neighbour::start(&server).await;
+    // A receiver that holds every request for 5 s, and three destinations
+    // asking for 64 lanes each: 192 instances and HTTP requests without
+    // the project's quotas, more than the sandbox's pool of 100.
+    let receiver = axum::Router::new().route(
+        "/hang",
+        axum::routing::post(|| async {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            "late"
+        }),
+    );
+    let url = format!("http://{}/hang", crate::common::serve(receiver));
+    let (status, uploaded) = upload_as(&server, &server.project, "webhook").await;
+    assert_eq!(status, 201, "{uploaded}");
+    for _ in 0..3 {
+        let (status, body) = server
+            .call_api(
+                Method::POST,
+                "/plugin-configs",
+                Some(json!({
+                    "plugin_sha256": uploaded["sha256"],
+                    "config": {"url": url},
+                    "delivery": {"concurrency": 64, "batch_size": 1, "linger_ms": 0},
+                })),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    assert_eq!(
+        capture_as(&server, &server.project, events("hang", 300)).await,
+        200
+    );
+    wait_stored(&server, &server.project, 300).await;
+    neighbour.finish(&server, "hanging destinations").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hanging_destinations_hold_only_their_projects_lanes_on_sqlite() {
+    attack_with_hanging_destinations(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hanging_destinations_hold_only_their_projects_lanes_on_postgres() {
+    attack_with_hanging_destinations(Backend::Postgres).await;
+}
+
+async fn attack_with_hostile_plugins(backend: Backend) {
+    let server = start(backend).await;
+    let neighbour = Neighbour::start(&server).await;
+    for plugin in [
+        "memory-bomb",
+        "spin-forever",
+        "deep-recursion",
+        "huge-output",
+        "log-flood",
+        "wasi-file-read",
+    ] {
+        server.upload_and_install(plugin, json!({}), "open").await;
+    }
+    let (status, uploaded) = upload_as(&server, &server.project, "panic-in-setup").await;
+    assert_eq!(status, 201, "{uploaded}");
+    let (status, body) = server
+        .call_api(
+            Method::POST,
+            "/plugin-configs",
+            Some(json!({"plugin_sha256": uploaded["sha256"], "config": {}})),
+        )
+        .await;
+    assert_eq!(
+        status, 400,
+        "a plugin that panics in setup is refused: {body}"
+    );
+    for round in 0..4 {
+        assert_eq!(
+            capture_as(
+                &server,
+                &server.project,
+                events(&format!("hostile {round}"), 5)
+            )
+            .await,
+            200
+        );
+    }
+    wait_until(
+        "the failing plugins to be disabled with their reason",
+        || async {
+            let (_, configs) = server.call_api(Method::GET, "/plugin-configs", None).await;
+            let disabled: Vec<String> = configs["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|c| c["disabled_reason"].as_str().map(str::to_string))
+                .collect();
+            (disabled.len() >= 4).then_some(disabled)
+        },
+    )
+    .await;
+    neighbour.finish(&server, "hostile plugins").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_plugins_are_disabled_and_leave_the_neighbour_alone_on_sqlite() {
+    attack_with_hostile_plugins(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_plugins_are_disabled_and_leave_the_neighbour_alone_on_postgres() {
+    attack_with_hostile_plugins(Backend::Postgres).await;
+}
+
+async fn attack_with_queries_and_replays(backend: Backend) {
+    let server = start(backend).await;
+    set_quotas(&server, &server.project, json!({"replay_batch": 50})).await;
+    let neighbour = Neighbour::start(&server).await;
+    // Letters to replay: a destination that refuses everything.
+    let refusing = axum::Router::new().route(
+        "/no",
+        axum::routing::post(|| async { (axum::http::StatusCode::BAD_REQUEST, "no") }),
+    );
+    let url = format!("http://{}/no", crate::common::serve(refusing));
+    server
+        .upload_and_install("webhook", json!({"url": url}), "open")
+        .await;
+    assert_eq!(
+        capture_as(&server, &server.project, events("letter", 200)).await,
+        200
+    );
+    wait_until("the refused events to be dead-lettered", || async {
+        let (_, body) = server
+            .call_api(Method::GET, "/dead-letters?limit=1000", None)
+            .await;
+        (body["results"].as_array().unwrap().len() >= 100).then_some(())
+    })
+    .await;
+    // Year-long trends and replays of everything, all at once.
+    let mut requests = Vec::new();
+    for i in 0..16 {
+        let (client, base, project, key) = (
+            server.client.clone(),
+            server.base.clone(),
+            server.project.project_id.clone(),
+            server.project.api_key.clone(),
+        );
+        requests.push(tokio::spawn(async move {
+            let (path, body) = if i % 4 == 0 {
+                ("dead-letters/replay", json!({"all": true}))
+            } else {
+                (
+                    "query",
+                    json!({"kind": "trends", "series": [{}], "date_from": "-365d",
+                           "breakdown": {"property": "$browser"}}),
+                )
+            };
+            let response = client
+                .post(format!("{base}/api/projects/{project}/{path}"))
+                .bearer_auth(key)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (path, status, response.text().await.unwrap())
+        }));
+    }
+    for request in requests {
+        let (path, status, body) = request.await.unwrap();
+        match status {
+            200 if path == "dead-letters/replay" => {
+                let answer: Value = serde_json::from_str(&body).unwrap();
+                assert!(answer["replayed"].as_u64().unwrap() <= 50, "{body}");
+            }
+            200 => {}
+            429 => assert!(
+                body.contains("quota `concurrent_queries`")
+                    || body.contains("--max-concurrent-queries"),
+                "{body}"
+            ),
+            other => panic!("{path} answered {other}: {body}"),
+        }
+    }
+    neighbour.finish(&server, "queries and replays").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_and_replays_keep_to_their_quotas_on_sqlite() {
+    attack_with_queries_and_replays(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_and_replays_keep_to_their_quotas_on_postgres() {
+    attack_with_queries_and_replays(Backend::Postgres).await;
 }
