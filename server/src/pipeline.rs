@@ -8,7 +8,7 @@
 //! log the error with the event's uuid. A plugin config that fails
 //! [`AUTO_DISABLE_AFTER`] events in a row is disabled with the reason shown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -153,13 +153,15 @@ impl Chains {
 }
 
 impl Chains {
-    /// The most events of each slow project the next claim should take:
-    /// about [`SLICE_TIME`] of its chain's time. A project whose chain
-    /// takes 200 ms an event, within every quota, would otherwise hold
-    /// each batch, and every other project's events in it, for most of a
-    /// minute.
-    fn slices(&self) -> HashMap<String, u32> {
-        self.cost
+    /// The most events of each project the next claim should take: about
+    /// [`SLICE_TIME`] of its chain's time for slow projects (a project
+    /// whose chain takes 200 ms an event, within every quota, would
+    /// otherwise hold each batch, and every other project's events in it,
+    /// for most of a minute), and none for a project held back or with
+    /// rows `carried` over from this round.
+    fn slices(&self, carried: &HashSet<String>) -> HashMap<String, u32> {
+        let mut slices: HashMap<String, u32> = self
+            .cost
             .iter()
             .filter(|(_, cost)| !cost.is_zero())
             .map(|(project, cost)| {
@@ -167,7 +169,11 @@ impl Chains {
                 (project.clone(), most.clamp(1.0, CLAIM_BATCH as f64) as u32)
             })
             .filter(|(_, most)| *most < CLAIM_BATCH)
-            .collect()
+            .collect();
+        for project in self.held.keys().chain(carried) {
+            slices.insert(project.clone(), 0);
+        }
+        slices
     }
 
     /// Starts again the links that held their projects back.
@@ -208,21 +214,28 @@ fn to_queued(event: PluginEvent, received_at: &str) -> QueuedEvent {
 
 /// Runs claimed events through their projects' chains. CPU-bound: called on
 /// a blocking thread. Events of a project whose chain cannot run now (see
-/// [`Chains::held`]) are left out of the batch and their rows are returned
-/// in `held`, to stay queued.
+/// [`Chains::held`]), or that has had its [`SLICE_TIME`] in this batch, are
+/// left out of the batch and returned in `deferred`, to stay queued.
 fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Outcome {
     let mut outcome = Outcome::default();
     let mut spent: HashMap<String, (u32, Duration)> = HashMap::new();
-    for Claimed {
-        id,
-        project_id,
-        event,
-    } in claimed
-    {
-        if chains.held.contains_key(&project_id) {
-            outcome.held.push(id);
+    for row in claimed {
+        // A held project's rows, and a project's rows once its chain has
+        // had its time in this batch, wait for a later round: one slow
+        // project (or one whose cost is not known yet) must not hold the
+        // batch, and every other project's events in it.
+        let over_time = spent
+            .get(&row.project_id)
+            .is_some_and(|(_, time)| *time >= SLICE_TIME);
+        if chains.held.contains_key(&row.project_id) || over_time {
+            outcome.deferred.push(row);
             continue;
         }
+        let Claimed {
+            id,
+            project_id,
+            event,
+        } = row;
         outcome.done.push(id);
         outcome.count_done(&project_id);
         let batch = &mut outcome.batch;
@@ -243,10 +256,11 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
             ChainEnd::Wait(reason) => {
                 // The host had no room for a link: the row stays queued,
                 // and whatever the chain made of it so far is dropped, to
-                // be made again when it runs.
+                // be made again when it runs. The chain consumed the
+                // event, so the row is read again from the queue.
                 outcome.done.pop();
                 outcome.uncount_done(&project_id);
-                outcome.held.push(id);
+                outcome.reread.push(id);
                 chains.held.insert(project_id, reason);
             }
         }
@@ -279,8 +293,12 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
 struct Outcome {
     /// Rows whose events are in `batch`: removed when it is stored.
     done: Vec<i64>,
-    /// Rows left queued, their projects' chains unable to run now.
-    held: Vec<i64>,
+    /// Rows left for a later round: their projects are held back, or had
+    /// their time in this batch.
+    deferred: Vec<Claimed>,
+    /// Rows left queued whose events a chain consumed before it had to
+    /// wait, to be read from the queue again.
+    reread: Vec<i64>,
     /// How many of `done` each project has, for the queue's gauge.
     done_per_project: HashMap<String, usize>,
     batch: ProcessedBatch,
@@ -483,10 +501,11 @@ impl Link {
 /// after a later one), so the cursor goes back every [`REWIND_EVERY`];
 /// leased rows are skipped, so going back never takes a batch twice. On
 /// SQLite one process writes, and ids are handed out in commit order, so
-/// rows fall behind the cursor only when storing a batch failed or a
-/// project's events were held back, and the cursor goes back only when the
-/// queue ahead of it is empty: with leases kept in memory, going back while
-/// a batch is in flight would take it again.
+/// rows fall behind the cursor only when storing a batch failed (rows left
+/// for later are carried in memory, see [`keep_for_later`]), and the
+/// cursor goes back only when the queue ahead of it is empty: with leases
+/// kept in memory, going back while a batch is in flight would take it
+/// again.
 struct ClaimCursor {
     after: HashMap<String, i64>,
     /// See [`Chains::slices`]; as of the last processed batch.
@@ -606,6 +625,9 @@ async fn work(
     let mut claimed: Vec<Claimed> = Vec::new();
     let mut processed: Option<Processed> = None;
     let mut held_since = Instant::now();
+    // Projects with rows carried over to the next round (see
+    // `keep_for_later`): not claimed again until those are done.
+    let mut carried_projects: HashSet<String> = HashSet::new();
     loop {
         if *stop.borrow() {
             break;
@@ -614,6 +636,14 @@ async fn work(
         // found) when it is installed, not with the next event.
         if let Some(snapshot) = configs::newer(&mut configs) {
             chains.update(&snapshot, store, &worker.runtime).await?;
+        }
+        // Projects held back are tried again now and then, as their
+        // trouble (a full pool, a database blip) may have passed; idle
+        // too, since their rows are not claimed while they wait.
+        if !chains.held.is_empty() && held_since.elapsed() >= HOLD_RETRY {
+            chains.retry(store, &worker.runtime, &mut configs).await?;
+            held_since = Instant::now();
+            cursor.most = chains.slices(&carried_projects);
         }
         if claimed.is_empty() && processed.is_none() {
             claimed = store.claim(owner, &cursor.next(worker.lease)).await?;
@@ -640,12 +670,6 @@ async fn work(
         // applies to that event.
         if let Some(snapshot) = configs::newer(&mut configs) {
             chains.update(&snapshot, store, &worker.runtime).await?;
-        }
-        // Projects held back are tried again now and then, as their
-        // trouble (a full pool, a database blip) may have passed.
-        if !chains.held.is_empty() && held_since.elapsed() >= HOLD_RETRY {
-            chains.retry(store, &worker.runtime, &mut configs).await?;
-            held_since = Instant::now();
         }
         let to_process = std::mem::take(&mut claimed);
         let quotas = worker.quotas.clone();
@@ -676,20 +700,23 @@ async fn work(
         };
         let (returned, outcome, chain_time) = processing.await?;
         chains = returned;
-        cursor.most = chains.slices();
-        let mut only_held = false;
-        processed = outcome.and_then(|outcome| {
-            if !outcome.held.is_empty() {
-                hold(worker, owner, &outcome.held);
-                only_held = outcome.done.is_empty();
+        let mut carried = Vec::new();
+        let mut only_waiting = false;
+        processed = match outcome {
+            Some(outcome) => {
+                only_waiting = outcome.done.is_empty();
+                carried = keep_for_later(worker, owner, outcome.deferred, outcome.reread).await?;
+                (!outcome.done.is_empty()).then_some(Processed {
+                    ids: outcome.done,
+                    per_project: outcome.done_per_project,
+                    batch: outcome.batch,
+                    chain_time,
+                })
             }
-            (!outcome.done.is_empty()).then_some(Processed {
-                ids: outcome.done,
-                per_project: outcome.done_per_project,
-                batch: outcome.batch,
-                chain_time,
-            })
-        });
+            None => None,
+        };
+        carried_projects = carried.iter().map(|row| row.project_id.clone()).collect();
+        cursor.most = chains.slices(&carried_projects);
         let next_batch = stored?;
         if storing {
             // Ready means storing works, not only claiming: a worker that
@@ -697,10 +724,13 @@ async fn work(
             health.ready();
         }
         cursor.advance(&next_batch);
-        claimed = next_batch;
-        if only_held && processed.is_none() {
-            // Nothing but held-back rows: wait rather than read them again
-            // at once.
+        // Rows kept from this round go first, in the order they were
+        // claimed.
+        carried.extend(next_batch);
+        claimed = carried;
+        if only_waiting && processed.is_none() {
+            // Nothing but rows that wait (for a held-back project): wait
+            // rather than look at them again at once.
             tokio::select! {
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = stop.changed() => {}
@@ -718,22 +748,48 @@ async fn work(
     Ok(())
 }
 
-/// Leaves held-back rows queued: on PostgreSQL their leases are given back
-/// so another process may take them; on SQLite leases live in memory and
-/// the rows come round again when the cursor goes back.
-fn hold(worker: &Worker, owner: &str, ids: &[i64]) {
-    if worker.store.backend() != Backend::Postgres {
-        return;
-    }
-    let (store, owner, ids) = (worker.store.clone(), owner.to_string(), ids.to_vec());
-    tokio::spawn(async move {
-        if let Err(err) = store.release_rows(&owner, &ids).await {
-            tracing::warn!(
-                "failed to give back {} held-back queue rows: {err}; their lease will run out",
-                ids.len()
-            );
+/// Keeps the rows a round left for later (see [`Outcome::deferred`] and
+/// [`Outcome::reread`]) queued. On SQLite, where this worker's leases live
+/// in memory, they are carried to the next round, and the rows a chain
+/// consumed are read again; on PostgreSQL their leases are given back, and
+/// a later claim takes them again in order.
+async fn keep_for_later(
+    worker: &Worker,
+    owner: &str,
+    deferred: Vec<Claimed>,
+    reread: Vec<i64>,
+) -> anyhow::Result<Vec<Claimed>> {
+    match worker.store.backend() {
+        Backend::Sqlite => {
+            let mut carried = deferred;
+            if !reread.is_empty() {
+                let again = worker.store.queued_rows(&reread).await.map_err(|err| {
+                    anyhow::anyhow!(
+                        "failed to read {} held-back queue rows again: {err}",
+                        reread.len()
+                    )
+                })?;
+                carried.extend(again);
+                carried.sort_by_key(|row| row.id);
+            }
+            Ok(carried)
         }
-    });
+        Backend::Postgres => {
+            let ids: Vec<i64> = deferred.iter().map(|row| row.id).chain(reread).collect();
+            if !ids.is_empty() {
+                let (store, owner) = (worker.store.clone(), owner.to_string());
+                tokio::spawn(async move {
+                    if let Err(err) = store.release_rows(&owner, &ids).await {
+                        tracing::warn!(
+                            "failed to give back {} queue rows left for later: {err}; their lease will run out",
+                            ids.len()
+                        );
+                    }
+                });
+            }
+            Ok(Vec::new())
+        }
+    }
 }
 
 /// Stores a processed batch and, with `next`, leases the next one in the
@@ -754,15 +810,14 @@ async fn store_batch(
 }
 
 fn stored(worker: &Worker, done: &Processed, started: Instant) {
-    worker.queue.removed(&done.per_project);
+    // Chains and storing overlap, so a round takes the longer of the two.
+    let round = started.elapsed().max(done.chain_time);
+    worker.queue.removed_in(&done.per_project, round);
     // Only a round with a large batch says what the pipeline can do: a
     // small one means it keeps up, and its fixed costs would make the
-    // pipeline look slower than it is. Chains and storing overlap, so a
-    // round takes the longer of the two.
+    // pipeline look slower than it is.
     if done.ids.len() >= CLAIM_BATCH as usize / 2 {
-        worker
-            .queue
-            .record_round(done.ids.len(), started.elapsed().max(done.chain_time));
+        worker.queue.record_round(done.ids.len(), round);
     }
     worker.wake.delivery.notify_waiters();
     tracing::debug!(
@@ -788,7 +843,7 @@ mod tests {
             .cost
             .insert("middling".into(), Duration::from_millis(2));
         chains.cost.insert("fast".into(), Duration::from_micros(20));
-        let slices = chains.slices();
+        let slices = chains.slices(&HashSet::new());
         assert_eq!(slices.get("slow"), Some(&1));
         assert_eq!(slices.get("middling"), Some(&100));
         assert_eq!(

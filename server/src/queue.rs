@@ -50,6 +50,13 @@ pub struct QueueGauge {
     /// own backlog, not on the whole queue's: one project's flood must not
     /// get every project refused.
     projects: Mutex<HashMap<String, Share>>,
+    /// What the worker stores per second of each project that has more
+    /// queued than one round takes, smoothed. The worker sizes each
+    /// project's slice by its chain's cost, so a project's own rate, not
+    /// the pipeline's, says how long its events will wait: a slow or
+    /// multiplying neighbour makes rounds slow without slowing anyone's
+    /// slice by as much.
+    drain: Mutex<HashMap<String, f64>>,
 }
 
 /// One project's part of the queue.
@@ -123,9 +130,14 @@ impl QueueGauge {
         Backlog {
             depth: share.depth,
             oldest_age: age_since(share.oldest_enqueued_ms),
-            predicted_wait: (share.depth > 0 && rate > 0).then(|| {
-                Duration::from_secs_f64(share.depth as f64 * waiting as f64 / rate as f64)
-            }),
+            predicted_wait: match self.drain.lock().expect("not poisoned").get(project_id) {
+                Some(drain) if share.depth > 0 => {
+                    Some(Duration::from_secs_f64(share.depth as f64 / drain))
+                }
+                _ => (share.depth > 0 && rate > 0).then(|| {
+                    Duration::from_secs_f64(share.depth as f64 * waiting as f64 / rate as f64)
+                }),
+            },
             projects_waiting: waiting,
         }
     }
@@ -209,6 +221,29 @@ impl QueueGauge {
     /// until then its age is that of the oldest event it had, which errs
     /// towards refusing early. A project caught up (as far as this process
     /// knows) has no age at all.
+    /// Records a stored round: `per_project` rows in `took`. A project
+    /// that still has events queued had more than the round took, so the
+    /// round says how fast its own events drain.
+    pub fn removed_in(&self, per_project: &HashMap<String, usize>, took: Duration) {
+        self.removed(per_project);
+        if took.is_zero() {
+            return;
+        }
+        let projects = self.projects.lock().expect("not poisoned");
+        let mut drain = self.drain.lock().expect("not poisoned");
+        drain.retain(|project_id, _| projects.contains_key(project_id));
+        for (project_id, n) in per_project {
+            if !projects.contains_key(project_id) || *n == 0 {
+                continue;
+            }
+            let rate = *n as f64 / took.as_secs_f64();
+            let smoothed = drain
+                .get(project_id)
+                .map_or(rate, |previous| previous * 0.8 + rate * 0.2);
+            drain.insert(project_id.clone(), smoothed);
+        }
+    }
+
     pub fn removed(&self, per_project: &HashMap<String, usize>) {
         let events: usize = per_project.values().sum();
         let before = self.depth.fetch_sub(events as i64, Ordering::Relaxed);
@@ -390,6 +425,27 @@ mod tests {
         gauge.removed(&stored("quiet", 10));
         assert_eq!(gauge.backlog("quiet").depth, 0);
         assert_eq!(gauge.backlog("flood").projects_waiting, 1);
+    }
+
+    #[test]
+    fn a_project_that_drains_at_its_own_rate_waits_by_that_rate() {
+        let gauge = QueueGauge::default();
+        // The pipeline looks slow: a neighbour's costly events fill rounds.
+        gauge.record_round(500, Duration::from_secs(5));
+        gauge.added("steady", 3_000);
+        gauge.added("costly", 10_000);
+        // But each round takes 250 of `steady`'s events in 100 ms.
+        let round = HashMap::from([("steady".to_string(), 250), ("costly".to_string(), 1)]);
+        gauge.removed_in(&round, Duration::from_millis(100));
+        let wait = gauge.backlog("steady").predicted_wait.unwrap();
+        assert_eq!(wait, Duration::from_secs_f64(2_750.0 / 2_500.0));
+        // Drained: nothing to predict, and the rate is forgotten.
+        gauge.removed_in(
+            &HashMap::from([("steady".to_string(), 2_750)]),
+            Duration::from_millis(100),
+        );
+        assert_eq!(gauge.backlog("steady").predicted_wait, None);
+        assert!(!gauge.drain.lock().unwrap().contains_key("steady"));
     }
 
     #[test]

@@ -8,6 +8,26 @@ pub mod process;
 pub mod python;
 pub mod server;
 
+/// Declares a test module per backend, each running every named
+/// `async fn NAME(backend)` of the calling module once: the pair of tests
+/// that every behaviour promised on both stores needs.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                super::$name(super::Backend::Sqlite).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                super::$name(super::Backend::Postgres).await
+            })*
+        }
+    };
+}
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

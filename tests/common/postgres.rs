@@ -57,3 +57,41 @@ impl Drop for TestDatabase {
         .join();
     }
 }
+
+/// A store of its own on either backend, for tests that talk to the store
+/// without a server: a SQLite file in a temporary directory, or a fresh
+/// PostgreSQL database, both gone when this is dropped.
+pub struct TestStore {
+    pub config: sluice::store::StoreConfig,
+    _dir: tempfile::TempDir,
+    _database: Option<TestDatabase>,
+}
+
+impl TestStore {
+    pub async fn create(backend: sluice::store::Backend) -> TestStore {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, database) = match backend {
+            sluice::store::Backend::Sqlite => (
+                sluice::store::StoreConfig::Sqlite {
+                    data_dir: dir.path().to_path_buf(),
+                },
+                None,
+            ),
+            sluice::store::Backend::Postgres => {
+                let database = TestDatabase::create().await;
+                let url = database.url.clone();
+                (sluice::store::StoreConfig::Postgres { url }, Some(database))
+            }
+        };
+        TestStore {
+            config,
+            _dir: dir,
+            _database: database,
+        }
+    }
+
+    /// Opens the store, running its migrations.
+    pub async fn open(&self) -> sluice::store::Store {
+        sluice::server::open_store(&self.config).await.unwrap()
+    }
+}

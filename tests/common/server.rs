@@ -248,15 +248,53 @@ impl TestServer {
 
     /// Waits until the events API holds at least `n` events; them.
     pub async fn wait_events(&self, n: usize) -> Vec<Value> {
-        wait_until(&format!("{n} events to be stored"), || async {
+        self.wait_events_of(&self.project, n).await
+    }
+
+    /// Waits until `project` has at least `n` events stored; them.
+    pub async fn wait_events_of(&self, project: &CreatedProject, n: usize) -> Vec<Value> {
+        wait_until(
+            &format!("{n} events of {} to be stored", project.project_id),
+            || async {
+                let (status, body) = self
+                    .call_api_as(project, reqwest::Method::GET, "/events?limit=1000", None)
+                    .await;
+                assert_eq!(status, 200, "{body}");
+                let results = body["results"].as_array().unwrap().clone();
+                (results.len() >= n).then_some(results)
+            },
+        )
+        .await
+    }
+}
+
+impl TestServer {
+    /// Sets `project`'s quota overrides in the store as the operator does
+    /// (`sluice project quotas`), and waits until the server applies them.
+    pub async fn set_quotas(&self, project: &CreatedProject, overrides: Value) {
+        let store = open_store(&self.store).await.unwrap();
+        assert!(
+            store
+                .set_project_quota_overrides(&project.project_id, Some(&overrides.to_string()))
+                .await
+                .unwrap(),
+            "no project {}",
+            project.project_id
+        );
+        store.close().await;
+        wait_until("the server to apply the quota overrides", || async {
             let (status, body) = self
-                .call_api(reqwest::Method::GET, "/events?limit=1000", None)
+                .call_api_as(project, reqwest::Method::GET, "/quotas", None)
                 .await;
             assert_eq!(status, 200, "{body}");
-            let results = body["results"].as_array().unwrap().clone();
-            (results.len() >= n).then_some(results)
+            overrides
+                .as_object()
+                .unwrap()
+                .iter()
+                .all(|(name, value)| body["quotas"][name] == *value)
+                .then_some(())
         })
-        .await
+        .await;
     }
 }
 

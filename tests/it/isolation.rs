@@ -9,49 +9,15 @@ use std::sync::{Arc, Mutex};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sluice::runtime::Policy;
-use sluice::server::{ServeConfig, open_store};
-use sluice::store::{Backend, Claim, CreatedProject, QueuedEvent, StoreConfig};
+use sluice::server::ServeConfig;
+use sluice::store::{Backend, Claim, CreatedProject, QueuedEvent};
 
+use crate::common::postgres::TestStore;
 use crate::common::server::{TestServer, wait_until};
-
-/// A request to `project`'s API with its own key.
-async fn api_as(
-    server: &TestServer,
-    project: &CreatedProject,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    server.call_api_as(project, method, path, body).await
-}
 
 /// PostHog batch capture with `project`'s token; the status.
 async fn capture_as(server: &TestServer, project: &CreatedProject, events: Value) -> u16 {
     server.capture_batch_as(project, events).await.0
-}
-
-/// Sets quota overrides for `project` as the operator does, and waits
-/// until the server applies them.
-async fn set_quotas(server: &TestServer, project: &CreatedProject, overrides: Value) {
-    let store = open_store(&server.store).await.unwrap();
-    assert!(
-        store
-            .set_project_quota_overrides(&project.project_id, Some(&overrides.to_string()))
-            .await
-            .unwrap()
-    );
-    store.close().await;
-    wait_until("the server to apply the quota overrides", || async {
-        let (status, body) = api_as(server, project, Method::GET, "/quotas", None).await;
-        assert_eq!(status, 200, "{body}");
-        overrides
-            .as_object()
-            .unwrap()
-            .iter()
-            .all(|(name, value)| body["quotas"][name] == *value)
-            .then_some(())
-    })
-    .await;
 }
 
 fn events(prefix: &str, n: usize) -> Value {
@@ -60,17 +26,6 @@ fn events(prefix: &str, n: usize) -> Value {
             .map(|i| json!({"event": format!("{prefix} {i}"), "distinct_id": format!("{prefix}-user")}))
             .collect(),
     )
-}
-
-/// Waits until `project` has stored `n` events.
-async fn wait_stored(server: &TestServer, project: &CreatedProject, n: usize) -> Vec<Value> {
-    wait_until(&format!("{n} events of {}", project.project_id), || async {
-        let (status, body) = api_as(server, project, Method::GET, "/events?limit=1000", None).await;
-        assert_eq!(status, 200, "{body}");
-        let results = body["results"].as_array().unwrap().clone();
-        (results.len() >= n).then_some(results)
-    })
-    .await
 }
 
 #[tokio::test]
@@ -93,7 +48,7 @@ async fn a_chain_that_multiplies_events_dead_letters_the_input_and_spares_other_
             200
         );
 
-        wait_stored(&server, &server.other, 5).await;
+        server.wait_events_of(&server.other, 5).await;
         let letters = wait_until("the bomb to be dead-lettered", || async {
             let (status, body) = server.call_api(Method::GET, "/dead-letters", None).await;
             assert_eq!(status, 200, "{body}");
@@ -144,13 +99,15 @@ async fn a_link_that_keeps_running_near_its_deadline_is_disabled_like_a_failing_
     .await;
     assert!(reason.contains("near their deadline"), "{reason}");
     // Every event was kept: slow is not wrong.
-    wait_stored(&server, &server.project, 12).await;
+    server.wait_events_of(&server.project, 12).await;
 }
 
 #[tokio::test]
 async fn the_chain_has_one_time_budget_per_event_across_its_links() {
     let server = TestServer::start(Backend::Sqlite).await;
-    set_quotas(&server, &server.project, json!({"chain_time_ms": 100})).await;
+    server
+        .set_quotas(&server.project, json!({"chain_time_ms": 100}))
+        .await;
     server
         .upload_and_install("slow-link", json!({"ms": 70}), "open")
         .await;
@@ -163,7 +120,7 @@ async fn the_chain_has_one_time_budget_per_event_across_its_links() {
     );
     // The second link gets what the first left, about 30 ms, and is
     // stopped there; fail-open passes the event on.
-    wait_stored(&server, &server.project, 1).await;
+    server.wait_events_of(&server.project, 1).await;
     let logs = wait_until("the second link's error to be logged", || async {
         let (_, logs) = server
             .call_api(
@@ -201,20 +158,8 @@ fn queued(name: &str) -> QueuedEvent {
 #[tokio::test]
 async fn one_claim_takes_a_slice_of_every_waiting_project_however_long_one_backlog_is() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
-        let database = match backend {
-            Backend::Sqlite => None,
-            Backend::Postgres => Some(crate::common::postgres::TestDatabase::create().await),
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let config = match &database {
-            Some(database) => StoreConfig::Postgres {
-                url: database.url.clone(),
-            },
-            None => StoreConfig::Sqlite {
-                data_dir: dir.path().to_path_buf(),
-            },
-        };
-        let store = open_store(&config).await.unwrap();
+        let test_store = TestStore::create(backend).await;
+        let store = test_store.open().await;
         let flood = store.create_project("flood").await.unwrap();
         let calm = store.create_project("calm").await.unwrap();
         let backlog: Vec<QueuedEvent> = (0..3_000).map(|_| queued("flood")).collect();
@@ -422,7 +367,7 @@ async fn start(backend: Backend) -> TestServer {
     .await
 }
 
-async fn attack_with_a_multiplying_chain(backend: Backend) {
+async fn a_multiplying_chain_leaves_the_neighbour_alone(backend: Backend) {
     let server = start(backend).await;
     let neighbour = Neighbour::start(&server).await;
     for _ in 0..4 {
@@ -459,17 +404,7 @@ async fn attack_with_a_multiplying_chain(backend: Backend) {
     neighbour.finish(&server, "a multiplying chain").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_multiplying_chain_leaves_the_neighbour_alone_on_sqlite() {
-    attack_with_a_multiplying_chain(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_multiplying_chain_leaves_the_neighbour_alone_on_postgres() {
-    attack_with_a_multiplying_chain(Backend::Postgres).await;
-}
-
-async fn attack_with_a_slow_chain(backend: Backend) {
+async fn a_slow_chain_is_disabled_and_leaves_the_neighbour_alone(backend: Backend) {
     let server = start(backend).await;
     let neighbour = Neighbour::start(&server).await;
     // Four links each just inside their deadline: 380 ms an event without
@@ -503,23 +438,15 @@ async fn attack_with_a_slow_chain(backend: Backend) {
             .then_some(())
     })
     .await;
-    wait_stored(&server, &server.project, 40).await;
+    server.wait_events_of(&server.project, 40).await;
     neighbour.finish(&server, "a slow chain").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_slow_chain_is_disabled_and_leaves_the_neighbour_alone_on_sqlite() {
-    attack_with_a_slow_chain(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_slow_chain_is_disabled_and_leaves_the_neighbour_alone_on_postgres() {
-    attack_with_a_slow_chain(Backend::Postgres).await;
-}
-
-async fn attack_with_many_plugin_configs(backend: Backend) {
+async fn plugin_configs_over_the_quota_are_refused_by_name(backend: Backend) {
     let server = start(backend).await;
-    set_quotas(&server, &server.project, json!({"plugin_configs": 3})).await;
+    server
+        .set_quotas(&server.project, json!({"plugin_configs": 3}))
+        .await;
     let neighbour = Neighbour::start(&server).await;
     let mut sha = Value::Null;
     for _ in 0..3 {
@@ -541,17 +468,7 @@ async fn attack_with_many_plugin_configs(backend: Backend) {
     neighbour.finish(&server, "many plugin configs").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn plugin_configs_over_the_quota_are_refused_by_name_on_sqlite() {
-    attack_with_many_plugin_configs(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn plugin_configs_over_the_quota_are_refused_by_name_on_postgres() {
-    attack_with_many_plugin_configs(Backend::Postgres).await;
-}
-
-async fn attack_with_a_chain_slow_within_every_quota(backend: Backend) {
+async fn a_chain_slow_within_every_quota_delays_only_its_project(backend: Backend) {
     let server = start(backend).await;
     let neighbour = Neighbour::start(&server).await;
     // 180 ms an event, each call under half its deadline: nothing fails,
@@ -565,20 +482,10 @@ async fn attack_with_a_chain_slow_within_every_quota(backend: Backend) {
         capture_as(&server, &server.project, events("patient", 40)).await,
         200
     );
-    wait_stored(&server, &server.project, 40).await;
+    server.wait_events_of(&server.project, 40).await;
     neighbour
         .finish(&server, "a chain slow within every quota")
         .await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_chain_slow_within_every_quota_delays_only_its_project_on_sqlite() {
-    attack_with_a_chain_slow_within_every_quota(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_chain_slow_within_every_quota_delays_only_its_project_on_postgres() {
-    attack_with_a_chain_slow_within_every_quota(Backend::Postgres).await;
 }
 
 /// Uploads a built plugin as `project`; the status and the answer.
@@ -605,7 +512,9 @@ async fn upload_as(server: &TestServer, project: &CreatedProject, plugin: &str) 
 async fn plugin_uploads_count_against_the_uploading_projects_quota() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let server = TestServer::start(backend).await;
-        set_quotas(&server, &server.project, json!({"plugins": 2})).await;
+        server
+            .set_quotas(&server.project, json!({"plugins": 2}))
+            .await;
         for plugin in ["passthrough", "splitter"] {
             let (status, body) = upload_as(&server, &server.project, plugin).await;
             assert_eq!(status, 201, "{body}");
@@ -621,12 +530,12 @@ async fn plugin_uploads_count_against_the_uploading_projects_quota() {
         let (status, body) = upload_as(&server, &server.other, "slow-link").await;
         assert_eq!(status, 201, "{body}");
 
-        set_quotas(
-            &server,
-            &server.project,
-            json!({"plugins": 10, "plugin_bytes": 1000}),
-        )
-        .await;
+        server
+            .set_quotas(
+                &server.project,
+                json!({"plugins": 10, "plugin_bytes": 1000}),
+            )
+            .await;
         let (status, body) = upload_as(&server, &server.project, "slow-link").await;
         assert_eq!(status, 403, "{body}");
         let detail = body["detail"].as_str().unwrap();
@@ -704,9 +613,11 @@ async fn flood_until(
     answers.lock().unwrap().clone()
 }
 
-async fn attack_with_a_capture_flood(backend: Backend) {
+async fn a_capture_flood_is_refused_for_its_own_queue_share_only(backend: Backend) {
     let server = start(backend).await;
-    set_quotas(&server, &server.project, json!({"queued_events": 2000})).await;
+    server
+        .set_quotas(&server.project, json!({"queued_events": 2000}))
+        .await;
     // A chain of 20 ms an event: the project's backlog grows whatever
     // the machine, and the worker keeps taking the neighbour's events.
     server
@@ -727,24 +638,11 @@ async fn attack_with_a_capture_flood(backend: Backend) {
     neighbour.finish(&server, "a capture flood").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_capture_flood_is_refused_for_its_own_queue_share_only_on_sqlite() {
-    attack_with_a_capture_flood(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_capture_flood_is_refused_for_its_own_queue_share_only_on_postgres() {
-    attack_with_a_capture_flood(Backend::Postgres).await;
-}
-
-async fn attack_with_a_request_storm(backend: Backend) {
+async fn a_request_storm_gets_429_for_its_token_only(backend: Backend) {
     let server = start(backend).await;
-    set_quotas(
-        &server,
-        &server.project,
-        json!({"capture_requests_per_second": 20}),
-    )
-    .await;
+    server
+        .set_quotas(&server.project, json!({"capture_requests_per_second": 20}))
+        .await;
     let neighbour = Neighbour::start(&server).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (answers, tasks) = flood(&server, &server.project, 8, 1, &stopped);
@@ -759,17 +657,7 @@ async fn attack_with_a_request_storm(backend: Backend) {
     neighbour.finish(&server, "a request storm").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_request_storm_gets_429_for_its_token_only_on_sqlite() {
-    attack_with_a_request_storm(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_request_storm_gets_429_for_its_token_only_on_postgres() {
-    attack_with_a_request_storm(Backend::Postgres).await;
-}
-
-async fn attack_with_heavy_bodies(backend: Backend) {
+async fn heavy_and_slow_bodies_cost_the_neighbour_nothing(backend: Backend) {
     let server = TestServer::start_with(backend, |config| ServeConfig {
         policy: Policy {
             allow_loopback: true,
@@ -841,19 +729,11 @@ async fn attack_with_heavy_bodies(backend: Backend) {
     neighbour.finish(&server, "heavy and slow bodies").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn heavy_and_slow_bodies_cost_the_neighbour_nothing_on_sqlite() {
-    attack_with_heavy_bodies(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn heavy_and_slow_bodies_cost_the_neighbour_nothing_on_postgres() {
-    attack_with_heavy_bodies(Backend::Postgres).await;
-}
-
-async fn attack_with_a_key_value_flood(backend: Backend) {
+async fn a_key_value_flood_stops_at_its_quota(backend: Backend) {
     let server = start(backend).await;
-    set_quotas(&server, &server.project, json!({"kv_keys_per_config": 50})).await;
+    server
+        .set_quotas(&server.project, json!({"kv_keys_per_config": 50}))
+        .await;
     let neighbour = Neighbour::start(&server).await;
     server
         .upload_and_install("kv-counter", json!({}), "open")
@@ -866,7 +746,7 @@ async fn attack_with_a_key_value_flood(backend: Backend) {
         capture_as(&server, &server.project, Value::Array(batch)).await,
         200
     );
-    let stored = wait_stored(&server, &server.project, 200).await;
+    let stored = server.wait_events_of(&server.project, 200).await;
     let refused: Vec<&str> = stored
         .iter()
         .filter_map(|e| e["properties"]["kv_error"].as_str())
@@ -880,29 +760,30 @@ async fn attack_with_a_key_value_flood(backend: Backend) {
     neighbour.finish(&server, "a key-value flood").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_key_value_flood_stops_at_its_quota_on_sqlite() {
-    attack_with_a_key_value_flood(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_key_value_flood_stops_at_its_quota_on_postgres() {
-    attack_with_a_key_value_flood(Backend::Postgres).await;
-}
-
-async fn attack_with_hanging_destinations(backend: Backend) {
+async fn hanging_destinations_hold_only_their_projects_lanes(backend: Backend) {
     let server = start(backend).await;
     let neighbour = Neighbour::start(&server).await;
     // A receiver that holds every request for 5 s, and three destinations
     // asking for 64 lanes each: 192 instances and HTTP requests without
     // the project's quotas, more than the sandbox's pool of 100.
-    let receiver = axum::Router::new().route(
-        "/hang",
-        axum::routing::post(|| async {
-            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-            "late"
-        }),
-    );
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let receiver = {
+        let (in_flight, most) = (in_flight.clone(), most.clone());
+        axum::Router::new().route(
+            "/hang",
+            axum::routing::post(move || {
+                let (in_flight, most) = (in_flight.clone(), most.clone());
+                async move {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    most.fetch_max(in_flight.fetch_add(1, SeqCst) + 1, SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    in_flight.fetch_sub(1, SeqCst);
+                    "late"
+                }
+            }),
+        )
+    };
     let url = format!("http://{}/hang", crate::common::serve(receiver));
     let (status, uploaded) = upload_as(&server, &server.project, "webhook").await;
     assert_eq!(status, 201, "{uploaded}");
@@ -924,21 +805,17 @@ async fn attack_with_hanging_destinations(backend: Backend) {
         capture_as(&server, &server.project, events("hang", 300)).await,
         200
     );
-    wait_stored(&server, &server.project, 300).await;
+    server.wait_events_of(&server.project, 300).await;
+    wait_until("the destinations to fill their lanes", || async {
+        (in_flight.load(std::sync::atomic::Ordering::SeqCst) >= 16).then_some(())
+    })
+    .await;
     neighbour.finish(&server, "hanging destinations").await;
+    // Three destinations asking for 64 lanes each got the project's 16.
+    assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 16);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn hanging_destinations_hold_only_their_projects_lanes_on_sqlite() {
-    attack_with_hanging_destinations(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn hanging_destinations_hold_only_their_projects_lanes_on_postgres() {
-    attack_with_hanging_destinations(Backend::Postgres).await;
-}
-
-async fn attack_with_hostile_plugins(backend: Backend) {
+async fn hostile_plugins_are_disabled_and_leave_the_neighbour_alone(backend: Backend) {
     let server = start(backend).await;
     let neighbour = Neighbour::start(&server).await;
     for plugin in [
@@ -992,19 +869,11 @@ async fn attack_with_hostile_plugins(backend: Backend) {
     neighbour.finish(&server, "hostile plugins").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn hostile_plugins_are_disabled_and_leave_the_neighbour_alone_on_sqlite() {
-    attack_with_hostile_plugins(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn hostile_plugins_are_disabled_and_leave_the_neighbour_alone_on_postgres() {
-    attack_with_hostile_plugins(Backend::Postgres).await;
-}
-
-async fn attack_with_queries_and_replays(backend: Backend) {
+async fn queries_and_replays_keep_to_their_quotas(backend: Backend) {
     let server = start(backend).await;
-    set_quotas(&server, &server.project, json!({"replay_batch": 50})).await;
+    server
+        .set_quotas(&server.project, json!({"replay_batch": 50}))
+        .await;
     let neighbour = Neighbour::start(&server).await;
     // Letters to replay: a destination that refuses everything.
     let refusing = axum::Router::new().route(
@@ -1076,12 +945,16 @@ async fn attack_with_queries_and_replays(backend: Backend) {
     neighbour.finish(&server, "queries and replays").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn queries_and_replays_keep_to_their_quotas_on_sqlite() {
-    attack_with_queries_and_replays(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn queries_and_replays_keep_to_their_quotas_on_postgres() {
-    attack_with_queries_and_replays(Backend::Postgres).await;
-}
+on_both_backends!(
+    a_multiplying_chain_leaves_the_neighbour_alone,
+    a_slow_chain_is_disabled_and_leaves_the_neighbour_alone,
+    plugin_configs_over_the_quota_are_refused_by_name,
+    a_chain_slow_within_every_quota_delays_only_its_project,
+    a_capture_flood_is_refused_for_its_own_queue_share_only,
+    a_request_storm_gets_429_for_its_token_only,
+    heavy_and_slow_bodies_cost_the_neighbour_nothing,
+    a_key_value_flood_stops_at_its_quota,
+    hanging_destinations_hold_only_their_projects_lanes,
+    hostile_plugins_are_disabled_and_leave_the_neighbour_alone,
+    queries_and_replays_keep_to_their_quotas,
+);

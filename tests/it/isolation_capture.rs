@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{Value, json};
-use sluice::server::{ServeConfig, open_store};
-use sluice::store::{Backend, CreatedProject, StoreConfig};
+use sluice::server::ServeConfig;
+use sluice::store::{Backend, CreatedProject};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::postgres::TestDatabase;
+use crate::common::postgres::TestStore;
 use crate::common::server::{PATIENCE, TestServer, wait_until};
 
 /// A body no JSON parser accepts, large enough to be parsed off the
@@ -76,41 +76,11 @@ impl TestServer {
 
     /// The names of `project`'s stored events, once there are `n`.
     async fn stored_names(&self, project: &CreatedProject, n: usize) -> Vec<String> {
-        wait_until(&format!("{n} events to be stored"), || async {
-            let response = self
-                .client
-                .get(format!(
-                    "{}/api/projects/{}/events?limit=1000",
-                    self.base, project.project_id
-                ))
-                .bearer_auth(&project.api_key)
-                .send()
-                .await
-                .unwrap();
-            let (status, _, body) = read(response).await;
-            assert_eq!(status, 200, "{body}");
-            let names: Vec<String> = body["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|event| event["event"].as_str().unwrap().to_string())
-                .collect();
-            (names.len() >= n).then_some(names)
-        })
-        .await
-    }
-
-    /// Overrides one project's quotas in the store; running servers read
-    /// them again within seconds.
-    async fn set_quotas(&self, project: &CreatedProject, overrides: Value) {
-        let store = open_store(&self.store).await.unwrap();
-        assert!(
-            store
-                .set_project_quota_overrides(&project.project_id, Some(&overrides.to_string()))
-                .await
-                .unwrap()
-        );
-        store.close().await;
+        self.wait_events_of(project, n)
+            .await
+            .iter()
+            .map(|event| event["event"].as_str().unwrap().to_string())
+            .collect()
     }
 }
 
@@ -269,21 +239,8 @@ async fn postgres_a_project_over_its_queue_share_gets_503_while_another_is_accep
 #[tokio::test(flavor = "multi_thread")]
 async fn the_queue_reports_each_projects_depth_and_oldest_event() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
-        let dir = tempfile::tempdir().unwrap();
-        let (config, _database) = match backend {
-            Backend::Sqlite => (
-                StoreConfig::Sqlite {
-                    data_dir: dir.path().to_path_buf(),
-                },
-                None,
-            ),
-            Backend::Postgres => {
-                let database = TestDatabase::create().await;
-                let url = database.url.clone();
-                (StoreConfig::Postgres { url }, Some(database))
-            }
-        };
-        let store = open_store(&config).await.unwrap();
+        let test_store = TestStore::create(backend).await;
+        let store = test_store.open().await;
         let a = store.create_project("a").await.unwrap();
         let b = store.create_project("b").await.unwrap();
         store.create_project("idle").await.unwrap();

@@ -20,7 +20,7 @@ use sluice::store::{
 };
 use sqlx::Connection;
 
-use crate::common::postgres::TestDatabase;
+use crate::common::postgres::TestStore;
 use crate::common::server::{PATIENCE, TestServer, wait_until};
 
 /// A trend over the project's last month: any query reads `events`.
@@ -274,26 +274,9 @@ async fn log_messages(store: &Store, config_id: &str) -> Vec<String> {
 }
 
 async fn pruning_deletes_old_and_surplus_rows_in_chunks_and_keeps_the_rest(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let (config, _database) = match backend {
-        Backend::Sqlite => (
-            StoreConfig::Sqlite {
-                data_dir: dir.path().into(),
-            },
-            None,
-        ),
-        Backend::Postgres => {
-            let database = TestDatabase::create().await;
-            (
-                StoreConfig::Postgres {
-                    url: database.url.clone(),
-                },
-                Some(database),
-            )
-        }
-    };
-    let store = open_store(&config).await.unwrap();
-    let mut db = raw(&config).await;
+    let test_store = TestStore::create(backend).await;
+    let store = test_store.open().await;
+    let mut db = raw(&test_store.config).await;
     let project = store.create_project("p").await.unwrap().project_id;
     let cutoff = days_ago(7);
 
@@ -380,28 +363,9 @@ async fn the_retention_task_prunes_each_project_by_its_own_quotas(backend: Backe
     let mut projects = [server.project.clone(), server.other.clone()];
     projects.sort_by(|x, y| x.project_id.cmp(&y.project_id));
     let [a, b] = projects;
-    store
-        .set_project_quota_overrides(
-            &b.project_id,
-            Some(r#"{"dead_letter_retention_days": 365}"#),
-        )
-        .await
-        .unwrap();
-    wait_until("the server to read b's quotas", || async {
-        let response = server
-            .client
-            .get(format!(
-                "{}/api/projects/{}/quotas",
-                server.base, b.project_id
-            ))
-            .bearer_auth(&b.api_key)
-            .send()
-            .await
-            .unwrap();
-        let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
-        (body["quotas"]["dead_letter_retention_days"] == 365).then_some(())
-    })
-    .await;
+    server
+        .set_quotas(&b, json!({"dead_letter_retention_days": 365}))
+        .await;
 
     let lines = [
         line(days_ago(10), "too old"),
@@ -581,25 +545,6 @@ async fn postgres_replay_waits_while_the_projects_queue_is_full() {
     );
     server.wait_events(3).await;
     store.close().await;
-}
-
-/// Every test above taking a backend, once on SQLite and once on
-/// PostgreSQL.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread")]
-            async fn $name() {
-                super::$name(super::Backend::Sqlite).await
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread")]
-            async fn $name() {
-                super::$name(super::Backend::Postgres).await
-            })*
-        }
-    };
 }
 
 on_both_backends!(

@@ -2,6 +2,7 @@
 //! and the server are linked once. Each module tests one part as a user
 //! meets it; `common` holds what they share.
 
+#[macro_use]
 #[path = "../common/mod.rs"]
 mod common;
 

@@ -839,24 +839,6 @@ async fn postgres_capture_pushes_back_while_the_pipeline_cannot_store() {
     );
 }
 
-/// Every test above, once on SQLite and once on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread")]
-            async fn $name() {
-                super::$name(super::Backend::Sqlite).await
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread")]
-            async fn $name() {
-                super::$name(super::Backend::Postgres).await
-            })*
-        }
-    };
-}
-
 on_both_backends!(
     browsers_may_send_events_from_other_origins,
     every_posthog_endpoint_and_encoding_is_accepted_and_stored,

@@ -280,11 +280,20 @@ pub enum CaptureError {
         "the server did not finish the request within {seconds} s; retry later (a retried event keeps its uuid and is stored once)"
     )]
     TimedOut { seconds: f64 },
+    /// Refused before the body was read: the rest of the body may still be
+    /// on its way, so the connection cannot carry another request.
+    #[error("{0}")]
+    Unread(Box<CaptureError>),
     #[error("storage failed")]
     Store(#[from] crate::store::Error),
 }
 
 impl CaptureError {
+    /// This refusal, answered before the request's body was read.
+    pub(crate) fn unread(self) -> CaptureError {
+        CaptureError::Unread(Box::new(self))
+    }
+
     /// Seconds a client should wait before sending again, for the answers
     /// that say so.
     fn retry_after_secs(&self) -> Option<u64> {
@@ -303,6 +312,13 @@ impl CaptureError {
 
 impl IntoResponse for CaptureError {
     fn into_response(self) -> Response {
+        if let CaptureError::Unread(refused) = self {
+            let mut response = refused.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
         let (status, kind) = match &self {
             CaptureError::Invalid(_) => (StatusCode::BAD_REQUEST, "validation_error"),
             CaptureError::MissingToken | CaptureError::UnknownToken => {
@@ -318,6 +334,7 @@ impl IntoResponse for CaptureError {
             CaptureError::Overloaded { .. }
             | CaptureError::TimedOut { .. }
             | CaptureError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+            CaptureError::Unread(_) => unreachable!("answered by the refusal it holds"),
         };
         let detail = match &self {
             // Details of storage failures go to the log, not to clients.

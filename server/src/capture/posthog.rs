@@ -47,7 +47,11 @@ async fn capture(
         .find_map(|key| query.get(*key).filter(|token| !token.is_empty()))
         .cloned();
     let admitted = match &query_token {
-        Some(token) => Some(super::admit(&state, token).await?),
+        Some(token) => Some(
+            super::admit(&state, token)
+                .await
+                .map_err(CaptureError::unread)?,
+        ),
         None => None,
     };
     let limit = state.config.max_body_bytes;

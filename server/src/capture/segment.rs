@@ -50,7 +50,11 @@ async fn capture(
     // before the body is read, and an unknown key costs no parsing.
     let auth_key = basic_auth_user(&headers);
     let admitted = match &auth_key {
-        Some(key) => Some(super::admit(&state, key).await?),
+        Some(key) => Some(
+            super::admit(&state, key)
+                .await
+                .map_err(CaptureError::unread)?,
+        ),
         None => None,
     };
     let limit = state.config.max_body_bytes;

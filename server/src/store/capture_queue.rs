@@ -98,10 +98,12 @@ impl Claim {
         self.after.get(project_id).copied().unwrap_or(0)
     }
 
+    /// How many of `project_id`'s rows to take when each project's even
+    /// share is `even`; 0 leaves the project out of the claim.
     fn slice(&self, project_id: &str, even: i64) -> i64 {
         self.most
             .get(project_id)
-            .map_or(even, |most| even.min(i64::from(*most).max(1)))
+            .map_or(even, |most| even.min(i64::from(*most)))
     }
 }
 
@@ -242,6 +244,7 @@ impl Store {
                 projects.push(project);
             }
         }
+        projects.retain(|project| claim.slice(project, 1) > 0);
         if projects.is_empty() {
             return Ok(Vec::new());
         }
@@ -268,14 +271,9 @@ impl Store {
                     })
                     .collect();
                 let sql = slices.join(" UNION ALL ");
-                let mut query = sqlx::query(&sql);
-                for project in &projects {
-                    query = query
-                        .bind(project.as_str())
-                        .bind(claim.after(project))
-                        .bind(claim.slice(project, per_project));
-                }
-                query.fetch_all(&mut *conn).await?
+                bind_slices(sqlx::query(&sql), &projects, claim, per_project)
+                    .fetch_all(&mut *conn)
+                    .await?
             }
             // Several processes share one PostgreSQL queue: each skips the
             // rows another is claiming instead of waiting for them, and a
@@ -304,20 +302,33 @@ impl Store {
                     slices.join(", "),
                     picked.join(" UNION ALL ")
                 );
-                let mut query = sqlx::query(&sql)
+                let query = sqlx::query(&sql)
                     .bind(owner)
                     .bind(now + claim.lease.as_millis() as i64)
                     .bind(now);
-                for project in &projects {
-                    query = query
-                        .bind(project.as_str())
-                        .bind(claim.after(project))
-                        .bind(claim.slice(project, per_project));
-                }
-                query.fetch_all(&mut *conn).await?
+                bind_slices(query, &projects, claim, per_project)
+                    .fetch_all(&mut *conn)
+                    .await?
             }
         };
         Ok(rows)
+    }
+
+    /// Queued rows by id, as a claim returns them: for rows a worker holds
+    /// and must look at again.
+    pub async fn queued_rows(&self, ids: &[i64]) -> Result<Vec<Claimed>> {
+        let mut rows = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(1_000) {
+            let list = id_list(chunk.iter().copied());
+            rows.extend(
+                sqlx::query(&format!(
+                    "SELECT id, project_id, payload FROM capture_queue WHERE id IN ({list})"
+                ))
+                .fetch_all(&self.pool)
+                .await?,
+            );
+        }
+        parse_claimed(rows)
     }
 
     /// Gives back the rows `owner` holds, for a graceful shutdown.
@@ -384,6 +395,25 @@ pub(super) async fn delete_claimed(
         };
     }
     Ok(())
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds each project's slice of a claim: the project, the id its rows
+/// start after, and how many of them.
+fn bind_slices<'q>(
+    mut query: AnyQuery<'q>,
+    projects: &'q [String],
+    claim: &Claim,
+    even: i64,
+) -> AnyQuery<'q> {
+    for project in projects {
+        query = query
+            .bind(project.as_str())
+            .bind(claim.after(project))
+            .bind(claim.slice(project, even));
+    }
+    query
 }
 
 /// Up to `limit` projects with queued rows, in id order, after `after`:

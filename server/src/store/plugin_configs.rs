@@ -147,13 +147,7 @@ impl Store {
         } = new;
         let id = uuid::Uuid::now_v7().to_string();
         let (mut tx, _turn) = self.write().await?;
-        if self.backend() == super::Backend::Postgres {
-            // Two creates of one project count one after the other.
-            sqlx::query("SELECT id FROM projects WHERE id = $1 FOR UPDATE")
-                .bind(project_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        }
+        super::projects::lock_project(&mut tx, self.backend(), project_id).await?;
         let existing: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM plugin_configs WHERE project_id = $1")
                 .bind(project_id)

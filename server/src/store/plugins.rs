@@ -38,13 +38,7 @@ impl Store {
         max_bytes: u64,
     ) -> Result<Upload> {
         let (mut tx, _turn) = self.write().await?;
-        if self.backend() == super::Backend::Postgres {
-            // Two uploads of one project count one after the other.
-            sqlx::query("SELECT id FROM projects WHERE id = $1 FOR UPDATE")
-                .bind(project_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        }
+        super::projects::lock_project(&mut tx, self.backend(), project_id).await?;
         let known: Option<i64> = sqlx::query_scalar(
             "SELECT bytes FROM plugin_uploads WHERE project_id = $1 AND sha256 = $2",
         )

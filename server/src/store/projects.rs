@@ -156,3 +156,21 @@ impl Store {
         Ok(updated == 1)
     }
 }
+
+/// Makes a project's counted writes (a new plugin config, an upload) of
+/// concurrent transactions take turns, so that two of them cannot both
+/// count the project under a quota and both go over it. On SQLite the
+/// write lock already does.
+pub(super) async fn lock_project(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: super::Backend,
+    project_id: &str,
+) -> Result<()> {
+    if backend == super::Backend::Postgres {
+        sqlx::query("SELECT id FROM projects WHERE id = $1 FOR UPDATE")
+            .bind(project_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
