@@ -41,9 +41,9 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 /// queue; see [`ClaimCursor`].
 const REWIND_EVERY: Duration = Duration::from_secs(1);
 
-/// About how much chain time one project's slice of a batch may take; see
-/// [`Chains::slices`].
-const SLICE_TIME: Duration = Duration::from_millis(200);
+/// The chain time each project with events waiting earns per round of
+/// the worker, while several projects have; see [`Chains::credit`].
+const QUANTUM: Duration = Duration::from_millis(50);
 
 /// How often a project held back (see [`Chains::held`]) is tried again.
 const HOLD_RETRY: Duration = Duration::from_secs(1);
@@ -75,6 +75,14 @@ struct Chains {
     held: HashMap<String, String>,
     /// Each project's chain time per event, smoothed over its last batches.
     cost: HashMap<String, Duration>,
+    /// Each project's chain time in hand, in microseconds, while several
+    /// projects have events in a batch (deficit round robin): every round
+    /// adds [`QUANTUM`] up to one quantum, and every event run takes what
+    /// it took. A project at or below zero waits for later rounds. A
+    /// project whose events take 180 ms each thereby runs one every four
+    /// rounds or so, and the others get their rounds' worth, instead of
+    /// each round waiting on it.
+    credit: HashMap<String, i64>,
 }
 
 impl Chains {
@@ -154,26 +162,39 @@ impl Chains {
 
 impl Chains {
     /// The most events of each project the next claim should take: about
-    /// [`SLICE_TIME`] of its chain's time for slow projects (a project
-    /// whose chain takes 200 ms an event, within every quota, would
-    /// otherwise hold each batch, and every other project's events in it,
-    /// for most of a minute), and none for a project held back or with
-    /// rows `carried` over from this round.
+    /// a [`QUANTUM`] of its chain's time for slow projects, and none for a
+    /// project held back, out of credit, or with rows `carried` over from
+    /// this round.
     fn slices(&self, carried: &HashSet<String>) -> HashMap<String, u32> {
         let mut slices: HashMap<String, u32> = self
             .cost
             .iter()
             .filter(|(_, cost)| !cost.is_zero())
             .map(|(project, cost)| {
-                let most = (SLICE_TIME.as_secs_f64() / cost.as_secs_f64()).floor();
+                let most = (QUANTUM.as_secs_f64() / cost.as_secs_f64()).floor();
                 (project.clone(), most.clamp(1.0, CLAIM_BATCH as f64) as u32)
             })
             .filter(|(_, most)| *most < CLAIM_BATCH)
             .collect();
-        for project in self.held.keys().chain(carried) {
+        let out_of_credit = self
+            .credit
+            .iter()
+            .filter(|(_, credit)| **credit <= 0)
+            .map(|(project, _)| project);
+        for project in self.held.keys().chain(carried).chain(out_of_credit) {
             slices.insert(project.clone(), 0);
         }
         slices
+    }
+
+    /// Adds a round's [`QUANTUM`] to every project's credit; a project
+    /// back to a full quantum needs no entry.
+    fn refill(&mut self) {
+        let quantum = QUANTUM.as_micros() as i64;
+        self.credit.retain(|_, credit| {
+            *credit = (*credit + quantum).min(quantum);
+            *credit < quantum
+        });
     }
 
     /// Starts again the links that held their projects back.
@@ -214,20 +235,31 @@ fn to_queued(event: PluginEvent, received_at: &str) -> QueuedEvent {
 
 /// Runs claimed events through their projects' chains. CPU-bound: called on
 /// a blocking thread. Events of a project whose chain cannot run now (see
-/// [`Chains::held`]), or that has had its [`SLICE_TIME`] in this batch, are
+/// [`Chains::held`]), or that is out of credit (see [`Chains::credit`]), are
 /// left out of the batch and returned in `deferred`, to stay queued.
 fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Outcome {
     let mut outcome = Outcome::default();
     let mut spent: HashMap<String, (u32, Duration)> = HashMap::new();
+    chains.refill();
+    // Alone in a batch, a project runs all of it: credit shares the worker
+    // between projects, and with no other project there is nothing to share.
+    let shared = claimed
+        .iter()
+        .any(|row| row.project_id != claimed[0].project_id);
+    let quantum = QUANTUM.as_micros() as i64;
     for row in claimed {
-        // A held project's rows, and a project's rows once its chain has
-        // had its time in this batch, wait for a later round: one slow
-        // project (or one whose cost is not known yet) must not hold the
-        // batch, and every other project's events in it.
-        let over_time = spent
-            .get(&row.project_id)
-            .is_some_and(|(_, time)| *time >= SLICE_TIME);
-        if chains.held.contains_key(&row.project_id) || over_time {
+        // A held project's rows, and the rows of a project out of credit,
+        // wait for a later round: one slow project (or one whose cost is
+        // not known yet) must not hold the batch, and every other
+        // project's events in it.
+        let out_of_credit = shared
+            && chains
+                .credit
+                .get(&row.project_id)
+                .copied()
+                .unwrap_or(quantum)
+                <= 0;
+        if chains.held.contains_key(&row.project_id) || out_of_credit {
             outcome.deferred.push(row);
             continue;
         }
@@ -246,11 +278,15 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
         let quota = quotas.get(&project_id);
         let started = Instant::now();
         let end = run_chain(chain, &project_id, event, &quota, batch);
+        let took = started.elapsed();
         let spent = spent
             .entry(project_id.clone())
             .or_insert((0u32, Duration::ZERO));
         spent.0 += 1;
-        spent.1 += started.elapsed();
+        spent.1 += took;
+        if shared {
+            *chains.credit.entry(project_id.clone()).or_insert(quantum) -= took.as_micros() as i64;
+        }
         match end {
             ChainEnd::Done => {}
             ChainEnd::Wait(reason) => {
@@ -647,6 +683,13 @@ async fn work(
         }
         if claimed.is_empty() && processed.is_none() {
             claimed = store.claim(owner, &cursor.next(worker.lease)).await?;
+            if claimed.is_empty() && !chains.credit.is_empty() {
+                // Nothing else to run: projects out of credit have the
+                // worker to themselves.
+                chains.credit.clear();
+                cursor.most = chains.slices(&carried_projects);
+                continue;
+            }
             if claimed.is_empty() {
                 // An empty queue read is a round of work done.
                 health.ready();
@@ -845,11 +888,25 @@ mod tests {
         chains.cost.insert("fast".into(), Duration::from_micros(20));
         let slices = chains.slices(&HashSet::new());
         assert_eq!(slices.get("slow"), Some(&1));
-        assert_eq!(slices.get("middling"), Some(&100));
+        assert_eq!(slices.get("middling"), Some(&25));
         assert_eq!(
             slices.get("fast"),
             None,
             "a fast chain takes its full share"
         );
+    }
+
+    #[test]
+    fn a_project_out_of_credit_is_not_claimed_until_rounds_refill_it() {
+        let mut chains = Chains::default();
+        chains.credit.insert("slow".into(), -120_000);
+        assert_eq!(chains.slices(&HashSet::new()).get("slow"), Some(&0));
+        chains.refill();
+        chains.refill();
+        assert_eq!(chains.slices(&HashSet::new()).get("slow"), Some(&0));
+        chains.refill();
+        assert_eq!(chains.slices(&HashSet::new()).get("slow"), None);
+        chains.refill();
+        assert!(chains.credit.is_empty(), "a full quantum needs no entry");
     }
 }

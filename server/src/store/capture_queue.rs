@@ -248,7 +248,7 @@ impl Store {
         if projects.is_empty() {
             return Ok(Vec::new());
         }
-        let per_project = (claim.limit as usize).div_ceil(projects.len()) as i64;
+        let shares = share_out(claim, &projects);
         let rows = match self.backend() {
             // One process owns a SQLite file (its write lock serialises
             // writers anyway), so the worker's lease lives in memory: it
@@ -271,7 +271,7 @@ impl Store {
                     })
                     .collect();
                 let sql = slices.join(" UNION ALL ");
-                bind_slices(sqlx::query(&sql), &projects, claim, per_project)
+                bind_slices(sqlx::query(&sql), &projects, &shares)
                     .fetch_all(&mut *conn)
                     .await?
             }
@@ -306,7 +306,7 @@ impl Store {
                     .bind(owner)
                     .bind(now + claim.lease.as_millis() as i64)
                     .bind(now);
-                bind_slices(query, &projects, claim, per_project)
+                bind_slices(query, &projects, &shares)
                     .fetch_all(&mut *conn)
                     .await?
             }
@@ -404,16 +404,36 @@ type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q
 fn bind_slices<'q>(
     mut query: AnyQuery<'q>,
     projects: &'q [String],
-    claim: &Claim,
-    even: i64,
+    slices: &[(i64, i64)],
 ) -> AnyQuery<'q> {
-    for project in projects {
-        query = query
-            .bind(project.as_str())
-            .bind(claim.after(project))
-            .bind(claim.slice(project, even));
+    for (project, (after, rows)) in projects.iter().zip(slices) {
+        query = query.bind(project.as_str()).bind(*after).bind(*rows);
     }
     query
+}
+
+/// Each project's (after, rows) in a claim: the claim's rows shared out
+/// evenly, except that a project capped below its even share (see
+/// [`Claim::most`]) leaves the rest to the others, so a slow project
+/// taking one row does not halve what the fast ones may take.
+fn share_out(claim: &Claim, projects: &[String]) -> Vec<(i64, i64)> {
+    let limit = i64::from(claim.limit);
+    let cap = |project: &String| claim.slice(project, limit);
+    let mut order: Vec<usize> = (0..projects.len()).collect();
+    order.sort_by_key(|i| cap(&projects[*i]));
+    let mut rows = vec![0; projects.len()];
+    let mut left = limit;
+    for (taken, i) in order.iter().enumerate() {
+        let open = (projects.len() - taken) as i64;
+        let share = (left + open - 1) / open;
+        rows[*i] = cap(&projects[*i]).min(share);
+        left -= rows[*i];
+    }
+    projects
+        .iter()
+        .zip(rows)
+        .map(|(project, rows)| (claim.after(project), rows))
+        .collect()
 }
 
 /// Up to `limit` projects with queued rows, in id order, after `after`:
@@ -456,4 +476,32 @@ pub(super) fn parse_claimed(rows: Vec<sqlx::any::AnyRow>) -> Result<Vec<Claimed>
     }
     claimed.sort_by_key(|c| c.id);
     Ok(claimed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capped_project_leaves_the_rest_of_the_claim_to_the_others() {
+        let claim = Claim {
+            limit: 500,
+            most: HashMap::from([("slow".to_string(), 1), ("middling".to_string(), 100)]),
+            after: HashMap::from([("fast".to_string(), 42)]),
+            ..Claim::default()
+        };
+        let projects: Vec<String> = ["fast", "slow", "middling", "other"]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            share_out(&claim, &projects),
+            vec![(42, 200), (0, 1), (0, 100), (0, 199)]
+        );
+        let even = Claim {
+            limit: 500,
+            ..Claim::default()
+        };
+        assert_eq!(share_out(&even, &projects[..2]), vec![(0, 250), (0, 250)]);
+    }
 }
