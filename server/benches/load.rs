@@ -15,7 +15,7 @@
 //! are measured: it sends flat out from 8 clients of its own (a refusal is
 //! waited out for its `Retry-After`, at most 1 s, and the batch sent
 //! again), through a chain chosen by the mode: `flood` (the same three
-//! plugins), `slow` (four `slow-link` test plugins of 45 ms each: 180 ms an
+//! plugins), `slow` (four `slow-link` test plugins of 35 ms each: 140 ms an
 //! event, within every quota) or `multiply` (three `splitter` test plugins
 //! making 100 events of each, over `events_per_input`). Only the measured
 //! projects' events count: the drain ends when none of theirs is queued.
@@ -267,7 +267,7 @@ async fn install_attack(
     match mode {
         "flood" => install_chain(client, base, project, root, 3).await,
         "slow" => {
-            let links = vec![("slow-link", json!({"ms": 45})); 4];
+            let links = vec![("slow-link", json!({"ms": 35})); 4];
             install(client, base, project, root, &links).await;
         }
         "multiply" => {

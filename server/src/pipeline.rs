@@ -241,25 +241,17 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
     let mut outcome = Outcome::default();
     let mut spent: HashMap<String, (u32, Duration)> = HashMap::new();
     chains.refill();
-    // Alone in a batch, a project runs all of it: credit shares the worker
-    // between projects, and with no other project there is nothing to share.
-    let shared = claimed
-        .iter()
-        .any(|row| row.project_id != claimed[0].project_id);
     let quantum = QUANTUM.as_micros() as i64;
+    let mut waited_for_credit = false;
     for row in claimed {
         // A held project's rows, and the rows of a project out of credit,
         // wait for a later round: one slow project (or one whose cost is
         // not known yet) must not hold the batch, and every other
         // project's events in it.
-        let out_of_credit = shared
-            && chains
-                .credit
-                .get(&row.project_id)
-                .copied()
-                .unwrap_or(quantum)
-                <= 0;
+        let credit = chains.credit.get(&row.project_id).copied();
+        let out_of_credit = credit.unwrap_or(quantum) <= 0;
         if chains.held.contains_key(&row.project_id) || out_of_credit {
+            waited_for_credit |= out_of_credit;
             outcome.deferred.push(row);
             continue;
         }
@@ -284,9 +276,7 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
             .or_insert((0u32, Duration::ZERO));
         spent.0 += 1;
         spent.1 += took;
-        if shared {
-            *chains.credit.entry(project_id.clone()).or_insert(quantum) -= took.as_micros() as i64;
-        }
+        *chains.credit.entry(project_id.clone()).or_insert(quantum) -= took.as_micros() as i64;
         match end {
             ChainEnd::Done => {}
             ChainEnd::Wait(reason) => {
@@ -300,6 +290,11 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
                 chains.held.insert(project_id, reason);
             }
         }
+    }
+    if waited_for_credit && outcome.done.is_empty() {
+        // Nothing ran: no other project wanted the worker, so those out
+        // of credit may have it, from the next round on.
+        chains.credit.clear();
     }
     for (project_id, (events, time)) in spent {
         let per_event = time / events;
@@ -747,7 +742,13 @@ async fn work(
         let mut only_waiting = false;
         processed = match outcome {
             Some(outcome) => {
-                only_waiting = outcome.done.is_empty();
+                // Only rows of held-back projects: nothing will change
+                // before the next retry.
+                only_waiting = outcome.done.is_empty()
+                    && outcome
+                        .deferred
+                        .iter()
+                        .all(|row| chains.held.contains_key(&row.project_id));
                 carried = keep_for_later(worker, owner, outcome.deferred, outcome.reread).await?;
                 (!outcome.done.is_empty()).then_some(Processed {
                     ids: outcome.done,

@@ -616,7 +616,7 @@ async fn flood_until(
 async fn a_capture_flood_is_refused_for_its_own_queue_share_only(backend: Backend) {
     let server = start(backend).await;
     server
-        .set_quotas(&server.project, json!({"queued_events": 2000}))
+        .set_quotas(&server.project, json!({"queued_events": 300}))
         .await;
     // A chain of 20 ms an event: the project's backlog grows whatever
     // the machine, and the worker keeps taking the neighbour's events.
@@ -626,7 +626,7 @@ async fn a_capture_flood_is_refused_for_its_own_queue_share_only(backend: Backen
     let neighbour = Neighbour::start(&server).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (answers, tasks) = flood(&server, &server.project, 4, 100, &stopped);
-    let answers = flood_until(stop, answers, tasks, 503, "quota `queued_events` (2000)").await;
+    let answers = flood_until(stop, answers, tasks, 503, "quota `queued_events` (300)").await;
     let refused: Vec<&(u16, String)> = answers.iter().filter(|(s, _)| *s != 200).collect();
     assert!(
         refused
