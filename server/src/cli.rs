@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// project also keeps to its `concurrent_queries` quota [default: 4].
     #[arg(long, env = "SLUICE_MAX_CONCURRENT_QUERIES")]
     pub max_concurrent_queries: Option<u32>,
+    /// Connections held open at once; past it the server accepts no more
+    /// until one closes [default: half the process's file descriptor
+    /// limit, at most 10000].
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// A default quota of every project, as NAME=VALUE (repeatable); see
     /// docs/operators.md for the names. `sluice project quotas` sets one
     /// project's.
@@ -139,6 +144,7 @@ pub struct FileConfig {
     pub query_timeout_seconds: Option<f64>,
     pub query_max_rows: Option<u64>,
     pub max_concurrent_queries: Option<u32>,
+    pub max_connections: Option<usize>,
     pub plugins: Option<Policy>,
     /// The default quotas of every project; see `model::Quotas`.
     pub quotas: Option<Quotas>,
@@ -329,6 +335,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Some(0) => anyhow::bail!("--max-concurrent-queries must be at least 1"),
             Some(n) => n,
             None => defaults.max_concurrent_queries,
+        },
+        max_connections: match args.max_connections.or(file.max_connections) {
+            Some(0) => anyhow::bail!("--max-connections must be at least 1"),
+            Some(n) => n,
+            None => defaults.max_connections,
         },
         quotas: default_quotas(&file, &args.quotas)?,
         retention_period: defaults.retention_period,

@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub max_concurrent_queries: u32,
     /// Every project's quotas, unless the project has its own.
     pub quotas: Quotas,
+    /// Connections held open at once; see `listener`.
+    pub max_connections: usize,
     /// Time between rounds of pruning plugin logs and dead letters (see
     /// `retention`): by default 5 minutes, often enough that a flood of
     /// log lines is cut back soon, rarely enough that the rounds that find
@@ -62,6 +64,7 @@ impl ServeConfig {
             query_limits: QueryLimits::default(),
             max_concurrent_queries: 4,
             quotas: Quotas::default(),
+            max_connections: crate::listener::default_max_connections(),
             retention_period: Duration::from_secs(300),
         }
     }

@@ -8,7 +8,8 @@
 //! filling outboxes that `delivery` drains; `scheduler` runs plugins'
 //! scheduled tasks; [`query`] answers analytics questions and `api` serves
 //! them. [`model`] holds the domain types they share, `loader` starts an
-//! install's plugin, `configs` follows the installed configs, `quotas`
+//! install's plugin, `listener` bounds open connections, `configs` follows the installed
+//! configs, `quotas`
 //! holds each project's share of what projects share, `retention` prunes
 //! what they keep, and `supervisor` keeps the background tasks running. [`server`] wires it
 //! all into `serve(config, listener, shutdown)`; [`author`] is the plugin
@@ -23,6 +24,7 @@ pub mod cli;
 pub(crate) mod config;
 pub(crate) mod configs;
 pub(crate) mod delivery;
+pub(crate) mod listener;
 pub(crate) mod loader;
 pub mod model;
 pub(crate) mod pipeline;

@@ -7,7 +7,6 @@
 //! Nothing else in the crate imports this module.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +23,7 @@ use crate::capture::CaptureState;
 pub use crate::config::ServeConfig;
 use crate::configs::ConfigWatch;
 use crate::delivery::Delivery;
+use crate::listener::{Limited, Peer};
 use crate::pipeline::Worker;
 use crate::query::{QuerySlots, WAIT_FOR_A_SLOT};
 use crate::queue::{QueueGauge, Wakeups};
@@ -176,12 +176,10 @@ pub async fn serve(
         .merge(api::router())
         .with_state(state);
     tracing::info!(addr = %listener.local_addr()?, "sluice is serving");
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .into_future();
+    let listener = Limited::new(listener, config.max_connections);
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown)
+        .into_future();
     tokio::pin!(server);
     let served = loop {
         tokio::select! {

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use crate::listener::Peer;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
@@ -35,7 +36,7 @@ where
 
 async fn capture(
     State(state): State<CaptureState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,

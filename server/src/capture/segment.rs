@@ -5,8 +5,8 @@
 //! normalisation and queue as PostHog capture.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
+use crate::listener::Peer;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
@@ -32,7 +32,7 @@ where
 
 async fn capture(
     State(state): State<CaptureState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     Path(kind): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
