@@ -22,6 +22,7 @@ mod runtime;
 mod s3;
 mod salesforce;
 mod sdk_clients;
+mod secrets;
 mod sendgrid;
 mod server;
 mod slack;

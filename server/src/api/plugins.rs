@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use super::ApiState;
 use super::{ApiError, ApiPath, Authorised, JsonBody};
 use crate::model::FailurePolicy;
-use crate::model::manifest::FieldType;
+use crate::model::manifest::{FieldType, Manifest};
 use crate::model::quotas::Hit;
 use crate::runtime::{Install, PluginError};
 use crate::store::{self, DeliverySettings, PluginConfig, PluginConfigPatch, Upload};
@@ -204,6 +204,60 @@ async fn try_install(
     .map_err(|err| ApiError::Invalid(format!("failed to start the plugin: {err}")))?
 }
 
+/// Fills in the secrets a changed config leaves out with their stored
+/// values, since the API never returns them. Unless the change moves where
+/// the plugin sends requests (a field its `http_hosts` names, such as a
+/// `base_url`): then a kept secret would go to the new host, so every
+/// secret must be given again.
+fn keep_secrets(
+    manifest: &Manifest,
+    stored: &Map<String, Value>,
+    given: &mut Map<String, Value>,
+) -> Result<(), ApiError> {
+    // A field left out takes its default, as validation will give it.
+    let effective = |config: &Map<String, Value>, field: &str| {
+        config.get(field).cloned().or_else(|| {
+            manifest
+                .config
+                .get(field)
+                .and_then(|spec| spec.default.clone())
+        })
+    };
+    let moved: Vec<&str> = manifest
+        .host_fields()
+        .into_iter()
+        .filter(|field| effective(given, field) != effective(stored, field))
+        .collect();
+    let kept: Vec<&String> = manifest
+        .config
+        .iter()
+        .filter(|(name, field)| {
+            field.kind == FieldType::Secret
+                && !given.contains_key(*name)
+                && stored.contains_key(*name)
+        })
+        .map(|(name, _)| name)
+        .collect();
+    if !moved.is_empty() && !kept.is_empty() {
+        let quoted = |names: Vec<&str>| {
+            names
+                .iter()
+                .map(|name| format!("`{name}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(ApiError::Invalid(format!(
+            "config: {} changes where the plugin sends requests, so its secrets must be given again with it: {} (a stored secret is never sent to a new host)",
+            quoted(moved),
+            quoted(kept.iter().map(|name| name.as_str()).collect())
+        )));
+    }
+    for name in kept {
+        given.insert(name.clone(), stored[name].clone());
+    }
+    Ok(())
+}
+
 fn delivery_settings(value: Option<&Value>) -> Result<Option<DeliverySettings>, ApiError> {
     value
         .map(|value| DeliverySettings::parse(value).map_err(ApiError::Invalid))
@@ -340,14 +394,7 @@ async fn update_plugin_config(
         Some(Value::Object(mut given)) => {
             if let (Some(manifest), Some(stored)) = (&current.manifest, current.config.as_object())
             {
-                for (name, field) in &manifest.config {
-                    if field.kind == FieldType::Secret
-                        && !given.contains_key(name)
-                        && let Some(value) = stored.get(name)
-                    {
-                        given.insert(name.clone(), value.clone());
-                    }
-                }
+                keep_secrets(manifest, stored, &mut given)?;
             }
             Some(Value::Object(
                 try_install(

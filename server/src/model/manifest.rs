@@ -124,6 +124,16 @@ pub struct Invalid {
 }
 
 impl Manifest {
+    /// The config fields whose URL's host the plugin may call
+    /// (`{config.FIELD}` in `http_hosts`): where its secrets are sent.
+    pub fn host_fields(&self) -> Vec<&str> {
+        self.capabilities
+            .http_hosts
+            .iter()
+            .filter_map(|host| host.strip_prefix("{config.")?.strip_suffix('}'))
+            .collect()
+    }
+
     /// Parses and validates `plugin.toml` text.
     pub fn parse(text: &str) -> Result<Manifest, Invalid> {
         let manifest: Manifest = toml::from_str(text).map_err(|err| Invalid {
