@@ -269,6 +269,23 @@ impl TestServer {
 }
 
 impl TestServer {
+    /// Runs one statement on the server's database behind its back, as a
+    /// failure or an old version would leave it.
+    pub async fn execute_sql(&self, sql: &str) {
+        use sqlx::Connection;
+        match &self.store {
+            StoreConfig::Sqlite { data_dir } => {
+                let url = format!("sqlite://{}", data_dir.join("sluice.db").display());
+                let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+                sqlx::query(sql).execute(&mut conn).await.unwrap();
+            }
+            StoreConfig::Postgres { url } => {
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::query(sql).execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+
     /// Sets `project`'s quota overrides in the store as the operator does
     /// (`sluice project quotas`), and waits until the server applies them.
     pub async fn set_quotas(&self, project: &CreatedProject, overrides: Value) {

@@ -189,21 +189,6 @@ async fn both_migration_trees_build_the_same_tables_columns_and_indexes() {
     );
 }
 
-/// Runs one statement against the server's database from outside it.
-async fn execute(server: &TestServer, sql: &str) {
-    match &server.store {
-        StoreConfig::Sqlite { data_dir } => {
-            let url = format!("sqlite://{}", data_dir.join("sluice.db").display());
-            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-            sqlx::query(sql).execute(&mut conn).await.unwrap();
-        }
-        StoreConfig::Postgres { url } => {
-            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::query(sql).execute(&mut conn).await.unwrap();
-        }
-    }
-}
-
 /// The state `/_ready` reports for one task, once it reports it failed.
 async fn wait_failed(server: &TestServer, task: &str) -> Value {
     wait_until(&format!("/_ready to report `{task}` failed"), || async {
@@ -219,22 +204,18 @@ async fn a_failing_worker_is_reported_and_started_again(backend: Backend) {
     server.wait_ready(200, "the server to be ready").await;
 
     // Every claim the worker makes now fails.
-    execute(
-        &server,
-        "ALTER TABLE capture_queue RENAME TO capture_queue_away",
-    )
-    .await;
+    server
+        .execute_sql("ALTER TABLE capture_queue RENAME TO capture_queue_away")
+        .await;
     let failed = wait_failed(&server, "pipeline worker").await;
     assert!(
         failed["error"].as_str().unwrap().contains("capture_queue"),
         "the error says what failed: {failed}"
     );
 
-    execute(
-        &server,
-        "ALTER TABLE capture_queue_away RENAME TO capture_queue",
-    )
-    .await;
+    server
+        .execute_sql("ALTER TABLE capture_queue_away RENAME TO capture_queue")
+        .await;
     server
         .wait_ready(200, "the worker to be started again and ready")
         .await;
@@ -269,11 +250,9 @@ async fn a_store_error_while_a_plugin_starts_leaves_it_enabled(backend: Backend)
     server.wait_ready(200, "the server to be ready").await;
 
     // The configs still read; the plugin's `.wasm` does not.
-    execute(
-        &server,
-        "ALTER TABLE plugins RENAME COLUMN wasm TO wasm_away",
-    )
-    .await;
+    server
+        .execute_sql("ALTER TABLE plugins RENAME COLUMN wasm TO wasm_away")
+        .await;
     // A change to the install makes the worker start its plugin again.
     let (status, body) = server
         .call_api(
@@ -323,11 +302,9 @@ async fn a_store_error_while_a_plugin_starts_leaves_it_enabled(backend: Backend)
     assert_eq!(config["enabled"], true, "still enabled: {config}");
     assert_eq!(config["disabled_reason"], Value::Null, "{config}");
 
-    execute(
-        &server,
-        "ALTER TABLE plugins RENAME COLUMN wasm_away TO wasm",
-    )
-    .await;
+    server
+        .execute_sql("ALTER TABLE plugins RENAME COLUMN wasm_away TO wasm")
+        .await;
     // The event waited in the queue and went through the whole chain.
     let events = server.wait_events(1).await;
     assert_eq!(events[0]["event"], "signed_up");

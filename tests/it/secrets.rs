@@ -105,3 +105,36 @@ async fn moving_a_destinations_host_needs_its_secrets_again() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_config_whose_manifest_cannot_be_read_shows_no_values() {
+    let server = TestServer::start(Backend::Sqlite).await;
+    let id = install(
+        &server,
+        "webhook",
+        json!({"url": "https://hooks.example.com/in", "secret": "hmac-key-123456"}),
+    )
+    .await;
+    // Which fields are secret comes from the stored manifest.
+    server
+        .execute_sql("UPDATE plugins SET manifest = 'not a manifest'")
+        .await;
+    let (status, configs) = server.call_api(Method::GET, "/plugin-configs", None).await;
+    assert_eq!(status, 200, "{configs}");
+    let view = configs["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(view["config"], json!({}), "{view}");
+    assert!(!view.to_string().contains("hmac-key-123456"), "{view}");
+    assert!(
+        view["config_hidden"]
+            .as_str()
+            .unwrap()
+            .contains("upload the plugin again"),
+        "{view}"
+    );
+}

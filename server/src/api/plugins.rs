@@ -265,7 +265,8 @@ fn delivery_settings(value: Option<&Value>) -> Result<Option<DeliverySettings>, 
 }
 
 /// The config without secret values, which the API never returns; the names
-/// of the secrets that are set are listed instead.
+/// of the secrets that are set are listed instead. Without a readable
+/// manifest no value is returned at all.
 pub(super) fn public_view(config: &PluginConfig) -> Value {
     let mut view = serde_json::to_value(config).unwrap_or(Value::Null);
     let secrets: Vec<String> = config
@@ -286,6 +287,14 @@ pub(super) fn public_view(config: &PluginConfig) -> Value {
                 set.push(name.clone());
             }
         }
+    }
+    if config.manifest.is_none() {
+        // Which fields are secret is unknown: show none of the values
+        // rather than all of them.
+        view["config"] = json!({});
+        view["config_hidden"] = json!(
+            "this plugin's stored manifest cannot be read, so no config value is shown; upload the plugin again"
+        );
     }
     view["secrets_set"] = json!(set);
     view["paused"] = json!(config.paused_reason.is_some());
