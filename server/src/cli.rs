@@ -119,6 +119,11 @@ pub struct ServeArgs {
     /// limit, at most 10000].
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Addresses or networks of the reverse proxies in front of the server,
+    /// comma-separated: only their `X-Forwarded-For` is believed for `$ip`
+    /// [default: 127.0.0.0/8,::1].
+    #[arg(long, env = "SLUICE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
     /// A default quota of every project, as NAME=VALUE (repeatable); see
     /// docs/operators.md for the names. `sluice project quotas` sets one
     /// project's.
@@ -145,6 +150,7 @@ pub struct FileConfig {
     pub query_max_rows: Option<u64>,
     pub max_concurrent_queries: Option<u32>,
     pub max_connections: Option<usize>,
+    pub trusted_proxies: Option<Vec<String>>,
     pub plugins: Option<Policy>,
     /// The default quotas of every project; see `model::Quotas`.
     pub quotas: Option<Quotas>,
@@ -341,6 +347,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Some(n) => n,
             None => defaults.max_connections,
         },
+        trusted_proxies: match args.trusted_proxies.or(file.trusted_proxies.clone()) {
+            Some(networks) => parse_networks(&networks)?,
+            None => defaults.trusted_proxies,
+        },
         quotas: default_quotas(&file, &args.quotas)?,
         retention_period: defaults.retention_period,
         policy: file.plugins.clone().unwrap_or(defaults.policy),
@@ -354,6 +364,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         crate::server::serve(config, listener, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Parses `--trusted-proxies`: addresses (`10.0.0.7`) or networks
+/// (`10.0.0.0/8`).
+fn parse_networks(networks: &[String]) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    networks
+        .iter()
+        .map(|text| text.trim())
+        .filter(|text| !text.is_empty())
+        .map(|text| {
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "--trusted-proxies: `{text}` is not an IP address or network such as 10.0.0.7 or 10.0.0.0/8"
+                    )
+                })
+        })
+        .collect()
 }
 
 /// The config file's `[quotas]` with the command line's `--quota`s on top.

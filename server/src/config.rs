@@ -42,6 +42,9 @@ pub struct ServeConfig {
     pub quotas: Quotas,
     /// Connections held open at once; see `listener`.
     pub max_connections: usize,
+    /// Addresses whose `X-Forwarded-For` is believed: the reverse proxies in
+    /// front of the server. Anyone else could write any address there.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Time between rounds of pruning plugin logs and dead letters (see
     /// `retention`): by default 5 minutes, often enough that a flood of
     /// log lines is cut back soon, rarely enough that the rounds that find
@@ -65,7 +68,16 @@ impl ServeConfig {
             max_concurrent_queries: 4,
             quotas: Quotas::default(),
             max_connections: crate::listener::default_max_connections(),
+            trusted_proxies: default_trusted_proxies(),
             retention_period: Duration::from_secs(300),
         }
     }
+}
+
+/// Loopback only: a reverse proxy on the same machine.
+pub fn default_trusted_proxies() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .map(|net| net.parse().expect("a valid network"))
+        .collect()
 }

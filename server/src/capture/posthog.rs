@@ -66,20 +66,41 @@ async fn capture(
         (None, Some(project_id)) => project_id,
         (None, None) => return Err(CaptureError::MissingToken),
     };
-    let ip = state.config.record_ip.then(|| client_ip(&headers, peer));
+    let ip = state
+        .config
+        .record_ip
+        .then(|| client_ip(&headers, peer, &state.config.trusted_proxies));
     super::accept(&state, &project_id, batch, ip).await?;
     Ok(Json(json!({"status": 1})))
 }
 
-/// The first `X-Forwarded-For` address when a proxy sets it, else the peer.
-pub(super) fn client_ip(headers: &HeaderMap, peer: SocketAddr) -> String {
-    headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(|ip| ip.trim().to_string())
+/// The client's address: the peer's, unless the peer is a trusted proxy;
+/// then the nearest `X-Forwarded-For` address that is not one, read from
+/// the right, since each proxy appends the address it heard from and
+/// everything left of the first untrusted one may have been written by
+/// the client.
+pub(super) fn client_ip(headers: &HeaderMap, peer: SocketAddr, trusted: &[ipnet::IpNet]) -> String {
+    let is_trusted = |ip: std::net::IpAddr| trusted.iter().any(|net| net.contains(&ip));
+    if !is_trusted(peer.ip()) {
+        return peer.ip().to_string();
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
         .filter(|ip| !ip.is_empty())
-        .unwrap_or_else(|| peer.ip().to_string())
+        .collect();
+    for hop in forwarded.iter().rev() {
+        match hop.parse::<std::net::IpAddr>() {
+            Ok(ip) if is_trusted(ip) => continue,
+            _ => return hop.to_string(),
+        }
+    }
+    forwarded
+        .first()
+        .map_or_else(|| peer.ip().to_string(), |first| first.to_string())
 }
 
 fn objects(items: Vec<Value>) -> Result<Vec<Map<String, Value>>, CaptureError> {
@@ -133,5 +154,39 @@ fn raw_batch(value: Value) -> Result<RawBatch, CaptureError> {
         _ => Err(CaptureError::Invalid(
             "the body must be an event, an array of events or {\"batch\": [...]}".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod client_ip_tests {
+    use super::*;
+
+    fn headers(forwarded: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", forwarded.parse().unwrap());
+        headers
+    }
+
+    fn networks(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn only_a_trusted_proxys_forwarded_address_is_believed() {
+        let trusted = networks(&["127.0.0.0/8", "10.0.0.0/8"]);
+        let proxy: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let stranger: SocketAddr = "203.0.113.5:5000".parse().unwrap();
+        assert_eq!(
+            client_ip(&headers("1.2.3.4"), stranger, &trusted),
+            "203.0.113.5"
+        );
+        assert_eq!(client_ip(&headers("1.2.3.4"), proxy, &trusted), "1.2.3.4");
+        // The client wrote 6.6.6.6 itself; the proxies appended the rest.
+        assert_eq!(
+            client_ip(&headers("6.6.6.6, 1.2.3.4, 10.0.0.2"), proxy, &trusted),
+            "1.2.3.4"
+        );
+        assert_eq!(client_ip(&headers("10.0.0.2"), proxy, &trusted), "10.0.0.2");
+        assert_eq!(client_ip(&HeaderMap::new(), proxy, &trusted), "127.0.0.1");
     }
 }

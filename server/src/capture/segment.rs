@@ -119,7 +119,10 @@ async fn capture(
         sent_at,
         events: messages,
     };
-    let ip = state.config.record_ip.then(|| client_ip(&headers, peer));
+    let ip = state
+        .config
+        .record_ip
+        .then(|| client_ip(&headers, peer, &state.config.trusted_proxies));
     super::accept(&state, &project_id, batch, ip).await?;
     Ok(Json(json!({"success": true})))
 }
