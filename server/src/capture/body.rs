@@ -56,12 +56,15 @@ const PARSE_MEMORY_MIB: u32 = 256;
 /// gives what it freed back to the system; see [`release_freed_memory`].
 const TRIM_AFTER_MIB: u32 = 16;
 
-/// Gives freed heap memory back to the system. glibc keeps what a thread
-/// freed in that thread's arena for reuse, and parses run on whichever
-/// blocking thread is free: a stream of refused 20 MiB bodies of nested
-/// arrays left a gigabyte resident across arenas, though nothing was live.
-/// Only refused large bodies pay for it (a few milliseconds); an accepted
-/// one's memory is reused by the next.
+/// Gives freed heap memory back to the system where the allocator is
+/// glibc's, as in the tests and in programs that embed the server. glibc
+/// keeps what a thread freed in that thread's arena for reuse, and parses
+/// run on whichever blocking thread is free: a stream of refused 20 MiB
+/// bodies of nested arrays left a gigabyte resident across arenas, though
+/// nothing was live. Only refused large bodies pay for it (a few
+/// milliseconds); an accepted one's memory is reused by the next. The
+/// `sluice` binary allocates with mimalloc, which gives freed pages back by
+/// itself, and there this finds next to nothing to do.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free pages of the allocator's own
