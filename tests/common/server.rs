@@ -286,6 +286,21 @@ impl TestServer {
         }
     }
 
+    /// One of the project's plugin configs as the API shows it.
+    pub async fn plugin_config_view(&self, id: &str) -> Value {
+        let (status, configs) = self
+            .call_api(reqwest::Method::GET, "/plugin-configs", None)
+            .await;
+        assert_eq!(status, 200, "{configs}");
+        configs["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|config| config["id"] == id)
+            .unwrap_or_else(|| panic!("no plugin config {id}: {configs}"))
+            .clone()
+    }
+
     /// Sets `project`'s quota overrides in the store as the operator does
     /// (`sluice project quotas`), and waits until the server applies them.
     pub async fn set_quotas(&self, project: &CreatedProject, overrides: Value) {
@@ -313,6 +328,22 @@ impl TestServer {
         })
         .await;
     }
+}
+
+/// A response's status, `Retry-After` and JSON body (or text, as a JSON
+/// string): what a refusal is checked by.
+pub async fn answer(response: reqwest::Response) -> (u16, Option<String>, Value) {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = response.text().await.unwrap();
+    (
+        status,
+        retry_after,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 async fn read(response: reqwest::Response) -> (u16, Value) {

@@ -86,14 +86,9 @@ async fn a_link_that_keeps_running_near_its_deadline_is_disabled_like_a_failing_
         200
     );
     let reason = wait_until("the slow link to be disabled", || async {
-        let (_, configs) = server.call_api(Method::GET, "/plugin-configs", None).await;
-        let config = configs["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["id"] == slow["id"])
-            .unwrap()
-            .clone();
+        let config = server
+            .plugin_config_view(slow["id"].as_str().unwrap())
+            .await;
         config["disabled_reason"].as_str().map(str::to_string)
     })
     .await;

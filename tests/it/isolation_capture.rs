@@ -14,7 +14,7 @@ use sluice::store::{Backend, CreatedProject};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::postgres::TestStore;
-use crate::common::server::{PATIENCE, TestServer, wait_until};
+use crate::common::server::{PATIENCE, TestServer, answer, wait_until};
 
 /// A body no JSON parser accepts, large enough to be parsed off the
 /// async runtime were it parsed at all.
@@ -29,20 +29,9 @@ fn basic(write_key: &str) -> String {
     )
 }
 
-async fn read(response: reqwest::Response) -> (u16, Option<String>, Value) {
-    let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    let text = response.text().await.unwrap();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, retry_after, body)
-}
-
 impl TestServer {
     async fn segment(&self, write_key: &str, body: Vec<u8>) -> (u16, Option<String>, Value) {
-        read(
+        answer(
             self.client
                 .post(format!("{}/v1/track", self.base))
                 .header("authorization", basic(write_key))
@@ -63,7 +52,7 @@ impl TestServer {
     ) -> (u16, Option<String>, Value) {
         let event = json!({"api_key": project.capture_token, "event": name, "distinct_id": "d",
                            "uuid": uuid::Uuid::new_v4().to_string()});
-        read(
+        answer(
             self.client
                 .post(format!("{}/capture/", self.base))
                 .body(event.to_string())
@@ -111,7 +100,7 @@ async fn a_posthog_token_in_the_query_string_is_checked_before_the_body_is_parse
         .send()
         .await
         .unwrap();
-    let (status, _, body) = read(response).await;
+    let (status, _, body) = answer(response).await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["type"], "authentication_error");
     // A known token in the query string is enough for a body without one.
@@ -125,7 +114,7 @@ async fn a_posthog_token_in_the_query_string_is_checked_before_the_body_is_parse
         .send()
         .await
         .unwrap();
-    let (status, _, body) = read(response).await;
+    let (status, _, body) = answer(response).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         server.stored_names(&server.project, 1).await,

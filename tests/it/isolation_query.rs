@@ -21,7 +21,7 @@ use sluice::store::{
 use sqlx::Connection;
 
 use crate::common::postgres::TestStore;
-use crate::common::server::{PATIENCE, TestServer, wait_until};
+use crate::common::server::{PATIENCE, TestServer, answer, wait_until};
 
 /// A trend over the project's last month: any query reads `events`.
 fn trend() -> Value {
@@ -48,20 +48,6 @@ fn spawn_query(
         .header("content-type", "application/json")
         .body(query.to_string());
     tokio::spawn(async move { answer(request.send().await.unwrap()).await })
-}
-
-async fn answer(response: reqwest::Response) -> Answer {
-    let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    let text = response.text().await.unwrap();
-    (
-        status,
-        retry_after,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
 }
 
 /// Waits for a task's answer, failing instead of hanging if it never comes.

@@ -73,14 +73,7 @@ async fn moving_a_destinations_host_needs_its_secrets_again() {
                 "{plugin}: {detail}"
             );
         }
-        let (_, configs) = server.call_api(Method::GET, "/plugin-configs", None).await;
-        let stored = configs["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["id"] == id.as_str())
-            .unwrap()
-            .clone();
+        let stored = server.plugin_config_view(&id).await;
         assert_ne!(
             stored["config"][host_field],
             json!("https://collector.attacker.example/steal"),
@@ -119,15 +112,7 @@ async fn a_config_whose_manifest_cannot_be_read_shows_no_values() {
     server
         .execute_sql("UPDATE plugins SET manifest = 'not a manifest'")
         .await;
-    let (status, configs) = server.call_api(Method::GET, "/plugin-configs", None).await;
-    assert_eq!(status, 200, "{configs}");
-    let view = configs["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == id.as_str())
-        .unwrap()
-        .clone();
+    let view = server.plugin_config_view(&id).await;
     assert_eq!(view["config"], json!({}), "{view}");
     assert!(!view.to_string().contains("hmac-key-123456"), "{view}");
     assert!(
