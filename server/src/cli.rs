@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::admin;
 use crate::author::build::{self, BuildOptions, Toolchain};
 use crate::author::scaffold::{self, SdkSource};
 use crate::author::test_run::{self, TestOptions};
@@ -30,9 +31,18 @@ pub struct Cli {
 pub enum Command {
     /// Run the server: capture API, pipeline worker, query API.
     Serve(ServeArgs),
+    /// Manage organisations.
+    #[command(subcommand)]
+    Org(OrgCommand),
     /// Manage projects.
     #[command(subcommand)]
     Project(ProjectCommand),
+    /// Manage personal API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Manage capture tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Write, build and try plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -124,6 +134,11 @@ pub struct ServeArgs {
     /// [default: 127.0.0.0/8,::1].
     #[arg(long, env = "SLUICE_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
+    /// Management and query API requests one personal API key may make per
+    /// second, with bursts of twice as many; past it the API answers 429
+    /// with `Retry-After` [default: 100].
+    #[arg(long, env = "SLUICE_API_REQUESTS_PER_SECOND")]
+    pub api_requests_per_second: Option<u32>,
     /// A default quota of every project, as NAME=VALUE (repeatable); see
     /// docs/operators.md for the names. `sluice project quotas` sets one
     /// project's.
@@ -151,6 +166,7 @@ pub struct FileConfig {
     pub max_concurrent_queries: Option<u32>,
     pub max_connections: Option<usize>,
     pub trusted_proxies: Option<Vec<String>>,
+    pub api_requests_per_second: Option<u32>,
     pub plugins: Option<Policy>,
     /// The default quotas of every project; see `model::Quotas`.
     pub quotas: Option<Quotas>,
@@ -171,15 +187,29 @@ impl FileConfig {
 
 #[derive(Debug, Subcommand)]
 pub enum ProjectCommand {
-    /// Create a project; prints {"project_id", "capture_token", "api_key"}.
+    /// Create a project; prints {"project_id", "organisation_id",
+    /// "capture_token", "api_key"}, the key being an admin key of this
+    /// project alone.
     Create {
         /// Project name.
         #[arg(long)]
         name: String,
+        /// The organisation to create it in [default: a new organisation
+        /// of the project's name].
+        #[arg(long)]
+        organisation: Option<String>,
         /// The IANA time zone its analytics queries bucket days in, such
         /// as Europe/Berlin.
         #[arg(long, default_value = "UTC")]
         timezone: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List projects, of every organisation or of one; prints one JSON
+    /// object per line.
+    List {
+        #[arg(long)]
+        organisation: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -199,6 +229,77 @@ pub enum ProjectCommand {
         /// The server's config file, for its `[quotas]` defaults.
         #[arg(long, env = "SLUICE_CONFIG")]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgCommand {
+    /// Create an organisation with an admin key of all its projects;
+    /// prints {"organisation_id", "name", "api_key", "key_id"}.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List organisations; prints one JSON object per line.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a personal API key; prints it once with its id. Only its hash
+    /// is stored.
+    Create {
+        /// The organisation the key belongs to.
+        #[arg(long)]
+        organisation: String,
+        /// What the key is for, to tell keys apart in lists.
+        #[arg(long)]
+        name: String,
+        /// read, write or admin.
+        #[arg(long)]
+        scope: String,
+        /// Limit the key to this project (repeatable); without it the key
+        /// reaches every project of the organisation.
+        #[arg(long = "project")]
+        projects: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List an organisation's keys (never the keys themselves); prints one
+    /// JSON object per line.
+    List {
+        #[arg(long)]
+        organisation: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a key at once; prints it as it now is.
+    Revoke {
+        /// The key's id (from `sluice key list`), not the key itself.
+        key_id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Give a project a new capture token; the old one is still accepted
+    /// for the grace period. Prints {"capture_token", "previous_valid_until"}.
+    Rotate {
+        #[arg(long)]
+        project: String,
+        /// How long the old token is still accepted, in seconds (at most 30
+        /// days) [default: 86400].
+        #[arg(long, default_value_t = 86_400)]
+        grace_seconds: u64,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -260,7 +361,10 @@ pub enum ToolchainArg {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Org(command) => tenancy(TenancyCommand::Org(command)),
         Command::Project(command) => project(command),
+        Command::Key(command) => tenancy(TenancyCommand::Key(command)),
+        Command::Token(command) => tenancy(TenancyCommand::Token(command)),
         Command::Plugin(command) => plugin(command),
     };
     match result {
@@ -353,6 +457,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         quotas: default_quotas(&file, &args.quotas)?,
         retention_period: defaults.retention_period,
+        api_requests_per_second: match args
+            .api_requests_per_second
+            .or(file.api_requests_per_second)
+        {
+            Some(0) => anyhow::bail!("--api-requests-per-second must be at least 1"),
+            Some(n) => n,
+            None => defaults.api_requests_per_second,
+        },
         policy: file.plugins.clone().unwrap_or(defaults.policy),
         store: args.store.config(&file),
     };
@@ -409,10 +521,64 @@ async fn shutdown_signal() {
     }
 }
 
+/// The commands `admin` carries out.
+enum TenancyCommand {
+    Org(OrgCommand),
+    Key(KeyCommand),
+    Token(TokenCommand),
+}
+
+fn tenancy(command: TenancyCommand) -> anyhow::Result<ExitCode> {
+    let file = FileConfig::default();
+    tokio_runtime()?.block_on(async move {
+        match command {
+            TenancyCommand::Org(OrgCommand::Create { name, store }) => {
+                admin::create_organisation(&store.config(&file), &name).await
+            }
+            TenancyCommand::Org(OrgCommand::List { store }) => {
+                admin::list_organisations(&store.config(&file)).await
+            }
+            TenancyCommand::Key(KeyCommand::Create {
+                organisation,
+                name,
+                scope,
+                projects,
+                store,
+            }) => {
+                admin::create_key(&store.config(&file), &organisation, &name, &scope, projects)
+                    .await
+            }
+            TenancyCommand::Key(KeyCommand::List {
+                organisation,
+                store,
+            }) => admin::list_keys(&store.config(&file), &organisation).await,
+            TenancyCommand::Key(KeyCommand::Revoke { key_id, store }) => {
+                admin::revoke_key(&store.config(&file), &key_id).await
+            }
+            TenancyCommand::Token(TokenCommand::Rotate {
+                project,
+                grace_seconds,
+                store,
+            }) => admin::rotate_token(&store.config(&file), &project, grace_seconds).await,
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn project(command: ProjectCommand) -> anyhow::Result<ExitCode> {
     match command {
+        ProjectCommand::List {
+            organisation,
+            store,
+        } => tokio_runtime()?
+            .block_on(admin::list_projects(
+                &store.config(&FileConfig::default()),
+                organisation,
+            ))
+            .map(|()| ExitCode::SUCCESS),
         ProjectCommand::Create {
             name,
+            organisation,
             timezone,
             store,
         } => tokio_runtime()?.block_on(async move {
@@ -425,7 +591,26 @@ fn project(command: ProjectCommand) -> anyhow::Result<ExitCode> {
                 );
             };
             let store = open_store(&store.config(&FileConfig::default())).await?;
-            let created = store.create_project_in(name.trim(), tz.name()).await?;
+            let created = store
+                .create_project_with(organisation.as_deref(), name.trim(), tz.name(), true)
+                .await?;
+            let Some(created) = created else {
+                store.close().await;
+                anyhow::bail!(
+                    "there is no organisation {}; `sluice org list` prints the ids",
+                    organisation.unwrap_or_default()
+                );
+            };
+            store
+                .record_audit(&crate::store::NewAuditEntry {
+                    organisation_id: created.organisation_id.clone(),
+                    project_id: Some(created.project_id.clone()),
+                    actor: "cli".into(),
+                    action: "project create".into(),
+                    target: Some(created.project_id.clone()),
+                    status: 0,
+                })
+                .await?;
             store.close().await;
             println!("{}", serde_json::to_string(&created)?);
             Ok(ExitCode::SUCCESS)

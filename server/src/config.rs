@@ -50,6 +50,9 @@ pub struct ServeConfig {
     /// log lines is cut back soon, rarely enough that the rounds that find
     /// nothing cost nothing to speak of.
     pub retention_period: Duration,
+    /// Management and query API requests one personal API key may make
+    /// per second, with bursts of twice as many.
+    pub api_requests_per_second: u32,
 }
 
 impl ServeConfig {
@@ -70,6 +73,7 @@ impl ServeConfig {
             max_connections: crate::listener::default_max_connections(),
             trusted_proxies: default_trusted_proxies(),
             retention_period: Duration::from_secs(300),
+            api_requests_per_second: 100,
         }
     }
 }

@@ -17,6 +17,7 @@
 //!
 //! Only what the binary, the tests and the benchmarks use is public.
 
+pub mod admin;
 pub(crate) mod api;
 pub mod author;
 pub(crate) mod capture;

@@ -147,15 +147,16 @@ pub async fn serve(
         });
     }
 
+    let capture = CaptureState::new(
+        store.clone(),
+        config.clone(),
+        gauge.clone(),
+        quotas.clone(),
+        wake.clone(),
+    );
     let state = AppState {
-        capture: CaptureState::new(
-            store.clone(),
-            config.clone(),
-            gauge.clone(),
-            quotas.clone(),
-            wake.clone(),
-        ),
         api: ApiState {
+            tokens: capture.tokens.clone(),
             store: store.clone(),
             runtime,
             query_limits: config.query_limits,
@@ -166,7 +167,9 @@ pub async fn serve(
             configs,
             quotas: quotas.clone(),
             checks: Default::default(),
+            keys: api::KeyUse::new(config.api_requests_per_second),
         },
+        capture,
         readiness,
     };
     let app = Router::new()

@@ -378,3 +378,168 @@ fn project_quotas_are_shown_set_and_unset_by_name() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("there is no project no-such-project"));
 }
+
+/// The operator's tenancy commands, as run from a shell: each prints JSON
+/// (one object per line for lists), and a mistake names what to run.
+#[test]
+fn organisations_keys_and_tokens_are_managed_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_dir = data.to_str().unwrap();
+    let json_of = |out: &Output| -> Value {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let lines_of = |out: &Output| -> Vec<Value> {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+
+    let org = json_of(&sluice(
+        &["org", "create", "--name", "acme", "--data-dir", data_dir],
+        dir.path(),
+    ));
+    let org_id = org["organisation_id"].as_str().unwrap();
+    assert!(org["api_key"].as_str().unwrap().starts_with("phx_"));
+    let project = json_of(&sluice(
+        &[
+            "project",
+            "create",
+            "--name",
+            "web",
+            "--organisation",
+            org_id,
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    ));
+    assert_eq!(project["organisation_id"], org_id);
+    let project_id = project["project_id"].as_str().unwrap();
+    let listed = lines_of(&sluice(
+        &[
+            "project",
+            "list",
+            "--organisation",
+            org_id,
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    ));
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], project_id);
+
+    let key = json_of(&sluice(
+        &[
+            "key",
+            "create",
+            "--organisation",
+            org_id,
+            "--name",
+            "ci",
+            "--scope",
+            "read",
+            "--project",
+            project_id,
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    ));
+    assert_eq!(key["scope"], "read");
+    assert_eq!(key["projects"], json!([project_id]));
+    let keys = lines_of(&sluice(
+        &[
+            "key",
+            "list",
+            "--organisation",
+            org_id,
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    ));
+    assert_eq!(keys.len(), 3, "the org's, the project's and ci");
+    assert!(
+        keys.iter().all(|k| k.get("api_key").is_none()),
+        "lists never show keys"
+    );
+    let revoked = json_of(&sluice(
+        &[
+            "key",
+            "revoke",
+            key["id"].as_str().unwrap(),
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    ));
+    assert!(revoked["revoked_at"].is_string());
+
+    let rotated = json_of(&sluice(
+        &[
+            "token",
+            "rotate",
+            "--project",
+            project_id,
+            "--grace-seconds",
+            "60",
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    ));
+    assert_ne!(rotated["capture_token"], project["capture_token"]);
+
+    // Mistakes say what went wrong and what to run.
+    let out = sluice(
+        &[
+            "key",
+            "create",
+            "--organisation",
+            org_id,
+            "--name",
+            "x",
+            "--scope",
+            "root",
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--scope must be one of read, write, admin"));
+    let out = sluice(
+        &[
+            "project",
+            "create",
+            "--name",
+            "x",
+            "--organisation",
+            "nope",
+            "--data-dir",
+            data_dir,
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("`sluice org list`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sluice(
+        &["key", "revoke", "nope", "--data-dir", data_dir],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("`sluice key list"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -26,4 +26,5 @@ mod secrets;
 mod sendgrid;
 mod server;
 mod slack;
+mod tenancy;
 mod webhook;

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::ApiState;
 use super::plugins::public_view;
-use super::{ApiError, ApiPath, ApiQuery, Authorised};
+use super::{ApiError, ApiPath, ApiQuery, Authorised, Read, Write};
 use crate::model::quotas::Hit;
 use crate::store::{PluginConfig, ReplaySelector};
 
@@ -64,7 +64,7 @@ async fn summary(state: &ApiState, config: &PluginConfig) -> Result<Value, ApiEr
 /// its counts.
 async fn list(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Read>,
 ) -> Result<Json<Value>, ApiError> {
     let mut results = Vec::new();
     for config in state.store.plugin_configs(&project_id).await? {
@@ -79,7 +79,7 @@ async fn list(
 /// error, recent attempts with status code and latency, and the log.
 async fn show(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Read>,
     ApiPath((_, config_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let config = destination(&state, &project_id, &config_id).await?;
@@ -91,7 +91,7 @@ async fn show(
 
 async fn pause(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Write>,
     ApiPath((_, config_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     set_paused(state, project_id, config_id, true).await
@@ -99,7 +99,7 @@ async fn pause(
 
 async fn resume(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Write>,
     ApiPath((_, config_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     set_paused(state, project_id, config_id, false).await
@@ -135,7 +135,7 @@ struct DeadLetterQuery {
 /// `GET /api/projects/{id}/dead-letters`, newest first.
 async fn dead_letters(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Read>,
     ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = query.limit.unwrap_or(100);
@@ -170,7 +170,7 @@ struct Replay {
 /// push capture into refusing the project's new events.
 async fn replay(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Write>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let request: Replay = serde_json::from_slice(&body).map_err(|err| {

@@ -1,10 +1,13 @@
 //! The management and query API under `/api`, authorised by a personal API
 //! key (`Authorization: Bearer KEY`) that belongs to the project in the path.
 
+mod audit;
 mod destinations;
 mod plugins;
 mod query;
+mod tenancy;
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use axum::Json;
@@ -20,13 +23,14 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::capture::RequestRates;
 use crate::configs::ConfigWatch;
 use crate::model::format_timestamp;
 use crate::query::{QueryLimits, QuerySlots};
 use crate::queue::{QueueGauge, Wakeups};
 use crate::quotas::QuotaBook;
 use crate::runtime::Runtime;
-use crate::store::{EventFilter, Store};
+use crate::store::{ApiKey, EventFilter, Scope, Store, now_rfc3339};
 
 /// What the API needs: the store, the runtime to check plugins with, the
 /// query budget and slots, the capture queue's gauge (replay adds to the
@@ -46,6 +50,9 @@ pub struct ApiState {
     pub configs: ConfigWatch,
     pub quotas: QuotaBook,
     pub checks: InstallChecks,
+    pub keys: KeyUse,
+    /// Capture's memory of tokens, told when a rotation retires one.
+    pub tokens: crate::capture::TokenCache,
 }
 
 /// Projects with a plugin config being checked right now (see
@@ -96,6 +103,8 @@ where
         .merge(plugins::router())
         .merge(destinations::router())
         .merge(query::router())
+        .merge(tenancy::router())
+        .layer(axum::middleware::from_fn(audit::record))
 }
 
 /// Why an API request failed, grouped by status code.
@@ -103,8 +112,23 @@ where
 pub enum ApiError {
     #[error("missing API key: send `Authorization: Bearer KEY` with a personal API key")]
     MissingKey,
+    #[error(
+        "this API key is not valid: check that it was copied whole, or make one with `sluice key create`"
+    )]
+    UnknownKey,
+    #[error(
+        "this API key was revoked at {0}; make a new one with `sluice key create` or `POST /api/organisations/{{id}}/keys`"
+    )]
+    RevokedKey(String),
     #[error("this API key is not valid for project {0}")]
     Forbidden(String),
+    #[error("this API key is not valid for organisation {0}")]
+    ForbiddenOrganisation(String),
+    #[error("this API key has scope `{}`; this route needs `{}`: use a key with that scope", has.as_str(), needs.as_str())]
+    Scope { has: Scope, needs: Scope },
+    /// Too many requests from one key: retry after the duration.
+    #[error("{0}")]
+    Throttled(String, std::time::Duration),
     #[error("{0}")]
     Invalid(String),
     #[error("{0} not found")]
@@ -131,8 +155,13 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::MissingKey => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::MissingKey | ApiError::UnknownKey | ApiError::RevokedKey(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Forbidden(_)
+            | ApiError::ForbiddenOrganisation(_)
+            | ApiError::Scope { .. } => StatusCode::FORBIDDEN,
+            ApiError::Throttled(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::OverQuota(_) => StatusCode::FORBIDDEN,
@@ -147,11 +176,21 @@ impl IntoResponse for ApiError {
                 }
             }
         };
+        let retry_after = match &self {
+            ApiError::Throttled(_, wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE
+                || status == StatusCode::TOO_MANY_REQUESTS =>
+            {
+                Some(5)
+            }
+            _ => None,
+        };
         let mut response = (status, Json(json!({"detail": self.to_string()}))).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_str(&seconds.to_string()).expect("digits"),
+            );
         }
         response
     }
@@ -180,12 +219,136 @@ where
     }
 }
 
-/// The project named in the path, once the bearer key was checked against
-/// it: every project route takes this instead of the raw path. A key of
-/// another project gets the same answer as a wrong key.
-pub(crate) struct Authorised(pub String);
+/// The scope a route needs, as a type: a handler names it in its
+/// extractor (`Authorised<Write>`), so no route can forget to say.
+pub(crate) trait NeedsScope: Send + Sync {
+    const SCOPE: Scope;
+}
 
-impl<S> FromRequestParts<S> for Authorised
+/// Reading: GET routes and queries.
+pub(crate) struct Read;
+/// Changing a project's pipeline.
+pub(crate) struct Write;
+/// Managing projects, keys, tokens; reading the audit log.
+pub(crate) struct Admin;
+
+impl NeedsScope for Read {
+    const SCOPE: Scope = Scope::Read;
+}
+impl NeedsScope for Write {
+    const SCOPE: Scope = Scope::Write;
+}
+impl NeedsScope for Admin {
+    const SCOPE: Scope = Scope::Admin;
+}
+
+/// The key a request was made with, once checked: known, not revoked,
+/// within its rate.
+async fn caller<S>(parts: &mut Parts, state: &S) -> Result<ApiKey, ApiError>
+where
+    ApiState: FromRef<S>,
+{
+    let secret = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or(ApiError::MissingKey)?;
+    let state = ApiState::from_ref(state);
+    let key = state
+        .store
+        .key_by_secret(secret)
+        .await?
+        .ok_or(ApiError::UnknownKey)?;
+    if let Some(at) = &key.revoked_at {
+        return Err(ApiError::RevokedKey(at.clone()));
+    }
+    state
+        .keys
+        .rates
+        .take(&key.id, state.keys.requests_per_second)
+        .map_err(|wait| {
+            ApiError::Throttled(
+                format!(
+                    "this API key made more than {} requests a second; wait and retry",
+                    state.keys.requests_per_second
+                ),
+                wait,
+            )
+        })?;
+    state.keys.touch(&state.store, &key.id);
+    Ok(key)
+}
+
+/// The project named in the path, once the bearer key was checked against
+/// it and against the scope `S` the route needs: every project route takes
+/// this instead of the raw path. A key of another project gets the same
+/// answer as a project that does not exist.
+pub(crate) struct Authorised<S>(pub String, pub PhantomData<S>);
+
+impl<S, N> FromRequestParts<S> for Authorised<N>
+where
+    ApiState: FromRef<S>,
+    S: Send + Sync,
+    N: NeedsScope,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let project_id = path_param(parts, state, "project_id").await?;
+        let key = caller(parts, state).await?;
+        let api = ApiState::from_ref(state);
+        let owner = api.store.project_organisation(&project_id).await?;
+        if owner.as_deref() != Some(key.organisation_id.as_str()) || !key.reaches(&project_id) {
+            return Err(ApiError::Forbidden(project_id));
+        }
+        if key.scope < N::SCOPE {
+            return Err(ApiError::Scope {
+                has: key.scope,
+                needs: N::SCOPE,
+            });
+        }
+        audit::note(parts, &api.store, &key, Some(&project_id));
+        Ok(Authorised(project_id, PhantomData))
+    }
+}
+
+/// The organisation named in the path, once the bearer key was checked
+/// against it and against the scope `S` the route needs. The key may be
+/// limited to some projects: the handler keeps to them.
+pub(crate) struct OrgAuthorised<S>(pub ApiKey, pub PhantomData<S>);
+
+impl<S, N> FromRequestParts<S> for OrgAuthorised<N>
+where
+    ApiState: FromRef<S>,
+    S: Send + Sync,
+    N: NeedsScope,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let organisation_id = path_param(parts, state, "organisation_id").await?;
+        let key = caller(parts, state).await?;
+        if key.organisation_id != organisation_id {
+            return Err(ApiError::ForbiddenOrganisation(organisation_id));
+        }
+        if key.scope < N::SCOPE {
+            return Err(ApiError::Scope {
+                has: key.scope,
+                needs: N::SCOPE,
+            });
+        }
+        audit::note(parts, &ApiState::from_ref(state).store, &key, None);
+        Ok(OrgAuthorised(key, PhantomData))
+    }
+}
+
+/// Any valid key, whatever it may reach: for `GET /api/me`.
+pub(crate) struct AnyKey(pub ApiKey);
+
+impl<S> FromRequestParts<S> for AnyKey
 where
     ApiState: FromRef<S>,
     S: Send + Sync,
@@ -193,27 +356,71 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let params = RawPathParams::from_request_parts(parts, state)
-            .await
-            .map_err(|rejection| ApiError::Invalid(rejection.body_text()))?;
-        let project_id = params
-            .iter()
-            .find(|(name, _)| *name == "project_id")
-            .map(|(_, value)| value.to_string())
-            .expect("Authorised is used on routes with a {project_id}");
-        let key = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or(ApiError::MissingKey)?;
-        let state = ApiState::from_ref(state);
-        match state.store.project_for_key(key).await? {
-            Some(owner) if owner == project_id => Ok(Authorised(project_id)),
-            _ => Err(ApiError::Forbidden(project_id)),
+        caller(parts, state).await.map(AnyKey)
+    }
+}
+
+async fn path_param<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+    name: &str,
+) -> Result<String, ApiError> {
+    let params = RawPathParams::from_request_parts(parts, state)
+        .await
+        .map_err(|rejection| ApiError::Invalid(rejection.body_text()))?;
+    Ok(params
+        .iter()
+        .find(|(param, _)| *param == name)
+        .map(|(_, value)| value.to_string())
+        .unwrap_or_else(|| panic!("a route with this extractor has a {{{name}}} parameter")))
+}
+
+/// What the API keeps about keys between requests: their rate buckets,
+/// and when each was last recorded as used.
+#[derive(Clone)]
+pub struct KeyUse {
+    rates: RequestRates,
+    requests_per_second: u32,
+    touched: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+}
+
+/// How often a key's `last_used_at` is written: a write per request would
+/// put every API call in line for the database's write lock.
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl KeyUse {
+    pub fn new(requests_per_second: u32) -> Self {
+        KeyUse {
+            rates: RequestRates::default(),
+            requests_per_second,
+            touched: Default::default(),
         }
+    }
+
+    /// Records that the key was used, at most once a minute per key, in
+    /// the background: the answer does not wait for it.
+    fn touch(&self, store: &Store, key_id: &str) {
+        let now = std::time::Instant::now();
+        {
+            let mut touched = self.touched.lock().expect("not poisoned");
+            if touched
+                .get(key_id)
+                .is_some_and(|at| now.duration_since(*at) < TOUCH_EVERY)
+            {
+                return;
+            }
+            if touched.len() >= 10_000 {
+                touched.clear();
+            }
+            touched.insert(key_id.to_string(), now);
+        }
+        let store = store.clone();
+        let key_id = key_id.to_string();
+        tokio::spawn(async move {
+            if let Err(err) = store.touch_key(&key_id, &now_rfc3339()).await {
+                tracing::warn!("could not record that API key {key_id} was used: {err}");
+            }
+        });
     }
 }
 
@@ -279,7 +486,7 @@ fn time_filter(name: &str, value: Option<String>) -> Result<Option<String>, ApiE
 
 async fn list_events(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Read>,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = match query.limit {
@@ -313,7 +520,7 @@ struct PersonQuery {
 /// `GET /api/projects/{id}/persons?distinct_id=X`: the person X belongs to.
 async fn find_person(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Read>,
     ApiQuery(query): ApiQuery<PersonQuery>,
 ) -> Result<Response, ApiError> {
     let distinct_id = query
@@ -337,7 +544,7 @@ async fn find_person(
 /// project quotas`): a project's own key must not raise its share.
 async fn project_quotas(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Read>,
 ) -> Result<Json<Value>, ApiError> {
     let overrides = state
         .store

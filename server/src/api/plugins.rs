@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::ApiState;
-use super::{ApiError, ApiPath, Authorised, JsonBody};
+use super::{ApiError, ApiPath, Authorised, JsonBody, Read, Write};
 use crate::model::FailurePolicy;
 use crate::model::manifest::{FieldType, Manifest};
 use crate::model::quotas::Hit;
@@ -47,7 +47,7 @@ pub const MAX_PLUGIN_BYTES: usize = 50 << 20;
 /// the embedded manifest, compiles it, and stores it under its sha256.
 async fn upload_plugin(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Write>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if body.len() > MAX_PLUGIN_BYTES {
@@ -310,7 +310,7 @@ pub(super) fn public_view(config: &PluginConfig) -> Value {
 
 async fn create_plugin_config(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Write>,
     JsonBody(body): JsonBody<NewPluginConfig>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let failure_policy = check_policy(&body.failure_policy)?;
@@ -354,7 +354,7 @@ async fn create_plugin_config(
 
 async fn list_plugin_configs(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Read>,
 ) -> Result<Json<Value>, ApiError> {
     let configs = state.store.plugin_configs(&project_id).await?;
     Ok(Json(
@@ -378,7 +378,7 @@ struct PluginConfigChanges {
 /// it keep their stored values, since the API never returned them.
 async fn update_plugin_config(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Write>,
     ApiPath((_, config_id)): ApiPath<(String, String)>,
     JsonBody(body): JsonBody<PluginConfigChanges>,
 ) -> Result<Json<Value>, ApiError> {
@@ -445,7 +445,7 @@ async fn update_plugin_config(
 
 async fn plugin_logs(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Read>,
     ApiPath((_, config_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     if state

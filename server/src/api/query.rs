@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::ApiState;
-use super::{ApiError, Authorised};
+use super::{Admin, ApiError, Authorised, Read};
 use crate::query::{self, Query, QueryError, spec::parse_tz};
 
 pub fn router<S>() -> Router<S>
@@ -69,7 +69,7 @@ fn parse_body(body: &[u8]) -> Result<Value, QueryError> {
 /// most, gets 429. A malformed query is refused before it takes one.
 async fn run_query(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Read>,
     body: Bytes,
 ) -> Result<Response, Response> {
     let value = parse_body(&body).map_err(IntoResponse::into_response)?;
@@ -94,7 +94,7 @@ async fn run_query(
 
 async fn get_project(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Read>,
 ) -> Result<Json<Value>, ApiError> {
     project_json(&state, &project_id).await
 }
@@ -113,7 +113,7 @@ async fn project_json(state: &ApiState, project_id: &str) -> Result<Json<Value>,
 /// `PATCH {"timezone": "Europe/Berlin"}`.
 async fn update_project(
     State(state): State<ApiState>,
-    Authorised(project_id): Authorised,
+    Authorised(project_id, _): Authorised<Admin>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let patch: Value = serde_json::from_slice(&body)

@@ -16,6 +16,7 @@ mod db;
 mod dead_letters;
 mod error;
 mod events;
+mod keys;
 mod outbox;
 mod persons;
 mod plugin_configs;
@@ -33,11 +34,14 @@ pub use capture_queue::{
 pub use db::{Backend, PRUNE_CHUNK, Store, StoreConfig};
 pub use dead_letters::{DeadLetter, ReplaySelector, Replayed, StoredDeadLetter};
 pub use events::{Cursor, EventFilter, Scan, ScanRow, StoredEvent};
+pub use keys::{
+    ApiKey, AuditEntry, CaptureToken, KeyError, KeySpec, NewAuditEntry, NewKey, Organisation, Scope,
+};
 pub use outbox::{Attempt, DeliveryRecord, DestinationStats, Disposition, OutboxRow};
 pub use persons::Person;
 pub use plugin_configs::{NewPluginConfig, PluginConfig, PluginConfigPatch, PluginHealth};
 pub use plugin_logs::PluginLog;
-pub use projects::{CreatedProject, hash_key};
+pub use projects::{CreatedProject, ProjectSummary, TokenOwner, hash_key};
 
 pub use crate::model::{DeliverySettings, now_rfc3339};
 
