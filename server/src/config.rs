@@ -50,6 +50,13 @@ pub struct ServeConfig {
     /// log lines is cut back soon, rarely enough that the rounds that find
     /// nothing cost nothing to speak of.
     pub retention_period: Duration,
+    /// Networks whose clients `/metrics` answers; it names every
+    /// project's ids and counts, so by default only this machine.
+    pub metrics_allow: Vec<ipnet::IpNet>,
+    /// How long, after the shutdown signal, the server goes on serving
+    /// while `/_ready` answers 503, so load balancers stop sending it
+    /// traffic before it stops accepting.
+    pub shutdown_delay: Duration,
 }
 
 impl ServeConfig {
@@ -70,11 +77,14 @@ impl ServeConfig {
             max_connections: crate::listener::default_max_connections(),
             trusted_proxies: default_trusted_proxies(),
             retention_period: Duration::from_secs(300),
+            metrics_allow: default_trusted_proxies(),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
 
-/// Loopback only: a reverse proxy on the same machine.
+/// Loopback only: a reverse proxy (or, for `metrics_allow`, a scraper) on
+/// the same machine.
 pub fn default_trusted_proxies() -> Vec<ipnet::IpNet> {
     ["127.0.0.0/8", "::1/128"]
         .iter()
