@@ -39,7 +39,8 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server: capture API, pipeline worker, query API.
-    Serve(ServeArgs),
+    // Boxed: its many options would make every command as large.
+    Serve(Box<ServeArgs>),
     /// Manage projects.
     #[command(subcommand)]
     Project(ProjectCommand),
@@ -280,7 +281,7 @@ pub enum ToolchainArg {
 pub fn run(cli: Cli) -> ExitCode {
     let format = cli.log_format;
     let result = match cli.command {
-        Command::Serve(args) => serve(args, format),
+        Command::Serve(args) => serve(*args, format),
         Command::Project(command) => project(command),
         Command::Plugin(command) => plugin(command),
     };

@@ -272,8 +272,14 @@ async fn a_load_with_a_failing_plugin_and_a_failing_destination_shows_in_the_met
             "sluice_plugin_duration_seconds_count",
             &transform_labels
         ),
-        0.0,
-        "the parser folds _count into the histogram"
+        33.0
+    );
+    assert!(
+        value(
+            &scrape,
+            "sluice_plugin_duration_seconds_sum",
+            &transform_labels
+        ) > 0.0
     );
 
     // The destination: its export calls failed, were retried, and ended in
