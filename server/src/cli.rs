@@ -23,14 +23,25 @@ use crate::store::StoreConfig;
     about = "Sluice: a CDP event pipeline with sandboxed WebAssembly plugins"
 )]
 pub struct Cli {
+    /// Log lines as text for people, or as one JSON object a line for log
+    /// collectors.
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server: capture API, pipeline worker, query API.
-    Serve(ServeArgs),
+    // Boxed: its many options would make every command as large.
+    Serve(Box<ServeArgs>),
     /// Manage organisations.
     #[command(subcommand)]
     Org(OrgCommand),
@@ -139,6 +150,14 @@ pub struct ServeArgs {
     /// with `Retry-After` [default: 100].
     #[arg(long, env = "SLUICE_API_REQUESTS_PER_SECOND")]
     pub api_requests_per_second: Option<u32>,
+    /// Addresses or networks, comma-separated, whose clients `/metrics`
+    /// answers; others get 403 [default: 127.0.0.0/8,::1].
+    #[arg(long, env = "SLUICE_METRICS_ALLOW", value_delimiter = ',')]
+    pub metrics_allow: Option<Vec<String>>,
+    /// Seconds the server goes on serving after SIGTERM or Ctrl-C, with
+    /// `/_ready` answering 503, before it stops accepting [default: 0].
+    #[arg(long, env = "SLUICE_SHUTDOWN_DELAY_SECONDS")]
+    pub shutdown_delay_seconds: Option<u64>,
     /// A default quota of every project, as NAME=VALUE (repeatable); see
     /// docs/operators.md for the names. `sluice project quotas` sets one
     /// project's.
@@ -167,6 +186,8 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub trusted_proxies: Option<Vec<String>>,
     pub api_requests_per_second: Option<u32>,
+    pub metrics_allow: Option<Vec<String>>,
+    pub shutdown_delay_seconds: Option<u64>,
     pub plugins: Option<Policy>,
     /// The default quotas of every project; see `model::Quotas`.
     pub quotas: Option<Quotas>,
@@ -359,8 +380,9 @@ pub enum ToolchainArg {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
+    let format = cli.log_format;
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args, format),
         Command::Org(command) => tenancy(TenancyCommand::Org(command)),
         Command::Project(command) => project(command),
         Command::Key(command) => tenancy(TenancyCommand::Key(command)),
@@ -370,7 +392,10 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            match format {
+                LogFormat::Text => eprintln!("error: {err:#}"),
+                LogFormat::Json => tracing::error!("{err:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -382,7 +407,11 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+/// The target of the line that says where the server listens: always
+/// logged in JSON mode, whatever `SLUICE_LOG` says, as tools wait for it.
+pub const LISTENING_TARGET: &str = "sluice::listening";
+
+fn serve(args: ServeArgs, format: LogFormat) -> anyhow::Result<ExitCode> {
     let file = FileConfig::read(args.config.as_deref())?;
     let defaults = ServeConfig::with_data_dir(PathBuf::new());
     let listen = args
@@ -452,9 +481,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             None => defaults.max_connections,
         },
         trusted_proxies: match args.trusted_proxies.or(file.trusted_proxies.clone()) {
-            Some(networks) => parse_networks(&networks)?,
+            Some(networks) => parse_networks("--trusted-proxies", &networks)?,
             None => defaults.trusted_proxies,
         },
+        metrics_allow: match args.metrics_allow.or(file.metrics_allow.clone()) {
+            Some(networks) => parse_networks("--metrics-allow", &networks)?,
+            None => defaults.metrics_allow,
+        },
+        shutdown_delay: args
+            .shutdown_delay_seconds
+            .or(file.shutdown_delay_seconds)
+            .map_or(defaults.shutdown_delay, std::time::Duration::from_secs),
         quotas: default_quotas(&file, &args.quotas)?,
         retention_period: defaults.retention_period,
         api_requests_per_second: match args
@@ -472,15 +509,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|err| anyhow::anyhow!("failed to listen on {listen}: {err}"))?;
-        eprintln!("sluice listening on http://{}", listener.local_addr()?);
+        let addr = listener.local_addr()?;
+        match format {
+            LogFormat::Text => eprintln!("sluice listening on http://{addr}"),
+            LogFormat::Json => {
+                tracing::info!(target: LISTENING_TARGET, %addr, "sluice listening on http://{addr}")
+            }
+        }
         crate::server::serve(config, listener, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }
 
-/// Parses `--trusted-proxies`: addresses (`10.0.0.7`) or networks
-/// (`10.0.0.0/8`).
-fn parse_networks(networks: &[String]) -> anyhow::Result<Vec<ipnet::IpNet>> {
+/// Parses `--trusted-proxies` or `--metrics-allow` (`flag`): addresses
+/// (`10.0.0.7`) or networks (`10.0.0.0/8`).
+fn parse_networks(flag: &str, networks: &[String]) -> anyhow::Result<Vec<ipnet::IpNet>> {
     networks
         .iter()
         .map(|text| text.trim())
@@ -490,7 +533,7 @@ fn parse_networks(networks: &[String]) -> anyhow::Result<Vec<ipnet::IpNet>> {
                 .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
                 .map_err(|_| {
                     anyhow::anyhow!(
-                        "--trusted-proxies: `{text}` is not an IP address or network such as 10.0.0.7 or 10.0.0.0/8"
+                        "{flag}: `{text}` is not an IP address or network such as 10.0.0.7 or 10.0.0.0/8"
                     )
                 })
         })

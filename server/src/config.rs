@@ -53,6 +53,13 @@ pub struct ServeConfig {
     /// Management and query API requests one personal API key may make
     /// per second, with bursts of twice as many.
     pub api_requests_per_second: u32,
+    /// Networks whose clients `/metrics` answers; it names every
+    /// project's ids and counts, so by default only this machine.
+    pub metrics_allow: Vec<ipnet::IpNet>,
+    /// How long, after the shutdown signal, the server goes on serving
+    /// while `/_ready` answers 503, so load balancers stop sending it
+    /// traffic before it stops accepting.
+    pub shutdown_delay: Duration,
 }
 
 impl ServeConfig {
@@ -74,11 +81,14 @@ impl ServeConfig {
             trusted_proxies: default_trusted_proxies(),
             retention_period: Duration::from_secs(300),
             api_requests_per_second: 100,
+            metrics_allow: default_trusted_proxies(),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
 
-/// Loopback only: a reverse proxy on the same machine.
+/// Loopback only: a reverse proxy (or, for `metrics_allow`, a scraper) on
+/// the same machine.
 pub fn default_trusted_proxies() -> Vec<ipnet::IpNet> {
     ["127.0.0.0/8", "::1/128"]
         .iter()

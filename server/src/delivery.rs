@@ -32,6 +32,7 @@ use tokio::task::JoinHandle;
 
 use crate::configs::{self, ConfigWatch};
 use crate::loader;
+use crate::metrics::{DestinationMetrics, FailureKind, Hook, Metrics, PluginMetrics};
 use crate::model::{AttemptOutcome, format_timestamp};
 use crate::queue::Wakeups;
 use crate::quotas::QuotaBook;
@@ -72,6 +73,7 @@ pub struct Delivery {
     /// How long a leased batch stays with a lane.
     pub lease: Duration,
     pub quotas: QuotaBook,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Runs the lanes of every active destination until `stop`, restarting a
@@ -165,7 +167,7 @@ async fn reconcile(
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let count = allotted.get(&id).copied().unwrap_or(1);
-        let destination = Arc::new(Destination::new(config));
+        let destination = Arc::new(Destination::new(config, &delivery.metrics));
         let tasks = (0..count)
             .map(|_| tokio::spawn(lane(delivery.clone(), destination.clone(), stop_rx.clone())))
             .collect();
@@ -228,12 +230,18 @@ struct Destination {
     hold_until: Mutex<Option<Instant>>,
     /// The earliest start of the next export, for the rate limit.
     next_start: Mutex<Instant>,
+    /// Its export calls.
+    calls: PluginMetrics,
+    /// What became of its batches.
+    outcomes: DestinationMetrics,
 }
 
 impl Destination {
-    fn new(config: PluginConfig) -> Self {
+    fn new(config: PluginConfig, metrics: &Metrics) -> Self {
         Destination {
             settings: config.delivery.clone(),
+            calls: metrics.plugin(&config, Hook::Export),
+            outcomes: metrics.destination(&config),
             config,
             hold_until: Mutex::new(None),
             next_start: Mutex::new(Instant::now()),
@@ -471,17 +479,32 @@ async fn deliver(
     let mut logs = Vec::new();
     let mut status_code = None;
     let outcome = match take_instance(delivery, config, instance).await {
-        Err(err) if err.is_exhausted() => return Err(NoRoom(err.to_string())),
-        Err(err) => Outcome::Retryable {
-            message: err.to_string(),
-            retry_after: None,
-        },
+        Err(err) if err.is_exhausted() => {
+            let calls = &destination.calls;
+            calls.record(started.elapsed(), Some(FailureKind::Exhausted));
+            return Err(NoRoom(err.to_string()));
+        }
+        Err(err) => {
+            let calls = &destination.calls;
+            calls.record(started.elapsed(), Some(FailureKind::Error));
+            Outcome::Retryable {
+                message: err.to_string(),
+                retry_after: None,
+            }
+        }
         Ok(live) => {
             let events: Vec<ExportedEvent> = rows.iter().map(exported).collect();
             let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
-            match export_keeping_lease(&delivery.store, owner, &ids, delivery.lease, live, events)
-                .await
-            {
+            let call_started = Instant::now();
+            let done =
+                export_keeping_lease(&delivery.store, owner, &ids, delivery.lease, live, events)
+                    .await;
+            let failure = match &done {
+                Some((_, result)) => result.as_ref().err().map(FailureKind::of_export),
+                None => Some(FailureKind::Trap),
+            };
+            destination.calls.record(call_started.elapsed(), failure);
+            match done {
                 Some((mut live, result)) => {
                     let (plugin_logs, calls) = live.take_activity();
                     logs.extend(plugin_logs);
@@ -571,6 +594,7 @@ async fn deliver(
         Disposition::Retry { .. } => AttemptOutcome::Retrying,
         Disposition::DeadLetter => AttemptOutcome::DeadLettered,
     };
+    destination.outcomes.record(outcome, rows.len());
     if let Some(error) = &error {
         logs.push(LogRecord {
             at: now_rfc3339(),
@@ -700,36 +724,36 @@ mod tests {
             max_batches_per_second: Some(10.0),
             ..DeliverySettings::default()
         };
-        let destination = Destination {
-            config: PluginConfig {
-                id: "d".into(),
-                project_id: "p".into(),
-                plugin_sha256: String::new(),
-                plugin: "x@1".into(),
-                config: Value::Null,
-                enabled: true,
-                position: 0,
-                failure_policy: FailurePolicy::Open,
-                consecutive_failures: 0,
-                disabled_reason: None,
-                delivery: config_settings.clone(),
-                paused_reason: None,
-                updated_at: String::new(),
-                manifest: None,
-            },
-            settings: config_settings.clone(),
-            hold_until: Mutex::new(None),
-            next_start: Mutex::new(Instant::now()),
+        let metrics = Metrics::new();
+        let config = PluginConfig {
+            id: "d".into(),
+            project_id: "p".into(),
+            plugin_sha256: String::new(),
+            plugin: "x@1".into(),
+            config: Value::Null,
+            enabled: true,
+            position: 0,
+            failure_policy: FailurePolicy::Open,
+            consecutive_failures: 0,
+            disabled_reason: None,
+            delivery: config_settings.clone(),
+            paused_reason: None,
+            updated_at: String::new(),
+            manifest: None,
         };
+        let destination = Destination::new(config, &metrics);
         let now = Instant::now();
         assert_eq!(destination.rate_slot(now), Duration::ZERO);
         assert_eq!(destination.rate_slot(now), Duration::from_millis(100));
         assert_eq!(destination.rate_slot(now), Duration::from_millis(200));
         config_settings.max_batches_per_second = None;
-        let unlimited = Destination::new(PluginConfig {
-            delivery: config_settings,
-            ..destination.config.clone()
-        });
+        let unlimited = Destination::new(
+            PluginConfig {
+                delivery: config_settings,
+                ..destination.config.clone()
+            },
+            &metrics,
+        );
         assert_eq!(unlimited.rate_slot(now), Duration::ZERO);
         assert_eq!(unlimited.rate_slot(now), Duration::ZERO);
     }

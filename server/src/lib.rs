@@ -11,7 +11,8 @@
 //! install's plugin, `listener` bounds open connections, `configs` follows the installed
 //! configs, `quotas`
 //! holds each project's share of what projects share, `retention` prunes
-//! what they keep, and `supervisor` keeps the background tasks running. [`server`] wires it
+//! what they keep, `metrics` counts what they all do for `/metrics`, and
+//! `supervisor` keeps the background tasks running. [`server`] wires it
 //! all into `serve(config, listener, shutdown)`; [`author`] is the plugin
 //! authors' tooling (scaffold, build, test), and [`cli`] the command line.
 //!
@@ -27,6 +28,7 @@ pub(crate) mod configs;
 pub(crate) mod delivery;
 pub(crate) mod listener;
 pub(crate) mod loader;
+pub(crate) mod metrics;
 pub mod model;
 pub(crate) mod pipeline;
 pub mod query;

@@ -6,6 +6,9 @@
 //! would be accepted, the database's connections included. At the bound
 //! the server stops accepting until a connection closes; new ones wait in
 //! the kernel's backlog meanwhile.
+//!
+//! It also says who the client is ([`Peer`], and [`client_ip`] behind
+//! trusted proxies), for capture's `$ip` and for `/metrics`' allow list.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,6 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::connect_info::Connected;
+use axum::http::HeaderMap;
 use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -138,6 +142,35 @@ impl Connected<IncomingStream<'_, Limited>> for Peer {
     }
 }
 
+/// The client's address: the peer's, unless the peer is a trusted proxy;
+/// then the nearest `X-Forwarded-For` address that is not one, read from
+/// the right, since each proxy appends the address it heard from and
+/// everything left of the first untrusted one may have been written by
+/// the client.
+pub fn client_ip(headers: &HeaderMap, peer: SocketAddr, trusted: &[ipnet::IpNet]) -> String {
+    let is_trusted = |ip: std::net::IpAddr| trusted.iter().any(|net| net.contains(&ip));
+    if !is_trusted(peer.ip()) {
+        return peer.ip().to_string();
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|ip| !ip.is_empty())
+        .collect();
+    for hop in forwarded.iter().rev() {
+        match hop.parse::<std::net::IpAddr>() {
+            Ok(ip) if is_trusted(ip) => continue,
+            _ => return hop.to_string(),
+        }
+    }
+    forwarded
+        .first()
+        .map_or_else(|| peer.ip().to_string(), |first| first.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use std::future::Future;
@@ -178,5 +211,34 @@ mod tests {
             max as u64 <= limit.saturating_sub(KEPT_BACK).max(32),
             "{max} of {limit}"
         );
+    }
+
+    fn headers(forwarded: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", forwarded.parse().unwrap());
+        headers
+    }
+
+    fn networks(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn only_a_trusted_proxys_forwarded_address_is_believed() {
+        let trusted = networks(&["127.0.0.0/8", "10.0.0.0/8"]);
+        let proxy: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let stranger: SocketAddr = "203.0.113.5:5000".parse().unwrap();
+        assert_eq!(
+            client_ip(&headers("1.2.3.4"), stranger, &trusted),
+            "203.0.113.5"
+        );
+        assert_eq!(client_ip(&headers("1.2.3.4"), proxy, &trusted), "1.2.3.4");
+        // The client wrote 6.6.6.6 itself; the proxies appended the rest.
+        assert_eq!(
+            client_ip(&headers("6.6.6.6, 1.2.3.4, 10.0.0.2"), proxy, &trusted),
+            "1.2.3.4"
+        );
+        assert_eq!(client_ip(&headers("10.0.0.2"), proxy, &trusted), "10.0.0.2");
+        assert_eq!(client_ip(&HeaderMap::new(), proxy, &trusted), "127.0.0.1");
     }
 }

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::configs::{self, ConfigWatch};
 use crate::loader;
+use crate::metrics::{FailureKind, Hook, LocalPluginMetrics, Metrics};
 use crate::model::FailurePolicy;
 use crate::model::Quotas;
 use crate::model::quotas::Hit;
@@ -58,6 +59,8 @@ struct Link {
     updated_at: String,
     fail_closed: bool,
     instance: PluginInstance,
+    /// Its transform calls, counted here and flushed once per batch.
+    metrics: LocalPluginMetrics,
     /// As stored; a change is written back with the batch.
     stored_failures: i64,
     failures: i64,
@@ -97,6 +100,7 @@ impl Chains {
         configs: &[PluginConfig],
         store: &Store,
         runtime: &Runtime,
+        metrics: &Metrics,
     ) -> anyhow::Result<()> {
         let mut running: HashMap<String, Link> = std::mem::take(&mut self.by_project)
             .into_values()
@@ -117,6 +121,7 @@ impl Chains {
                         updated_at: config.updated_at.clone(),
                         fail_closed: config.failure_policy == FailurePolicy::Closed,
                         instance,
+                        metrics: metrics.plugin(config, Hook::Transform).local(),
                         stored_failures: config.consecutive_failures,
                         failures: config.consecutive_failures,
                         disabled_reason: None,
@@ -202,11 +207,12 @@ impl Chains {
         &mut self,
         store: &Store,
         runtime: &Runtime,
+        metrics: &Metrics,
         configs: &mut watch::Receiver<Option<configs::Snapshot>>,
     ) -> anyhow::Result<()> {
         let snapshot = configs.borrow().clone();
         match snapshot {
-            Some(snapshot) => self.update(&snapshot, store, runtime).await,
+            Some(snapshot) => self.update(&snapshot, store, runtime, metrics).await,
             None => Ok(()),
         }
     }
@@ -302,6 +308,7 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
         *cost = (*cost * 3 + per_event) / 4;
     }
     for link in chains.by_project.values_mut().flatten() {
+        link.metrics.flush();
         let (logs, _) = link.instance.take_activity();
         outcome.batch.logs.extend(
             logs.into_iter()
@@ -399,9 +406,15 @@ fn run_chain(
             let call_started = Instant::now();
             // A failure hands the input back unchanged, for fail-open to
             // pass on and fail-closed to dead-letter.
-            match link.instance.transform_within(event, left) {
+            let result = link.instance.transform_within(event, left);
+            let took = call_started.elapsed();
+            let failure = result
+                .as_ref()
+                .err()
+                .map(|failure| FailureKind::of(&failure.error));
+            link.metrics.record(took, failure);
+            match result {
                 Ok(out) => {
-                    let took = call_started.elapsed();
                     if took * 2 > deadline {
                         link.count_failure(
                             format!(
@@ -616,6 +629,7 @@ pub struct Worker {
     /// How long claimed rows stay with this worker.
     pub lease: Duration,
     pub quotas: QuotaBook,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The worker: each round runs one claimed batch through the chains on a
@@ -651,7 +665,9 @@ async fn work(
         return Ok(());
     };
     let mut chains = Chains::default();
-    chains.update(&snapshot, store, &worker.runtime).await?;
+    chains
+        .update(&snapshot, store, &worker.runtime, &worker.metrics)
+        .await?;
     let mut cursor = ClaimCursor::new(store.backend());
     let mut claimed: Vec<Claimed> = Vec::new();
     let mut processed: Option<Processed> = None;
@@ -666,13 +682,17 @@ async fn work(
         // Applied while idle too, so a plugin starts (and a bad one is
         // found) when it is installed, not with the next event.
         if let Some(snapshot) = configs::newer(&mut configs) {
-            chains.update(&snapshot, store, &worker.runtime).await?;
+            chains
+                .update(&snapshot, store, &worker.runtime, &worker.metrics)
+                .await?;
         }
         // Projects held back are tried again now and then, as their
         // trouble (a full pool, a database blip) may have passed; idle
         // too, since their rows are not claimed while they wait.
         if !chains.held.is_empty() && held_since.elapsed() >= HOLD_RETRY {
-            chains.retry(store, &worker.runtime, &mut configs).await?;
+            chains
+                .retry(store, &worker.runtime, &worker.metrics, &mut configs)
+                .await?;
             held_since = Instant::now();
             cursor.most = chains.slices(&carried_projects);
         }
@@ -707,7 +727,9 @@ async fn work(
         // so a config change the API answered before an event was captured
         // applies to that event.
         if let Some(snapshot) = configs::newer(&mut configs) {
-            chains.update(&snapshot, store, &worker.runtime).await?;
+            chains
+                .update(&snapshot, store, &worker.runtime, &worker.metrics)
+                .await?;
         }
         let to_process = std::mem::take(&mut claimed);
         let quotas = worker.quotas.clone();

@@ -4,12 +4,14 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::configs::{self, ConfigWatch};
 use crate::loader;
+use crate::metrics::{FailureKind, Hook, Metrics};
 use crate::model::{LogLevel, LogRecord, format_timestamp, now_rfc3339};
 use crate::runtime::{PluginInstance, Runtime};
 use crate::store::{PluginConfig, Store};
@@ -25,6 +27,7 @@ pub struct Scheduler {
     pub store: Store,
     pub runtime: Runtime,
     pub configs: ConfigWatch,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One scheduled task of one install.
@@ -113,6 +116,8 @@ async fn run_task(
     instances: &mut HashMap<String, PluginInstance>,
 ) -> Vec<LogRecord> {
     let config = &scheduled.config;
+    let calls = scheduler.metrics.plugin(config, Hook::Task);
+    let started = Instant::now();
     let instance = match instances.remove(&config.id) {
         Some(instance) => Ok(instance),
         None => loader::start(&scheduler.store, &scheduler.runtime, config).await,
@@ -127,6 +132,12 @@ async fn run_task(
     let mut instance = match instance {
         Ok(instance) => instance,
         Err(reason) => {
+            let kind = if reason.is_exhausted() {
+                FailureKind::Exhausted
+            } else {
+                FailureKind::Error
+            };
+            calls.record(started.elapsed(), Some(kind));
             return vec![line(
                 LogLevel::Error,
                 format!(
@@ -137,12 +148,14 @@ async fn run_task(
         }
     };
     let task = scheduled.task.clone();
+    let call_started = Instant::now();
     let Ok((mut instance, result)) = tokio::task::spawn_blocking(move || {
         let result = instance.run_task(&task);
         (instance, result)
     })
     .await
     else {
+        calls.record(call_started.elapsed(), Some(FailureKind::Trap));
         return vec![line(
             LogLevel::Error,
             format!(
@@ -151,6 +164,10 @@ async fn run_task(
             ),
         )];
     };
+    calls.record(
+        call_started.elapsed(),
+        result.as_ref().err().map(FailureKind::of),
+    );
     let (mut logs, _) = instance.take_activity();
     logs.push(match result {
         Ok(()) => line(

@@ -1,22 +1,24 @@
-//! `serve(config, listener, shutdown)`: the composition root. It opens the
-//! store, hands each part of the server the handles it needs, runs the
+//! `serve(config, listener, shutdown)`: the composition root. It answers
+//! 503 to every request while it starts, opens the store, hands each part of the server the handles it needs, runs the
 //! background tasks under a `Supervisor` beside the HTTP listener until
-//! `shutdown` resolves, then stops accepting, lets the worker finish its
+//! `shutdown` resolves, then answers `/_ready` with 503, waits the
+//! configured shutdown delay, stops accepting, lets the worker finish its
 //! batch and gives back its leases.
 //!
 //! Nothing else in the crate imports this module.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
 use crate::api::ApiState;
 use crate::capture::CaptureState;
@@ -24,6 +26,7 @@ pub use crate::config::ServeConfig;
 use crate::configs::ConfigWatch;
 use crate::delivery::Delivery;
 use crate::listener::{Limited, Peer};
+use crate::metrics::{Metrics, MetricsState};
 use crate::pipeline::Worker;
 use crate::query::{QuerySlots, WAIT_FOR_A_SLOT};
 use crate::queue::{QueueGauge, Wakeups};
@@ -34,7 +37,7 @@ use crate::scheduler::Scheduler;
 use crate::state::AppState;
 use crate::store::{Backend, Store, StoreConfig};
 use crate::supervisor::{Readiness, Supervisor, task};
-use crate::{api, capture, delivery, pipeline, queue, retention, scheduler};
+use crate::{api, capture, delivery, metrics, pipeline, queue, retention, scheduler};
 
 /// How long `/_ready` waits for the database.
 const READY_PING: Duration = Duration::from_secs(2);
@@ -49,6 +52,35 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let readiness = Arc::new(Readiness::default());
+    let shutdown = {
+        let (readiness, delay) = (readiness.clone(), config.shutdown_delay);
+        async move {
+            shutdown.await;
+            readiness.stopping();
+            if !delay.is_zero() {
+                tracing::warn!(
+                    "shutting down in {} s; /_ready answers 503 meanwhile",
+                    delay.as_secs_f64()
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
+    // Served from the start, so `/_ready` says why the server is not ready
+    // while migrations run, rather than leaving requests unanswered; the
+    // routes come once everything they need is open.
+    let routes = Arc::new(OnceLock::new());
+    tracing::info!(addr = %listener.local_addr()?, "sluice is serving");
+    let listener = Limited::new(listener, config.max_connections);
+    let server = axum::serve(
+        listener,
+        front(routes.clone()).into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .into_future();
+    let mut server = AbortOnDrop(tokio::spawn(server));
+
     // One reader per query slot, and one for the events list.
     let store = Store::open_with_readers(&config.store, config.max_concurrent_queries + 1).await?;
     let config = Arc::new(config);
@@ -67,7 +99,7 @@ pub async fn serve(
     })?;
     let wake = Wakeups::default();
     let configs = ConfigWatch::default();
-    let readiness = Arc::new(Readiness::default());
+    let metrics = Arc::new(Metrics::new());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Supervisor::new(readiness.clone(), stop_rx);
@@ -87,6 +119,7 @@ pub async fn serve(
         wake: wake.clone(),
         lease: config.lease,
         quotas: quotas.clone(),
+        metrics: metrics.clone(),
     };
     tasks.spawn(
         "pipeline worker",
@@ -99,6 +132,7 @@ pub async fn serve(
         wake: wake.clone(),
         lease: config.lease,
         quotas: quotas.clone(),
+        metrics: metrics.clone(),
     };
     tasks.spawn(
         "delivery",
@@ -108,6 +142,7 @@ pub async fn serve(
         store: store.clone(),
         runtime: runtime.clone(),
         configs: configs.clone(),
+        metrics: metrics.clone(),
     };
     tasks.spawn(
         "scheduler",
@@ -131,6 +166,18 @@ pub async fn serve(
                 queue::run_monitor(store, gauge, max_age, stop).await;
                 Ok(())
             }
+        })
+    });
+    tasks.spawn("metrics sampler", {
+        let (metrics, store, configs) = (metrics.clone(), store.clone(), configs.clone());
+        task(move |health, stop| {
+            metrics::run_sampler(
+                metrics.clone(),
+                store.clone(),
+                configs.clone(),
+                health,
+                stop,
+            )
         })
     });
     if store.backend() == Backend::Sqlite {
@@ -171,22 +218,24 @@ pub async fn serve(
         },
         capture,
         readiness,
+        metrics: MetricsState {
+            metrics: metrics.clone(),
+            queue: gauge.clone(),
+            allow: config.metrics_allow.clone().into(),
+            trusted_proxies: config.trusted_proxies.clone().into(),
+        },
     };
     let app = Router::new()
         .route("/_health", get(|| async { "ok" }))
         .route("/_ready", get(ready))
-        .merge(capture::router(&config))
+        .route("/metrics", get(metrics::scrape))
+        .merge(capture::router(&config, metrics.clone()))
         .merge(api::router())
         .with_state(state);
-    tracing::info!(addr = %listener.local_addr()?, "sluice is serving");
-    let listener = Limited::new(listener, config.max_connections);
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
-        .into_future();
-    tokio::pin!(server);
+    let _ = routes.set(app);
     let served = loop {
         tokio::select! {
-            served = &mut server => break served,
+            served = &mut server.0 => break served,
             _ = tasks.watch() => {}
         }
     };
@@ -196,13 +245,54 @@ pub async fn serve(
     tasks.shutdown().await;
     tracing::info!(queued = gauge.depth(), "sluice stopped");
     store.close().await;
-    served?;
+    served??;
     Ok(())
 }
 
+/// The server's outermost router: the routes once they are set, and until
+/// then 503 to every request, `/_health` and `/_ready` included (tools wait
+/// for `/_health` before they use the server, and its store).
+fn front(routes: Arc<OnceLock<Router>>) -> Router {
+    Router::new().fallback(move |request: Request| {
+            let routes = routes.clone();
+            async move {
+                match routes.get() {
+                    Some(routes) => routes.clone().oneshot(request).await.into_response(),
+                    None => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(axum::http::header::RETRY_AFTER, "1")],
+                        Json(json!({
+                            "status": "starting",
+                            "detail": "the server is starting: it opens the database and runs its migrations; retry shortly",
+                        })),
+                    )
+                        .into_response(),
+                }
+            }
+    })
+}
+
+/// The HTTP server's task, ended if `serve` returns early (the store did
+/// not open), so no server is left answering 503 for ever.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// `GET /_ready`: 200 once the database answers and every background task
-/// works; otherwise 503 naming what does not.
+/// works; otherwise 503 naming what does not, and 503 from the moment the
+/// server is told to stop.
 async fn ready(State(state): State<AppState>) -> Response {
+    if state.readiness.is_stopping() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting down"})),
+        )
+            .into_response();
+    }
     let database = match tokio::time::timeout(READY_PING, state.api.store.ping()).await {
         Ok(Ok(())) => None,
         Ok(Err(err)) => Some(format!("the database did not answer: {err}")),
@@ -224,4 +314,38 @@ async fn ready(State(state): State<AppState>) -> Response {
         })),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn fetch(front: &Router, path: &str) -> (StatusCode, String) {
+        let request = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = front.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn while_starting_every_path_answers_503_then_the_routes_answer() {
+        let routes = Arc::new(OnceLock::new());
+        let front = front(routes.clone());
+        for path in ["/_ready", "/_health", "/batch"] {
+            let (status, body) = fetch(&front, path).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            assert!(body.contains("migrations"), "{body}");
+        }
+        let _ = routes.set(Router::new().route("/_ready", get(|| async { "ready" })));
+        assert_eq!(
+            fetch(&front, "/_ready").await,
+            (StatusCode::OK, "ready".into())
+        );
+        assert_eq!(fetch(&front, "/_health").await.0, StatusCode::NOT_FOUND);
+    }
 }

@@ -9,6 +9,7 @@ use axum::extract::FromRef;
 
 use crate::api::ApiState;
 use crate::capture::CaptureState;
+use crate::metrics::MetricsState;
 use crate::supervisor::Readiness;
 
 #[derive(Clone)]
@@ -17,6 +18,8 @@ pub struct AppState {
     pub api: ApiState,
     /// What `/_ready` reports of the background tasks.
     pub readiness: Arc<Readiness>,
+    /// What `/metrics` reads, and whom it answers.
+    pub metrics: MetricsState,
 }
 
 impl FromRef<AppState> for CaptureState {
@@ -28,5 +31,11 @@ impl FromRef<AppState> for CaptureState {
 impl FromRef<AppState> for ApiState {
     fn from_ref(state: &AppState) -> Self {
         state.api.clone()
+    }
+}
+
+impl FromRef<AppState> for MetricsState {
+    fn from_ref(state: &AppState) -> Self {
+        state.metrics.clone()
     }
 }

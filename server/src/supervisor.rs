@@ -9,6 +9,7 @@
 //! the task says it is working again ([`Health::ready`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,13 +42,26 @@ pub enum TaskState {
     },
 }
 
-/// What every supervised task last said of itself.
+/// What every supervised task last said of itself, and whether the
+/// server is shutting down.
 #[derive(Debug, Default)]
 pub struct Readiness {
     tasks: Mutex<BTreeMap<&'static str, TaskState>>,
+    stopping: AtomicBool,
 }
 
 impl Readiness {
+    /// Marks the server as shutting down: from now on it is not ready,
+    /// whatever its tasks say, so load balancers send it no more traffic
+    /// while it drains.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
     fn set(&self, task: &'static str, state: TaskState) {
         self.tasks
             .lock()

@@ -76,11 +76,18 @@ impl TestServer {
             .await
             .unwrap();
         });
+        // The server answers 503 to everything while it opens its store.
+        let client = reqwest::Client::new();
+        wait_until("the server to start", || async {
+            let health = client.get(format!("{base}/_health")).send().await;
+            health.is_ok_and(|r| r.status() == 200).then_some(())
+        })
+        .await;
         TestServer {
             base,
             project,
             other,
-            client: reqwest::Client::new(),
+            client,
             store: store_config,
             dir,
             _stop: stop,

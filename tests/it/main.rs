@@ -17,6 +17,8 @@ mod isolation;
 mod isolation_capture;
 mod isolation_query;
 mod isolation_runtime;
+mod metrics;
+mod operations;
 mod query;
 mod runtime;
 mod s3;

@@ -24,12 +24,14 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::MatchedPath;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
 use crate::config::ServeConfig;
+use crate::metrics::Metrics;
 use crate::model::Quotas;
 use crate::model::quotas::Hit;
 use crate::queue::{QueueGauge, Wakeups};
@@ -87,8 +89,9 @@ impl CaptureState {
 
 /// The PostHog- and Segment-compatible capture routes. Browsers send
 /// events from other origins (posthog-js, analytics.js), so CORS allows any
-/// origin, with credentials, and answers preflights.
-pub fn router<S>(config: &ServeConfig) -> Router<S>
+/// origin, with credentials, and answers preflights. Every answer is
+/// counted in `metrics`, shed and timed-out requests included.
+pub fn router<S>(config: &ServeConfig, metrics: Arc<Metrics>) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
     CaptureState: axum::extract::FromRef<S>,
@@ -100,7 +103,57 @@ where
         .layer(axum::middleware::from_fn(move |request, next| {
             limit_requests(in_flight.clone(), timeout, request, next)
         }))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            count_requests(metrics.clone(), request, next)
+        }))
         .layer(tower_http::cors::CorsLayer::very_permissive())
+}
+
+/// How many events a capture request held, once its body was read; set
+/// on the answer by [`answer`] for [`count_requests`].
+#[derive(Clone, Copy, Debug)]
+struct EventCount(usize);
+
+/// The class of a refusal (see [`CaptureError::reason`]), set on the
+/// answer for [`count_requests`].
+#[derive(Clone, Copy, Debug)]
+struct Refused(&'static str);
+
+/// A handler's answer, carrying the number of events the request held if
+/// its body was read.
+pub(crate) fn answer(
+    result: Result<Json<serde_json::Value>, CaptureError>,
+    events: Option<usize>,
+) -> Response {
+    let mut response = result.into_response();
+    if let Some(events) = events {
+        response.extensions_mut().insert(EventCount(events));
+    }
+    response
+}
+
+/// Counts each answer by endpoint and status, and its events by outcome.
+async fn count_requests(
+    metrics: Arc<Metrics>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let endpoint = endpoint(request.extensions().get::<MatchedPath>());
+    let response = next.run(request).await;
+    let events = response.extensions().get::<EventCount>().map(|c| c.0);
+    let refused = response.extensions().get::<Refused>().map(|r| r.0);
+    metrics.capture_request(endpoint, response.status(), events, refused);
+    response
+}
+
+/// The `endpoint` label: the route, without a trailing slash, from a
+/// fixed set, so no request can make a new series.
+fn endpoint(path: Option<&MatchedPath>) -> &'static str {
+    let path = path.map_or("", |path| path.as_str().trim_end_matches('/'));
+    ["/capture", "/e", "/batch", "/i/v0/e", "/v1/{kind}"]
+        .into_iter()
+        .find(|known| *known == path)
+        .unwrap_or("other")
 }
 
 /// Capture requests handled at once. Each holds its body, decoded and
@@ -289,6 +342,25 @@ pub enum CaptureError {
 }
 
 impl CaptureError {
+    /// The refusal's class, for the `reason` label of
+    /// `sluice_capture_events_total`.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            CaptureError::Invalid(_) => "invalid",
+            CaptureError::MissingToken => "missing_token",
+            CaptureError::UnknownToken => "unknown_token",
+            CaptureError::TooLarge { .. }
+            | CaptureError::TooComplex { .. }
+            | CaptureError::TooManyEvents { .. } => "too_large",
+            CaptureError::BodyTimeout { .. } => "body_timeout",
+            CaptureError::RateLimited { .. } => "rate_limited",
+            CaptureError::Overloaded { .. } => "overloaded",
+            CaptureError::TimedOut { .. } => "timed_out",
+            CaptureError::Store(_) => "store_error",
+            CaptureError::Unread(refused) => refused.reason(),
+        }
+    }
+
     /// This refusal, answered before the request's body was read.
     pub(crate) fn unread(self) -> CaptureError {
         CaptureError::Unread(Box::new(self))
@@ -345,6 +417,7 @@ impl IntoResponse for CaptureError {
             other => other.to_string(),
         };
         let mut response = (status, Json(json!({"type": kind, "detail": detail}))).into_response();
+        response.extensions_mut().insert(Refused(self.reason()));
         if let Some(seconds) = self.retry_after_secs() {
             response
                 .headers_mut()

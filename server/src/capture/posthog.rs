@@ -8,12 +8,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use crate::listener::Peer;
+use crate::listener::{Peer, client_ip};
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::routing::post;
 use serde_json::{Map, Value, json};
 
@@ -40,7 +41,22 @@ async fn capture(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, CaptureError> {
+) -> Response {
+    let mut events = None;
+    let result = receive(&state, peer, &query, &headers, body, &mut events).await;
+    super::answer(result.map(|()| Json(json!({"status": 1}))), events)
+}
+
+/// Reads, checks and stores one request; sets `events` once the body says
+/// how many it holds.
+async fn receive(
+    state: &CaptureState,
+    peer: SocketAddr,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+    events: &mut Option<usize>,
+) -> Result<(), CaptureError> {
     // A token in the query string is checked before the body is read; one
     // in the body (the usual place) only once it is parsed.
     let query_token = ["api_key", "token"]
@@ -49,7 +65,7 @@ async fn capture(
         .cloned();
     let admitted = match &query_token {
         Some(token) => Some(
-            super::admit(&state, token)
+            super::admit(state, token)
                 .await
                 .map_err(CaptureError::unread)?,
         ),
@@ -57,50 +73,22 @@ async fn capture(
     };
     let limit = state.config.max_body_bytes;
     let bytes = body::read(body, limit, state.config.capture_body_timeout).await?;
-    let value = state.parsers.parse(&headers, &query, bytes, limit).await?;
+    let value = state.parsers.parse(headers, query, bytes, limit).await?;
     let batch = raw_batch(value)?;
+    *events = Some(batch.events.len());
     // A token in the body wins, as it did before the query was read.
     let project_id = match (batch.token(), admitted) {
         (Some(token), Some(project_id)) if Some(&token) == query_token.as_ref() => project_id,
-        (Some(token), _) => super::admit(&state, &token).await?,
+        (Some(token), _) => super::admit(state, &token).await?,
         (None, Some(project_id)) => project_id,
         (None, None) => return Err(CaptureError::MissingToken),
     };
     let ip = state
         .config
         .record_ip
-        .then(|| client_ip(&headers, peer, &state.config.trusted_proxies));
-    super::accept(&state, &project_id, batch, ip).await?;
-    Ok(Json(json!({"status": 1})))
-}
-
-/// The client's address: the peer's, unless the peer is a trusted proxy;
-/// then the nearest `X-Forwarded-For` address that is not one, read from
-/// the right, since each proxy appends the address it heard from and
-/// everything left of the first untrusted one may have been written by
-/// the client.
-pub(super) fn client_ip(headers: &HeaderMap, peer: SocketAddr, trusted: &[ipnet::IpNet]) -> String {
-    let is_trusted = |ip: std::net::IpAddr| trusted.iter().any(|net| net.contains(&ip));
-    if !is_trusted(peer.ip()) {
-        return peer.ip().to_string();
-    }
-    let forwarded: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|ip| !ip.is_empty())
-        .collect();
-    for hop in forwarded.iter().rev() {
-        match hop.parse::<std::net::IpAddr>() {
-            Ok(ip) if is_trusted(ip) => continue,
-            _ => return hop.to_string(),
-        }
-    }
-    forwarded
-        .first()
-        .map_or_else(|| peer.ip().to_string(), |first| first.to_string())
+        .then(|| client_ip(headers, peer, &state.config.trusted_proxies));
+    super::accept(state, &project_id, batch, ip).await?;
+    Ok(())
 }
 
 fn objects(items: Vec<Value>) -> Result<Vec<Map<String, Value>>, CaptureError> {
@@ -154,39 +142,5 @@ fn raw_batch(value: Value) -> Result<RawBatch, CaptureError> {
         _ => Err(CaptureError::Invalid(
             "the body must be an event, an array of events or {\"batch\": [...]}".into(),
         )),
-    }
-}
-
-#[cfg(test)]
-mod client_ip_tests {
-    use super::*;
-
-    fn headers(forwarded: &str) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-forwarded-for", forwarded.parse().unwrap());
-        headers
-    }
-
-    fn networks(list: &[&str]) -> Vec<ipnet::IpNet> {
-        list.iter().map(|n| n.parse().unwrap()).collect()
-    }
-
-    #[test]
-    fn only_a_trusted_proxys_forwarded_address_is_believed() {
-        let trusted = networks(&["127.0.0.0/8", "10.0.0.0/8"]);
-        let proxy: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let stranger: SocketAddr = "203.0.113.5:5000".parse().unwrap();
-        assert_eq!(
-            client_ip(&headers("1.2.3.4"), stranger, &trusted),
-            "203.0.113.5"
-        );
-        assert_eq!(client_ip(&headers("1.2.3.4"), proxy, &trusted), "1.2.3.4");
-        // The client wrote 6.6.6.6 itself; the proxies appended the rest.
-        assert_eq!(
-            client_ip(&headers("6.6.6.6, 1.2.3.4, 10.0.0.2"), proxy, &trusted),
-            "1.2.3.4"
-        );
-        assert_eq!(client_ip(&headers("10.0.0.2"), proxy, &trusted), "10.0.0.2");
-        assert_eq!(client_ip(&HeaderMap::new(), proxy, &trusted), "127.0.0.1");
     }
 }

@@ -5,19 +5,20 @@
 //! normalisation and queue as PostHog capture.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
-use crate::listener::Peer;
+use crate::listener::{Peer, client_ip};
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, header};
+use axum::response::Response;
 use axum::routing::post;
 use base64::Engine;
 use serde_json::{Map, Value, json};
 
 use super::CaptureState;
-use super::posthog::client_ip;
 use super::{CaptureError, RawBatch, body};
 
 pub fn router<S>() -> Router<S>
@@ -37,7 +38,23 @@ async fn capture(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, CaptureError> {
+) -> Response {
+    let mut events = None;
+    let result = receive(&state, peer, kind, &query, &headers, body, &mut events).await;
+    super::answer(result.map(|()| Json(json!({"success": true}))), events)
+}
+
+/// Reads, checks and stores one call; sets `events` once the body says
+/// how many messages it holds.
+async fn receive(
+    state: &CaptureState,
+    peer: SocketAddr,
+    kind: String,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+    events: &mut Option<usize>,
+) -> Result<(), CaptureError> {
     let kind = match kind.as_str() {
         "track" | "identify" | "page" | "screen" | "group" | "alias" | "batch" => kind,
         other => {
@@ -48,10 +65,10 @@ async fn capture(
     };
     // The write key is usually the Basic-auth user: then it is checked
     // before the body is read, and an unknown key costs no parsing.
-    let auth_key = basic_auth_user(&headers);
+    let auth_key = basic_auth_user(headers);
     let admitted = match &auth_key {
         Some(key) => Some(
-            super::admit(&state, key)
+            super::admit(state, key)
                 .await
                 .map_err(CaptureError::unread)?,
         ),
@@ -59,11 +76,18 @@ async fn capture(
     };
     let limit = state.config.max_body_bytes;
     let bytes = body::read(body, limit, state.config.capture_body_timeout).await?;
-    let Value::Object(mut body) = state.parsers.parse(&headers, &query, bytes, limit).await? else {
+    let Value::Object(mut body) = state.parsers.parse(headers, query, bytes, limit).await? else {
         return Err(CaptureError::Invalid(
             "the body must be a JSON object".into(),
         ));
     };
+    *events = Some(if kind == "batch" {
+        body.get("batch")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len)
+    } else {
+        1
+    });
     let project_id = match admitted {
         Some(project_id) => project_id,
         None => {
@@ -71,7 +95,7 @@ async fn capture(
                 .get("writeKey")
                 .and_then(Value::as_str)
                 .ok_or(CaptureError::MissingToken)?;
-            super::admit(&state, write_key).await?
+            super::admit(state, write_key).await?
         }
     };
     let sent_at = body
@@ -122,9 +146,9 @@ async fn capture(
     let ip = state
         .config
         .record_ip
-        .then(|| client_ip(&headers, peer, &state.config.trusted_proxies));
-    super::accept(&state, &project_id, batch, ip).await?;
-    Ok(Json(json!({"success": true})))
+        .then(|| client_ip(headers, peer, &state.config.trusted_proxies));
+    super::accept(state, &project_id, batch, ip).await?;
+    Ok(())
 }
 
 fn basic_auth_user(headers: &HeaderMap) -> Option<String> {

@@ -375,6 +375,21 @@ impl Store {
         tx.commit().await.map_err(Into::into)
     }
 
+    /// Events waiting in each destination's outbox, retries included, by
+    /// plugin config id: one pass over `outbox_by_destination`. A
+    /// destination with an empty outbox is not listed.
+    pub async fn outbox_depths(&self) -> Result<HashMap<String, i64>> {
+        let rows = sqlx::query(
+            "SELECT plugin_config_id, COUNT(*) AS depth FROM outbox GROUP BY plugin_config_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get("plugin_config_id"), row.get("depth")))
+            .collect())
+    }
+
     /// Batches dead-lettered in a row by a destination.
     pub async fn dead_batches_in_row(&self, plugin_config_id: &str) -> Result<i64> {
         Ok(sqlx::query_scalar(
