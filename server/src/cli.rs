@@ -265,6 +265,19 @@ pub enum SecretsCommand {
         #[command(flatten)]
         key: KeyArgs,
     },
+    /// For a lost key: drop every secret value sealed with KEY_ID (they
+    /// cannot be read without it) so servers start without the key; prints
+    /// {"key_id", "dropped": [{"plugin_config_id", "field"}]}, the secrets
+    /// to give again through the API.
+    Forget {
+        /// The lost key's id, as the server's error names it.
+        key_id: String,
+        /// The server's config file, for its data dir and database.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -575,6 +588,25 @@ fn secrets(command: SecretsCommand) -> anyhow::Result<ExitCode> {
             let rotated = store.rotate_secrets(&source).await;
             store.close().await;
             println!("{}", serde_json::to_string(&rotated?)?);
+            Ok(ExitCode::SUCCESS)
+        }),
+        SecretsCommand::Forget {
+            key_id,
+            config,
+            store,
+        } => tokio_runtime()?.block_on(async move {
+            let file = FileConfig::read(config.as_deref())?;
+            let store = open_store(&store.config(&file)).await?;
+            let dropped = store.forget_secret_key(&key_id).await;
+            store.close().await;
+            let dropped: Vec<serde_json::Value> = dropped?
+                .into_iter()
+                .map(|(id, field)| serde_json::json!({"plugin_config_id": id, "field": field}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"key_id": key_id, "dropped": dropped})
+            );
             Ok(ExitCode::SUCCESS)
         }),
     }

@@ -743,6 +743,37 @@ async fn a_server_without_the_sealing_key_refuses_to_start_and_names_it(backend:
     // With the key: it starts.
     store.load_secret_key(&key_source(&file)).await.unwrap();
     store.close().await;
+
+    // The key lost for good: its values are dropped, to be given again,
+    // and a server starts with another key.
+    let store = open_store(&server.store).await.unwrap();
+    let dropped = store.forget_secret_key(keyring.current_id()).await.unwrap();
+    assert_eq!(dropped, vec![(id.clone(), "secret".to_string())]);
+    store.load_secret_key(&key_source(&missing)).await.unwrap();
+    store.close().await;
+    let view = server.plugin_config_view(&id).await;
+    assert_eq!(view["secrets_set"], json!([]), "{view}");
+}
+
+async fn a_server_with_another_key_refuses_to_start_before_anything_is_sealed(backend: Backend) {
+    // The first server registered the key it made.
+    let server = TestServer::start(backend).await;
+    server.wait_ready(200, "the server to start").await;
+    let (_, keyring) = key_file_of(&server);
+    let (other, other_text) = Keyring::generate();
+    let file = server.dir.path().join("other.key");
+    std::fs::write(&file, &other_text).unwrap();
+    let store = open_store(&server.store).await.unwrap();
+    let err = store
+        .load_secret_key(&key_source(&file))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(keyring.current_id()) && err.contains(other.current_id()),
+        "{err}"
+    );
+    store.close().await;
 }
 
 async fn rotating_the_key_seals_every_secret_under_the_new_one(backend: Backend) {
@@ -843,6 +874,7 @@ async fn secrets_stored_in_plain_text_are_sealed_at_start(backend: Backend) {
 on_both_backends!(
     a_delivery_run_leaves_no_secret_anywhere,
     a_server_without_the_sealing_key_refuses_to_start_and_names_it,
+    a_server_with_another_key_refuses_to_start_before_anything_is_sealed,
     rotating_the_key_seals_every_secret_under_the_new_one,
     secrets_stored_in_plain_text_are_sealed_at_start,
 );

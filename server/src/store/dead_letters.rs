@@ -13,7 +13,9 @@ use sqlx::Row;
 use super::db::{Bound, PRUNE_CHUNK};
 use super::secrets::Secrets;
 use super::sql::{ROWS_PER_INSERT, corrupt, id_list, values_placeholders};
-use super::{Backend, OutboxRow, Result, Store, capture_queue, now_ms, now_rfc3339, outbox};
+use super::{
+    Backend, DeliveryRecord, OutboxRow, Result, Store, capture_queue, now_ms, now_rfc3339, outbox,
+};
 use crate::model::DeadLetterStage;
 
 /// An event a fail-closed plugin could not transform, or a destination
@@ -285,8 +287,7 @@ pub(super) async fn insert_delivery(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
     secrets: &Secrets,
-    project_id: &str,
-    plugin_config_id: &str,
+    record: &DeliveryRecord,
     rows: &[&OutboxRow],
     error: &str,
     now: &str,
@@ -294,8 +295,8 @@ pub(super) async fn insert_delivery(
     let letters: Vec<NewLetter> = rows
         .iter()
         .map(|row| NewLetter {
-            project_id,
-            plugin_config_id,
+            project_id: &record.project_id,
+            plugin_config_id: &record.plugin_config_id,
             event: row.payload.to_string(),
             error,
             stage: DeadLetterStage::Delivery,

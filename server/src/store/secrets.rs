@@ -370,12 +370,14 @@ pub struct Rotated {
 
 impl Store {
     /// Loads the server key from `source`, and seals any secret still
-    /// stored in plain text. With no key anywhere and nothing sealed yet,
-    /// a new key is made and written to the key file (mode 0600). With
-    /// sealed values whose key is not held it fails, naming the key ids
-    /// needed: a second key made then would leave them unreadable.
+    /// stored in plain text. With no key anywhere and nothing sealed or
+    /// registered yet, a new key is made and written to the key file
+    /// (mode 0600). With sealed values, or keys other servers registered,
+    /// that it does not hold it fails, naming the key ids needed: a second
+    /// key made then would seal what the other servers cannot open.
     pub async fn load_secret_key(&self, source: &KeySource) -> anyhow::Result<KeyLoaded> {
-        let in_use = self.sealed_key_ids().await?;
+        let mut in_use = self.sealed_key_ids().await?;
+        in_use.extend(self.registered_key_ids().await?);
         let mut generated = None;
         let keyring = match source.read()? {
             Some(keyring) => keyring,
@@ -386,23 +388,32 @@ impl Store {
                 keyring
             }
             None => anyhow::bail!(
-                "the database holds secrets sealed with secret key {}, and {} does not exist; put that key there (or in {KEY_ENV}), or point --secret-key-file at the file that holds it. Without it those secrets cannot be read.",
+                "this database's secrets are sealed with secret key {}, and {} does not exist; put that key there (or in {KEY_ENV}), or point --secret-key-file at the file that holds it. Without it those secrets cannot be read.",
                 join(&in_use),
                 source.file.display()
             ),
         };
-        let missing: Vec<&String> = in_use
-            .iter()
+        let mut missing: BTreeSet<String> = in_use
+            .into_iter()
             .filter(|id| keyring.key(id).is_none())
             .collect();
+        if missing.is_empty() {
+            // Servers starting together, each with a key of its own: the
+            // first to register wins, and the others learn of it here.
+            missing = self.register_key(&keyring).await?;
+        }
         if !missing.is_empty() {
+            if let Some(path) = &generated {
+                let _ = std::fs::remove_file(path);
+                anyhow::bail!(
+                    "another server of this database made its secret key {} a moment ago; copy its key file to {} (or give this server the same {KEY_ENV}) and start again",
+                    join(&missing),
+                    path.display()
+                );
+            }
             anyhow::bail!(
-                "the database holds secrets sealed with secret key {}, which {} does not hold (it holds {}); add that key to it, after the current one, as other servers of this database have it",
-                missing
-                    .iter()
-                    .map(|id| id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                "this database's secrets are sealed with secret key {}, which {} does not hold (it holds {}); add that key to it, after the current one, as the other servers of this database have it",
+                join(&missing),
                 source.place(),
                 keyring.ids().join(", ")
             );
@@ -415,6 +426,64 @@ impl Store {
             generated,
             sealed,
         })
+    }
+
+    /// The key ids servers of this database registered.
+    async fn registered_key_ids(&self) -> Result<BTreeSet<String>> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT key_id FROM secret_keys")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().collect())
+    }
+
+    /// Registers the sealing key of `keyring`, unless another key it does
+    /// not hold is registered already: then those ids, and nothing changes.
+    /// One at a time across processes, so two servers starting together
+    /// cannot each register a key of their own.
+    async fn register_key(&self, keyring: &Keyring) -> Result<BTreeSet<String>> {
+        let (mut tx, _turn) = self.write().await?;
+        if self.backend() == super::Backend::Postgres {
+            sqlx::query("LOCK TABLE secret_keys IN SHARE ROW EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let registered: Vec<String> = sqlx::query_scalar("SELECT key_id FROM secret_keys")
+            .fetch_all(&mut *tx)
+            .await?;
+        let missing: BTreeSet<String> = registered
+            .iter()
+            .filter(|id| keyring.key(id).is_none())
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Ok(missing);
+        }
+        if !registered.iter().any(|id| id == keyring.current_id()) {
+            sqlx::query("INSERT INTO secret_keys (key_id, added_at) VALUES ($1, $2)")
+                .bind(keyring.current_id())
+                .bind(now_rfc3339())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(missing)
+    }
+
+    /// After a rotation: only the current key seals anything now.
+    async fn unregister_keys_but(&self, key_id: &str) -> Result<()> {
+        let (mut tx, _turn) = self.write().await?;
+        sqlx::query("DELETE FROM secret_keys WHERE key_id <> $1")
+            .bind(key_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO secret_keys (key_id, added_at) VALUES ($1, $2) ON CONFLICT (key_id) DO NOTHING",
+        )
+        .bind(key_id)
+        .bind(now_rfc3339())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await.map_err(Into::into)
     }
 
     /// Seals every secret under the current key: values sealed with an
@@ -430,12 +499,54 @@ impl Store {
         let key_id = keyring.current_id().to_string();
         let _ = self.secrets.keyring.set(Arc::new(keyring));
         let (sealed, resealed, skipped) = self.seal_all(true).await?;
+        // Every value is sealed with the current key now, unless a server
+        // that still seals with an older one wrote since: then that key
+        // stays registered, and rotating again finishes the job.
+        if self.sealed_key_ids().await?.iter().all(|id| *id == key_id) {
+            self.unregister_keys_but(&key_id).await?;
+        }
         Ok(Rotated {
             key_id,
             resealed,
             sealed,
             skipped,
         })
+    }
+
+    /// For a key that is lost: drops every value sealed with `key_id` (no
+    /// one can open them) and its registration, so servers start without
+    /// it. Returns the (plugin config id, field) of each value dropped,
+    /// whose secrets must be given again through the API.
+    pub async fn forget_secret_key(&self, key_id: &str) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT id, config FROM plugin_configs")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut dropped = Vec::new();
+        for row in rows {
+            let id: String = row.get("id");
+            let stored: String = row.get("config");
+            let Ok(Value::Object(mut config)) = serde_json::from_str::<Value>(&stored) else {
+                continue;
+            };
+            let lost: Vec<String> = config
+                .iter()
+                .filter(|(_, value)| sealed_key_id(value) == Some(key_id))
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in &lost {
+                config.remove(name);
+            }
+            if !lost.is_empty() && self.replace_config(&id, &stored, &config).await? {
+                dropped.extend(lost.into_iter().map(|name| (id.clone(), name)));
+            }
+        }
+        let (mut tx, _turn) = self.write().await?;
+        sqlx::query("DELETE FROM secret_keys WHERE key_id = $1")
+            .bind(key_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(dropped)
     }
 
     /// The ids of the keys that sealed the stored secrets.
