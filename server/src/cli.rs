@@ -14,7 +14,7 @@ use crate::model::Quotas;
 use crate::query::QueryLimits;
 use crate::runtime::Policy;
 use crate::server::{ServeConfig, open_store};
-use crate::store::StoreConfig;
+use crate::store::{KEY_ENV, KEY_FILE, KeySource, StoreConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,6 +57,9 @@ pub enum Command {
     /// Write, build and try plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// The key that seals secret config values.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
 }
 
 /// Where the data lives.
@@ -73,6 +76,15 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
+    /// The data dir, whichever backend holds the data: the key file's
+    /// default place.
+    fn data_dir(&self, file: &FileConfig) -> PathBuf {
+        self.data_dir
+            .clone()
+            .or_else(|| file.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("sluice-data"))
+    }
+
     /// PostgreSQL if a URL is given (here or in the config file), else
     /// SQLite in the data dir.
     pub fn config(self, file: &FileConfig) -> StoreConfig {
@@ -89,6 +101,34 @@ impl StoreArgs {
     }
 }
 
+/// Where the key that seals secret config values is.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The file of the key that seals secret config values: base64 keys,
+    /// one a line, the first sealing and every one opening. Made on first
+    /// start if nothing is sealed yet. `SLUICE_SECRET_KEY`, holding the
+    /// same text, wins over it [default: DATA_DIR/secret.key].
+    #[arg(long, env = "SLUICE_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    /// The flag, else the config file's `secret_key_file`, else the data
+    /// dir's `secret.key`; `SLUICE_SECRET_KEY` over all of them.
+    fn source(self, store: &StoreArgs, file: &FileConfig) -> KeySource {
+        let path = self
+            .secret_key_file
+            .or_else(|| file.secret_key_file.clone())
+            .unwrap_or_else(|| store.data_dir(file).join(KEY_FILE));
+        KeySource {
+            key: std::env::var(KEY_ENV)
+                .ok()
+                .filter(|key| !key.trim().is_empty()),
+            file: path,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// A TOML config file; flags and environment variables override it.
@@ -99,6 +139,8 @@ pub struct ServeArgs {
     pub listen: Option<SocketAddr>,
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub key: KeyArgs,
     /// Largest accepted request body in bytes, before and after
     /// decompression [default: 20971520].
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES")]
@@ -173,6 +215,7 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
+    pub secret_key_file: Option<PathBuf>,
     pub max_body_bytes: Option<usize>,
     pub max_queue_depth: Option<i64>,
     pub max_queue_age_seconds: Option<u64>,
@@ -327,6 +370,39 @@ pub enum TokenCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Print a new random key (base64 of 32 bytes) for a key file.
+    NewKey,
+    /// Seal every secret config value again under the first key of the
+    /// key file (or `SLUICE_SECRET_KEY`); prints {"key_id", "resealed",
+    /// "sealed", "skipped"}. Servers keep opening values sealed with any
+    /// key they hold, so run it once every server holds the new key.
+    Rotate {
+        /// The server's config file, for its data dir, database and key
+        /// file.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// For a lost key: drop every secret value sealed with KEY_ID (they
+    /// cannot be read without it) so servers start without the key; prints
+    /// {"key_id", "dropped": [{"plugin_config_id", "field"}]}, the secrets
+    /// to give again through the API.
+    Forget {
+        /// The lost key's id, as the server's error names it.
+        key_id: String,
+        /// The server's config file, for its data dir and database.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum PluginCommand {
     /// Create a plugin crate that builds and tests out of the box.
     New {
@@ -388,6 +464,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Key(command) => tenancy(TenancyCommand::Key(command)),
         Command::Token(command) => tenancy(TenancyCommand::Token(command)),
         Command::Plugin(command) => plugin(command),
+        Command::Secrets(command) => secrets(command),
     };
     match result {
         Ok(code) => code,
@@ -503,6 +580,7 @@ fn serve(args: ServeArgs, format: LogFormat) -> anyhow::Result<ExitCode> {
             None => defaults.api_requests_per_second,
         },
         policy: file.plugins.clone().unwrap_or(defaults.policy),
+        secret_key: args.key.source(&args.store, &file),
         store: args.store.config(&file),
     };
     tokio_runtime()?.block_on(async move {
@@ -722,6 +800,44 @@ async fn project_quotas(
         "overrides": overrides,
         "quotas": quotas,
     }))
+}
+
+fn secrets(command: SecretsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        SecretsCommand::NewKey => {
+            let (_, text) = crate::store::Keyring::generate();
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        SecretsCommand::Rotate { config, store, key } => tokio_runtime()?.block_on(async move {
+            let file = FileConfig::read(config.as_deref())?;
+            let source = key.source(&store, &file);
+            let store = open_store(&store.config(&file)).await?;
+            let rotated = store.rotate_secrets(&source).await;
+            store.close().await;
+            println!("{}", serde_json::to_string(&rotated?)?);
+            Ok(ExitCode::SUCCESS)
+        }),
+        SecretsCommand::Forget {
+            key_id,
+            config,
+            store,
+        } => tokio_runtime()?.block_on(async move {
+            let file = FileConfig::read(config.as_deref())?;
+            let store = open_store(&store.config(&file)).await?;
+            let dropped = store.forget_secret_key(&key_id).await;
+            store.close().await;
+            let dropped: Vec<serde_json::Value> = dropped?
+                .into_iter()
+                .map(|(id, field)| serde_json::json!({"plugin_config_id": id, "field": field}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"key_id": key_id, "dropped": dropped})
+            );
+            Ok(ExitCode::SUCCESS)
+        }),
+    }
 }
 
 fn plugin(command: PluginCommand) -> anyhow::Result<ExitCode> {

@@ -7,12 +7,14 @@ use std::time::Duration;
 use crate::model::Quotas;
 use crate::query::QueryLimits;
 use crate::runtime::Policy;
-use crate::store::{DEFAULT_LEASE, StoreConfig};
+use crate::store::{DEFAULT_LEASE, KeySource, StoreConfig};
 
 /// Everything `sluice serve` is configured with.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub store: StoreConfig,
+    /// Where the key that seals secret config values comes from.
+    pub secret_key: KeySource,
     /// Largest request body, compressed or not.
     pub max_body_bytes: usize,
     /// Capture answers 503 once this many events wait in the queue.
@@ -65,6 +67,7 @@ pub struct ServeConfig {
 impl ServeConfig {
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
         ServeConfig {
+            secret_key: KeySource::in_dir(&data_dir),
             store: StoreConfig::Sqlite { data_dir },
             max_body_bytes: 20 << 20,
             max_queue_depth: 1_000_000,

@@ -609,6 +609,7 @@ async fn deliver(
         });
     }
     if let Some(reason) = &pause {
+        let reason = delivery.store.scrub(&config.id, reason);
         tracing::warn!(destination = %config.id, "{reason}");
     }
     Ok(DeliveryRecord {

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::runtime::{Install, LoadError, PluginError, PluginInstance, Runtime};
-use crate::store::{PluginConfig, Store};
+use crate::store::{PluginConfig, SecretError, Store};
 
 /// How often at most the log lists who holds the plugin instances: while
 /// there is no room, every lane and chain asks again every second.
@@ -38,6 +38,14 @@ pub enum StartError {
 }
 
 impl StartError {
+    fn map(self, f: impl FnOnce(String) -> String) -> StartError {
+        match self {
+            StartError::Plugin(message) => StartError::Plugin(f(message)),
+            StartError::Host(message) => StartError::Host(f(message)),
+            StartError::Exhausted(message) => StartError::Exhausted(f(message)),
+        }
+    }
+
     /// Whether the install should be disabled for it.
     pub fn is_plugin_fault(&self) -> bool {
         matches!(self, StartError::Plugin(_))
@@ -68,15 +76,26 @@ pub async fn start(
                 config.plugin_sha256
             ))
         })?;
+    // Opened here and only here, for the plugin's setup: the plugin
+    // instance keeps the config, so batches never open it again.
+    let opened = store.open_config(config).map_err(|err| {
+        let message = format!("failed to read its config: {err}");
+        match err {
+            // Another server sealed it with a key this one is not given
+            // yet: the operator's to fix, not the config's.
+            SecretError::MissingKey { .. } => StartError::Host(message),
+            _ => StartError::Plugin(message),
+        }
+    })?;
     let runtime = runtime.clone();
     let project_id = config.project_id.clone();
     let install = Install {
         install_id: config.id.clone(),
         project_id: config.project_id.clone(),
-        config: config.config.clone(),
+        config: opened,
         limits: None,
     };
-    tokio::task::spawn_blocking(move || {
+    let started = tokio::task::spawn_blocking(move || {
         let plugin = runtime.load(&wasm).map_err(|err| {
             let message = format!("failed to load the plugin: {err}");
             match err {
@@ -99,7 +118,9 @@ pub async fn start(
         })
     })
     .await
-    .map_err(|err| StartError::Host(format!("failed to start: {err}")))?
+    .map_err(|err| StartError::Host(format!("failed to start: {err}")))?;
+    // A setup error may quote the config it refused.
+    started.map_err(|err| err.map(|message| store.scrub(&config.id, &message).into_owned()))
 }
 
 /// Logs which projects hold the live instances, so the operator sees who

@@ -35,7 +35,7 @@ use crate::retention::Retention;
 use crate::runtime::{ProjectQuotas, Runtime, RuntimeConfig};
 use crate::scheduler::Scheduler;
 use crate::state::AppState;
-use crate::store::{Backend, Store, StoreConfig};
+use crate::store::{Backend, KeySource, Store, StoreConfig};
 use crate::supervisor::{Readiness, Supervisor, task};
 use crate::{api, capture, delivery, metrics, pipeline, queue, retention, scheduler};
 
@@ -83,6 +83,7 @@ pub async fn serve(
 
     // One reader per query slot, and one for the events list.
     let store = Store::open_with_readers(&config.store, config.max_concurrent_queries + 1).await?;
+    load_secret_key(&store, &config.secret_key).await?;
     let config = Arc::new(config);
     let gauge = Arc::new(QueueGauge::default());
     gauge.set(store.queue_status().await?);
@@ -280,6 +281,28 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Loads the key that seals secret config values, saying where a new one
+/// was written: the operator must back it up.
+async fn load_secret_key(store: &Store, source: &KeySource) -> anyhow::Result<()> {
+    let loaded = store.load_secret_key(source).await?;
+    if let Some(path) = &loaded.generated {
+        tracing::warn!(
+            key_id = %loaded.ids[0],
+            "made a new secret key in {}; back it up with the database (without it, stored secrets cannot be read), and give the same key to every server of this database",
+            path.display()
+        );
+    } else {
+        tracing::info!(keys = %loaded.ids.join(", "), "loaded the secret key");
+    }
+    if loaded.sealed > 0 {
+        tracing::info!(
+            sealed = loaded.sealed,
+            "sealed secret config values stored in plain text by an earlier version"
+        );
+    }
+    Ok(())
 }
 
 /// `GET /_ready`: 200 once the database answers and every background task

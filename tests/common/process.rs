@@ -61,6 +61,11 @@ pub async fn listening_on(child: &mut Child) -> String {
         })
 }
 
+/// The secret key of every server process on PostgreSQL, which has no data
+/// dir of the test's to keep a key file in: the same for all, as the
+/// servers of one database must share theirs.
+pub const TEST_SECRET_KEY: &str = "c2x1aWNlIHRlc3Qga2V5OiAzMiBieXRlcyBsb25nISE=";
+
 pub fn sluice_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
 }
@@ -76,14 +81,17 @@ impl ServerProcess {
     /// the server chooses (so no other test can take it between choosing
     /// and binding), and waits until `/_health` answers.
     pub async fn start_on(target: &Target, extra: &[&str]) -> ServerProcess {
-        let mut child = Command::new(sluice_bin())
+        let mut command = Command::new(sluice_bin());
+        command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(target.args())
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("sluice serve starts");
+            .stderr(Stdio::piped());
+        if let Target::Postgres(_) = target {
+            command.env(sluice::store::KEY_ENV, TEST_SECRET_KEY);
+        }
+        let mut child = command.spawn().expect("sluice serve starts");
         let base = listening_on(&mut child).await;
         let deadline = Instant::now() + STARTUP;
         let client = reqwest::Client::new();

@@ -487,7 +487,7 @@ fn key_file(base: &str) -> String {
     .to_string()
 }
 
-fn config(base: &str) -> Value {
+pub(crate) fn config(base: &str) -> Value {
     json!({
         "project_id": "my-project",
         "dataset_id": "analytics",

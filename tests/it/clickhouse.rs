@@ -406,7 +406,7 @@ fn clickhouse_plugin(config: Value) -> Result<PluginInstance, String> {
         .map_err(|err| err.to_string())
 }
 
-fn config(url: &str, extra: Value) -> Value {
+pub(crate) fn config(url: &str, extra: Value) -> Value {
     let mut config = json!({
         "url": url,
         "database": "analytics",

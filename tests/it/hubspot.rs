@@ -20,7 +20,7 @@ use common::{install, runtime, wasm};
 use serde_json::{Value, json};
 use sluice::runtime::{ExportFailure, ExportedEvent, PluginInstance, Policy};
 
-const TOKEN: &str = "pat-na1-11111111-2222-3333-4444-555555555555";
+pub(crate) const TOKEN: &str = "pat-na1-11111111-2222-3333-4444-555555555555";
 /// A real token of an app without the contacts write scope.
 const READ_ONLY_TOKEN: &str = "pat-na1-readonly";
 
@@ -38,7 +38,7 @@ const PROPERTIES: &[&str] = &[
 const UNIQUE_PROPERTIES: &[&str] = &["email", "app_user_id"];
 
 #[derive(Clone, Debug, PartialEq)]
-struct Contact {
+pub(crate) struct Contact {
     id: u64,
     properties: BTreeMap<String, String>,
 }
@@ -77,13 +77,13 @@ fn same_id(id_property: &str, a: &str, b: &str) -> bool {
 type Shared = Arc<Mutex<HubSpotState>>;
 
 #[derive(Clone)]
-struct FakeHubSpot {
+pub(crate) struct FakeHubSpot {
     state: Shared,
-    base: String,
+    pub(crate) base: String,
 }
 
 impl FakeHubSpot {
-    fn start() -> FakeHubSpot {
+    pub(crate) fn start() -> FakeHubSpot {
         let state: Shared = Arc::default();
         let router = axum::Router::new()
             .route(
@@ -106,7 +106,7 @@ impl FakeHubSpot {
         change(&mut self.state.lock().unwrap());
     }
 
-    fn contacts(&self) -> Vec<Contact> {
+    pub(crate) fn contacts(&self) -> Vec<Contact> {
         self.state.lock().unwrap().contacts.clone()
     }
 

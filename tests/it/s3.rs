@@ -604,7 +604,7 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
-fn fake_config(endpoint: &str, extra: Value) -> Value {
+pub(crate) fn fake_config(endpoint: &str, extra: Value) -> Value {
     let mut config = json!({
         "endpoint": endpoint,
         "region": "us-east-1",

@@ -18,8 +18,8 @@ use serde_json::{Map, Value, json};
 use sluice::runtime::{ExportFailure, ExportedEvent, PluginInstance, Policy, Runtime};
 
 const CLIENT_ID: &str = "3MVG9-consumer-key";
-const CLIENT_SECRET: &str = "consumer-secret";
-const REFRESH_TOKEN: &str = "5Aep861-refresh";
+pub(crate) const CLIENT_SECRET: &str = "consumer-secret";
+pub(crate) const REFRESH_TOKEN: &str = "5Aep861-refresh";
 
 /// Salesforce's per-org field list for the two objects the plugin writes:
 /// (name, required on create, is an External ID field).
@@ -75,7 +75,7 @@ struct Org {
 }
 
 #[derive(Clone, Default)]
-struct FakeSalesforce {
+pub(crate) struct FakeSalesforce {
     org: Arc<Mutex<Org>>,
 }
 
@@ -85,7 +85,7 @@ fn errors(status: u16, code: &str, message: &str) -> (u16, Value) {
 
 impl FakeSalesforce {
     /// Serves the token endpoint and the data API; returns the base URL.
-    fn start(&self) -> String {
+    pub(crate) fn start(&self) -> String {
         let router = axum::Router::new()
             .route("/services/oauth2/token", post(token))
             .route(
@@ -137,11 +137,11 @@ impl FakeSalesforce {
         })
     }
 
-    fn count(&self, object: &str) -> usize {
+    pub(crate) fn count(&self, object: &str) -> usize {
         self.with_org(|org| org.records.get(object).map_or(0, Vec::len))
     }
 
-    fn token_requests(&self) -> usize {
+    pub(crate) fn token_requests(&self) -> usize {
         self.with_org(|org| org.token_requests)
     }
 
@@ -496,7 +496,7 @@ fn identify(uuid: &str, distinct_id: &str, set: Value) -> ExportedEvent {
     )
 }
 
-fn config(login_url: &str) -> Value {
+pub(crate) fn config(login_url: &str) -> Value {
     json!({
         "login_url": login_url,
         "client_id": CLIENT_ID,

@@ -20,7 +20,7 @@ use common::{install, runtime, wasm};
 use serde_json::{Map, Value, json};
 use sluice::runtime::{ExportFailure, ExportedEvent, PluginInstance, Policy};
 
-const API_KEY: &str = "SG.fake-key.0123456789";
+pub(crate) const API_KEY: &str = "SG.fake-key.0123456789";
 const LIST: &str = "ca7a3796-e8a8-4029-9ccb-df8937940562";
 /// The decimal reading of SendGrid's 6 MB, the stricter one.
 const MAX_BODY_BYTES: usize = 6_000_000;
@@ -62,13 +62,13 @@ struct SendGridState {
 
 type Shared = Arc<Mutex<SendGridState>>;
 
-struct FakeSendGrid {
+pub(crate) struct FakeSendGrid {
     state: Shared,
-    base: String,
+    pub(crate) base: String,
 }
 
 impl FakeSendGrid {
-    fn start() -> FakeSendGrid {
+    pub(crate) fn start() -> FakeSendGrid {
         let state: Shared = Arc::default();
         state.lock().unwrap().reset = now_secs() + 60;
         let contacts = axum::routing::put(upsert_contacts).fallback(|| async {
@@ -95,7 +95,7 @@ impl FakeSendGrid {
         change(&mut self.state.lock().unwrap());
     }
 
-    fn contacts(&self) -> BTreeMap<String, (Map<String, Value>, Vec<String>)> {
+    pub(crate) fn contacts(&self) -> BTreeMap<String, (Map<String, Value>, Vec<String>)> {
         self.state.lock().unwrap().contacts.clone()
     }
 

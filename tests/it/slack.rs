@@ -19,7 +19,7 @@ use sluice::runtime::{ExportFailure, ExportedEvent, PluginInstance, Policy};
 
 const TEAM: &str = "T0SLUICE1";
 const BOT: &str = "B0SLUICE2";
-const SECRET: &str = "xoxSecretPart1234567890";
+pub(crate) const SECRET: &str = "xoxSecretPart1234567890";
 
 /// Block types Slack accepts in a message.
 const BLOCK_TYPES: &[&str] = &[
@@ -57,13 +57,13 @@ struct SlackState {
 }
 
 #[derive(Clone)]
-struct FakeSlack {
+pub(crate) struct FakeSlack {
     state: Arc<Mutex<SlackState>>,
     base: String,
 }
 
 impl FakeSlack {
-    fn start() -> FakeSlack {
+    pub(crate) fn start() -> FakeSlack {
         let state = Arc::new(Mutex::new(SlackState {
             channel: Channel::Open,
             messages: Vec::new(),
@@ -86,7 +86,7 @@ impl FakeSlack {
     }
 
     /// The webhook URL Slack would hand out for the fake's channel.
-    fn webhook_url(&self) -> String {
+    pub(crate) fn webhook_url(&self) -> String {
         format!("{}/services/{TEAM}/{BOT}/{SECRET}", self.base)
     }
 
@@ -94,7 +94,7 @@ impl FakeSlack {
         change(&mut self.state.lock().unwrap());
     }
 
-    fn messages(&self) -> Vec<Value> {
+    pub(crate) fn messages(&self) -> Vec<Value> {
         self.state.lock().unwrap().messages.clone()
     }
 }

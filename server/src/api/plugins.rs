@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 use super::ApiState;
 use super::{ApiError, ApiPath, Authorised, JsonBody, Read, Write};
 use crate::model::FailurePolicy;
+use crate::model::Scrubber;
 use crate::model::manifest::{FieldType, Manifest};
 use crate::model::quotas::Hit;
 use crate::runtime::{Install, PluginError};
@@ -181,6 +182,8 @@ async fn try_install(
         // checks of different projects run the same code with the same
         // host services, and must not read or leave what another wrote.
         let install_id = format!("api-check-{}", uuid::Uuid::new_v4());
+        // The plugin's setup may quote the secret it refused.
+        let scrubber = Scrubber::for_config(plugin.manifest(), &validated);
         let started = plugin
             .install(Install {
                 install_id: install_id.clone(),
@@ -195,7 +198,7 @@ async fn try_install(
                 PluginError::Exhausted { .. } => {
                     ApiError::Busy(format!("cannot check the config now: {err}; retry later"))
                 }
-                err => ApiError::Invalid(err.to_string()),
+                err => ApiError::Invalid(scrubber.scrub(&err.to_string()).into_owned()),
             });
         runtime.forget_install(&install_id);
         started.map(|()| validated)
@@ -287,6 +290,9 @@ pub(super) fn public_view(config: &PluginConfig) -> Value {
                 set.push(name.clone());
             }
         }
+        // A sealed value is never shown, even under a field the manifest
+        // no longer calls secret.
+        values.retain(|_, value| !store::is_sealed(value));
     }
     if config.manifest.is_none() {
         // Which fields are secret is unknown: show none of the values
@@ -401,8 +407,18 @@ async fn update_plugin_config(
     }
     let config = match body.config {
         Some(Value::Object(mut given)) => {
-            if let (Some(manifest), Some(stored)) = (&current.manifest, current.config.as_object())
-            {
+            // The stored secrets, opened for the plugin's setup in the
+            // check below; the store seals them again as it writes.
+            // One that does not open is left out, to be given again.
+            let stored = state.store.open_config(&current).unwrap_or_else(|err| {
+                tracing::warn!(plugin_config = %current.id, "{err}");
+                let mut stored = current.config.clone();
+                if let Some(fields) = stored.as_object_mut() {
+                    fields.retain(|_, value| !store::is_sealed(value));
+                }
+                stored
+            });
+            if let (Some(manifest), Some(stored)) = (&current.manifest, stored.as_object()) {
                 keep_secrets(manifest, stored, &mut given)?;
             }
             Some(Value::Object(

@@ -457,7 +457,7 @@ impl LoadedPlugin {
                 grants: Arc::new(grants),
                 limits,
                 activity: Arc::new(Mutex::new(Activity::default())),
-                secrets: Arc::new(secret_values(&self.manifest, &config)),
+                secrets: Arc::new(crate::model::Scrubber::for_config(&self.manifest, &config)),
             },
             config_json: Value::Object(config).to_string(),
             live: None,
@@ -465,19 +465,6 @@ impl LoadedPlugin {
         instance.ensure_live()?;
         Ok(instance)
     }
-}
-
-/// The install's secret config values worth blanking out: short ones would
-/// blank out ordinary text.
-fn secret_values(manifest: &Manifest, config: &serde_json::Map<String, Value>) -> Vec<String> {
-    manifest
-        .config
-        .iter()
-        .filter(|(_, field)| field.kind == manifest::FieldType::Secret)
-        .filter_map(|(name, _)| config.get(name)?.as_str())
-        .filter(|value| value.len() >= 6)
-        .map(str::to_string)
-        .collect()
 }
 
 /// A plugin install ready to be called. Calls are one at a time (`&mut`);

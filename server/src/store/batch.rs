@@ -66,9 +66,11 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        dead_letters::insert_transform(&mut tx, backend, &batch.dead_letters, &now).await?;
-        plugin_logs::insert_config_logs(&mut tx, backend, &batch.logs).await?;
-        plugin_configs::record_health(&mut tx, &batch.health, &now).await?;
+        let secrets = &self.secrets;
+        dead_letters::insert_transform(&mut tx, backend, secrets, &batch.dead_letters, &now)
+            .await?;
+        plugin_logs::insert_config_logs(&mut tx, backend, secrets, &batch.logs).await?;
+        plugin_configs::record_health(&mut tx, secrets, &batch.health, &now).await?;
 
         let fresh_indexes = events::unstored(&mut tx, backend, &batch.events).await?;
         let fresh: Vec<(&str, &QueuedEvent)> = fresh_indexes

@@ -55,6 +55,9 @@ pub struct Store {
     backend: Backend,
     /// Turns at SQLite's one write lock; see [`Store::write`].
     writers: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The server key and what opened configs' secrets are; see
+    /// `secrets`.
+    pub(super) secrets: std::sync::Arc<super::secrets::Secrets>,
 }
 
 /// What a write transaction's commit must survive.
@@ -267,6 +270,7 @@ impl Store {
             writer: Some(writer),
             backend: Backend::Sqlite,
             writers: Default::default(),
+            secrets: Default::default(),
         })
     }
 
@@ -291,6 +295,7 @@ impl Store {
             writer: None,
             backend: Backend::Postgres,
             writers: Default::default(),
+            secrets: Default::default(),
         })
     }
 

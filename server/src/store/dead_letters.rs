@@ -11,8 +11,11 @@ use serde_json::Value;
 use sqlx::Row;
 
 use super::db::{Bound, PRUNE_CHUNK};
+use super::secrets::Secrets;
 use super::sql::{ROWS_PER_INSERT, corrupt, id_list, values_placeholders};
-use super::{Backend, OutboxRow, Result, Store, capture_queue, now_ms, now_rfc3339, outbox};
+use super::{
+    Backend, DeliveryRecord, OutboxRow, Result, Store, capture_queue, now_ms, now_rfc3339, outbox,
+};
 use crate::model::DeadLetterStage;
 
 /// An event a fail-closed plugin could not transform, or a destination
@@ -223,9 +226,11 @@ impl Store {
     }
 }
 
+/// Each error scrubbed of its config's secrets (see `Store::scrub`).
 async fn insert(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
+    secrets: &Secrets,
     letters: &[NewLetter<'_>],
     now: &str,
 ) -> Result<()> {
@@ -240,7 +245,11 @@ async fn insert(
                 .bind(letter.project_id)
                 .bind(letter.plugin_config_id)
                 .bind(letter.event.as_str())
-                .bind(letter.error)
+                .bind(
+                    secrets
+                        .scrub(letter.plugin_config_id, letter.error)
+                        .into_owned(),
+                )
                 .bind(now)
                 .bind(letter.stage.as_str())
                 .bind(letter.event_uuid);
@@ -254,6 +263,7 @@ async fn insert(
 pub(super) async fn insert_transform(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
+    secrets: &Secrets,
     letters: &[DeadLetter],
     now: &str,
 ) -> Result<()> {
@@ -268,7 +278,7 @@ pub(super) async fn insert_transform(
             event_uuid: letter.event["uuid"].as_str(),
         })
         .collect();
-    insert(tx, backend, &letters, now).await
+    insert(tx, backend, secrets, &letters, now).await
 }
 
 /// Outbox rows a destination gave up on, with the error of its last
@@ -276,8 +286,8 @@ pub(super) async fn insert_transform(
 pub(super) async fn insert_delivery(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
-    project_id: &str,
-    plugin_config_id: &str,
+    secrets: &Secrets,
+    record: &DeliveryRecord,
     rows: &[&OutboxRow],
     error: &str,
     now: &str,
@@ -285,13 +295,13 @@ pub(super) async fn insert_delivery(
     let letters: Vec<NewLetter> = rows
         .iter()
         .map(|row| NewLetter {
-            project_id,
-            plugin_config_id,
+            project_id: &record.project_id,
+            plugin_config_id: &record.plugin_config_id,
             event: row.payload.to_string(),
             error,
             stage: DeadLetterStage::Delivery,
             event_uuid: Some(&row.event_uuid),
         })
         .collect();
-    insert(tx, backend, &letters, now).await
+    insert(tx, backend, secrets, &letters, now).await
 }

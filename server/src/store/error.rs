@@ -18,6 +18,9 @@ pub enum Error {
     /// Stored data does not read back as what was written.
     #[error("{0}")]
     Corrupt(String),
+    /// A secret config value could not be sealed or opened.
+    #[error(transparent)]
+    Secret(#[from] super::SecretError),
     /// Anything else: a statement the schema does not fit, a constraint.
     #[error(transparent)]
     Database(sqlx::Error),

@@ -25,6 +25,7 @@ mod plugins;
 pub use plugins::Upload;
 mod projects;
 mod scheduled_runs;
+mod secrets;
 mod sql;
 
 pub use batch::ProcessedBatch;
@@ -42,6 +43,9 @@ pub use persons::Person;
 pub use plugin_configs::{NewPluginConfig, PluginConfig, PluginConfigPatch, PluginHealth};
 pub use plugin_logs::PluginLog;
 pub use projects::{CreatedProject, ProjectSummary, TokenOwner, hash_key};
+pub use secrets::{
+    KEY_ENV, KEY_FILE, KeyLoaded, KeySource, Keyring, Rotated, SecretError, is_sealed,
+};
 
 pub use crate::model::{DeliverySettings, now_rfc3339};
 

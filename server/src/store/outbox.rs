@@ -258,6 +258,12 @@ impl Store {
     pub async fn record_delivery(&self, owner: &str, record: &DeliveryRecord) -> Result<()> {
         let now = now_rfc3339();
         let ids = id_list(record.rows.iter().map(|row| row.id));
+        let error = record
+            .attempt
+            .error
+            .as_deref()
+            .map(|error| self.scrub(&record.plugin_config_id, error));
+        let error = error.as_deref();
         let (mut tx, _turn) = self.write().await?;
         let (delivered, dead) = match record.disposition {
             Disposition::Delivered => {
@@ -278,7 +284,7 @@ impl Store {
                 ))
                 .bind(at)
                 .bind(now_ms())
-                .bind(&record.attempt.error)
+                .bind(error)
                 .bind(owner)
                 .execute(&mut *tx)
                 .await?;
@@ -293,7 +299,7 @@ impl Store {
                 .await?
                 .into_iter()
                 .collect();
-                let error = record.attempt.error.as_deref().unwrap_or("delivery failed");
+                let error = error.unwrap_or("delivery failed");
                 let letters: Vec<&OutboxRow> = record
                     .rows
                     .iter()
@@ -302,8 +308,8 @@ impl Store {
                 dead_letters::insert_delivery(
                     &mut tx,
                     self.backend(),
-                    &record.project_id,
-                    &record.plugin_config_id,
+                    &self.secrets,
+                    record,
                     &letters,
                     error,
                     &now,
@@ -335,7 +341,7 @@ impl Store {
         .bind(failed as i64)
         .bind(failed as i64)
         .bind(matches!(record.disposition, Disposition::DeadLetter) as i64)
-        .bind(record.attempt.error.as_deref())
+        .bind(error)
         .bind(failed.then_some(now.as_str()))
         .bind((!failed).then_some(now.as_str()))
         .execute(&mut *tx)
@@ -351,7 +357,7 @@ impl Store {
         .bind(attempt.outcome.as_str())
         .bind(attempt.status_code)
         .bind(attempt.latency_ms)
-        .bind(attempt.error.as_deref())
+        .bind(error)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -365,12 +371,14 @@ impl Store {
         plugin_logs::insert_logs(
             &mut tx,
             self.backend(),
+            &self.secrets,
             &record.plugin_config_id,
             &record.logs,
         )
         .await?;
         if let Some(reason) = &record.pause {
-            plugin_configs::pause(&mut tx, &record.plugin_config_id, reason, &now).await?;
+            let reason = self.scrub(&record.plugin_config_id, reason);
+            plugin_configs::pause(&mut tx, &record.plugin_config_id, &reason, &now).await?;
         }
         tx.commit().await.map_err(Into::into)
     }
@@ -410,8 +418,10 @@ impl Store {
         plugin_config_id: &str,
         reason: Option<&str>,
     ) -> Result<()> {
+        let reason = reason.map(|reason| self.scrub(plugin_config_id, reason));
         let (mut tx, _turn) = self.write().await?;
-        plugin_configs::set_paused_reason(&mut tx, project_id, plugin_config_id, reason).await?;
+        plugin_configs::set_paused_reason(&mut tx, project_id, plugin_config_id, reason.as_deref())
+            .await?;
         if reason.is_none() {
             sqlx::query(
                 "UPDATE destination_stats SET consecutive_failures = 0, dead_batches_in_row = 0 WHERE plugin_config_id = $1",

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 
+use super::secrets::Secrets;
 use super::sql::corrupt;
 use super::{DeliverySettings, Error, Result, Store, now_rfc3339};
 use crate::model::{FailurePolicy, Manifest};
@@ -146,6 +147,14 @@ impl Store {
             delivery,
         } = new;
         let id = uuid::Uuid::now_v7().to_string();
+        let manifest: Option<String> =
+            sqlx::query_scalar("SELECT manifest FROM plugins WHERE sha256 = $1")
+                .bind(sha256.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        let manifest = manifest.and_then(|text| serde_json::from_str::<Manifest>(&text).ok());
+        // Bound to the id: a sealed value opens in this config only.
+        let config = self.seal_config(manifest.as_ref(), &id, config)?;
         let (mut tx, _turn) = self.write().await?;
         super::projects::lock_project(&mut tx, self.backend(), project_id).await?;
         let existing: i64 =
@@ -262,6 +271,10 @@ impl Store {
         };
         let enabled = patch.enabled.unwrap_or(current.enabled);
         let reenabled = patch.enabled == Some(true);
+        let config = match &patch.config {
+            Some(config) => self.seal_config(current.manifest.as_ref(), id, config)?,
+            None => current.config.clone(),
+        };
         sqlx::query(
             "UPDATE plugin_configs SET config = $1, enabled = $2, position = $3, failure_policy = $4,
                  consecutive_failures = CASE WHEN $5 THEN 0 ELSE consecutive_failures END,
@@ -269,7 +282,7 @@ impl Store {
                  updated_at = $7, delivery = $10
              WHERE project_id = $8 AND id = $9",
         )
-        .bind(patch.config.as_ref().unwrap_or(&current.config).to_string())
+        .bind(config.to_string())
         .bind(enabled as i64)
         .bind(patch.position.unwrap_or(current.position))
         .bind(
@@ -304,7 +317,7 @@ impl Store {
     /// Turns a plugin config off with the reason shown to operators.
     pub async fn disable_plugin_config(&self, id: &str, reason: &str) -> Result<()> {
         sqlx::query("UPDATE plugin_configs SET enabled = 0, disabled_reason = $1, updated_at = $2 WHERE id = $3")
-            .bind(reason)
+            .bind(self.scrub(id, reason).into_owned())
             .bind(now_rfc3339())
             .bind(id)
             .execute(&self.pool)
@@ -350,10 +363,15 @@ pub(super) async fn routes(
 /// a batch: the failure count, and a host-made disable with its reason.
 pub(super) async fn record_health(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    secrets: &Secrets,
     health: &[PluginHealth],
     now: &str,
 ) -> Result<()> {
     for health in health {
+        let reason = health
+            .disabled_reason
+            .as_deref()
+            .map(|reason| secrets.scrub(&health.plugin_config_id, reason).into_owned());
         sqlx::query(
             "UPDATE plugin_configs SET consecutive_failures = $1,
                  enabled = CASE WHEN $2 IS NULL THEN enabled ELSE 0 END,
@@ -362,9 +380,9 @@ pub(super) async fn record_health(
              WHERE id = $6",
         )
         .bind(health.consecutive_failures)
-        .bind(&health.disabled_reason)
-        .bind(&health.disabled_reason)
-        .bind(&health.disabled_reason)
+        .bind(&reason)
+        .bind(&reason)
+        .bind(&reason)
         .bind(now)
         .bind(&health.plugin_config_id)
         .execute(&mut **tx)
@@ -373,8 +391,8 @@ pub(super) async fn record_health(
     Ok(())
 }
 
-/// Pauses a destination with `reason`, unless it is paused already: the
-/// first reason stays.
+/// Pauses a destination with `reason` (scrubbed by the caller, see
+/// `Store::scrub`), unless it is paused already: the first reason stays.
 pub(super) async fn pause(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     plugin_config_id: &str,
@@ -392,7 +410,8 @@ pub(super) async fn pause(
     .map(|_| ()).map_err(Into::into)
 }
 
-/// Sets or (with `None`) clears a destination's pause, whatever it was.
+/// Sets or (with `None`) clears a destination's pause, whatever it was;
+/// the reason scrubbed by the caller.
 pub(super) async fn set_paused_reason(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     project_id: &str,

@@ -9,6 +9,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::db::{Bound, PRUNE_CHUNK};
+use super::secrets::Secrets;
 use super::sql::{ROWS_PER_INSERT, values_placeholders};
 use super::{Backend, Result, Store};
 use crate::model::LogRecord;
@@ -53,7 +54,14 @@ impl Store {
             return Ok(());
         }
         let (mut tx, _turn) = self.write().await?;
-        insert_logs(&mut tx, self.backend(), plugin_config_id, logs).await?;
+        insert_logs(
+            &mut tx,
+            self.backend(),
+            &self.secrets,
+            plugin_config_id,
+            logs,
+        )
+        .await?;
         tx.commit().await.map_err(Into::into)
     }
 
@@ -97,26 +105,30 @@ impl Store {
 pub(super) async fn insert_logs(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
+    secrets: &Secrets,
     plugin_config_id: &str,
     logs: &[LogRecord],
 ) -> Result<()> {
     let rows: Vec<(&str, &LogRecord)> = logs.iter().map(|r| (plugin_config_id, r)).collect();
-    insert_log_rows(tx, backend, &rows).await
+    insert_log_rows(tx, backend, secrets, &rows).await
 }
 
 /// Log lines of several plugin configs, as the pipeline collects them.
 pub(super) async fn insert_config_logs(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
+    secrets: &Secrets,
     logs: &[(String, LogRecord)],
 ) -> Result<()> {
     let rows: Vec<(&str, &LogRecord)> = logs.iter().map(|(id, r)| (id.as_str(), r)).collect();
-    insert_log_rows(tx, backend, &rows).await
+    insert_log_rows(tx, backend, secrets, &rows).await
 }
 
+/// Each line scrubbed of its config's secrets (see `Store::scrub`).
 async fn insert_log_rows(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
+    secrets: &Secrets,
     rows: &[(&str, &LogRecord)],
 ) -> Result<()> {
     for chunk in rows.chunks(ROWS_PER_INSERT) {
@@ -134,7 +146,11 @@ async fn insert_log_rows(
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_string)),
                 )
-                .bind(record.message.as_str())
+                .bind(
+                    secrets
+                        .scrub(plugin_config_id, &record.message)
+                        .into_owned(),
+                )
                 .bind(record.event_uuid.as_deref());
         }
         query.execute(&mut **tx).await?;

@@ -327,13 +327,7 @@ const RECORDED_BODY_BYTES: usize = 4096;
 impl HostState {
     /// `text` with the install's secret config values blanked out.
     pub(crate) fn scrub(&self, text: &str) -> String {
-        let mut text = text.to_string();
-        for secret in self.install.secrets.iter() {
-            if text.contains(secret.as_str()) {
-                text = text.replace(secret.as_str(), "[redacted]");
-            }
-        }
-        text
+        self.install.secrets.blank_secrets(text).into_owned()
     }
 
     fn build_request(&self, request: &Request) -> Result<(reqwest::Request, Duration), HttpError> {
@@ -423,7 +417,12 @@ impl HostState {
         });
         let (status, error) = match result {
             Ok(response) => (Some(response.status), None),
-            Err(err) => (None, Some(self.scrub(&describe(err)))),
+            // reqwest's errors print the URL, query string and all.
+            Err(err) if details => (None, Some(self.scrub(&describe(err)))),
+            Err(err) => (
+                None,
+                Some(self.install.secrets.scrub(&describe(err)).into_owned()),
+            ),
         };
         let call = HttpCall {
             method: method_name(request.method).into(),

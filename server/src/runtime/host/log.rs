@@ -96,11 +96,13 @@ impl HostState {
     /// logged first, so operators see that the log has gaps.
     pub fn log(&mut self, level: LogLevel, message: String, fields: Vec<(String, String)>) {
         // Plugin logs are shown to anyone with the project's API key, so a
-        // secret a plugin prints by mistake is blanked out here.
-        let message = self.scrub(&message);
+        // secret (or a URL's token) a plugin prints by mistake is blanked
+        // out here.
+        let secrets = &self.install.secrets;
+        let message = secrets.scrub(&message).into_owned();
         let fields: Vec<(String, String)> = fields
             .into_iter()
-            .map(|(k, v)| (k, self.scrub(&v)))
+            .map(|(k, v)| (k, secrets.scrub(&v).into_owned()))
             .collect();
         let limits = &self.install.limits;
         let max_line = limits.max_log_line_bytes as usize;

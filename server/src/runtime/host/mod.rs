@@ -49,10 +49,10 @@ pub struct InstallContext {
     pub grants: Arc<Grants>,
     pub limits: Limits,
     pub activity: Arc<Mutex<Activity>>,
-    /// Values of the install's `secret` config fields, blanked out of
+    /// The install's `secret` config values, blanked out of its log and
     /// recorded HTTP calls wherever they appear (a Slack webhook URL is its
     /// own credential).
-    pub secrets: Arc<Vec<String>>,
+    pub secrets: Arc<crate::model::Scrubber>,
 }
 
 /// Bookkeeping for the call in progress.
