@@ -22,13 +22,12 @@ mod tokens;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use tokio::sync::Semaphore;
 
+use crate::api::error::{ErrorBody, ErrorType};
 use crate::config::ServeConfig;
 use crate::model::Quotas;
 use crate::model::quotas::Hit;
@@ -101,6 +100,21 @@ where
             limit_requests(in_flight.clone(), timeout, request, next)
         }))
         .layer(tower_http::cors::CorsLayer::very_permissive())
+}
+
+/// The OpenAPI description of the capture routes: each PostHog path, and
+/// Segment's, with and without the trailing slash they are routed with.
+pub fn document() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    let mut doc = posthog::Doc::openapi();
+    doc.merge(segment::Doc::openapi());
+    for path in posthog::PATHS {
+        crate::api::openapi::copy_path(&mut doc, posthog::DOCUMENTED_PATH, path);
+        crate::api::openapi::copy_path(&mut doc, posthog::DOCUMENTED_PATH, &format!("{path}/"));
+    }
+    let segment = segment::DOCUMENTED_PATH;
+    crate::api::openapi::copy_path(&mut doc, segment, &format!("{segment}/"));
+    doc
 }
 
 /// Capture requests handled at once. Each holds its body, decoded and
@@ -319,21 +333,55 @@ impl IntoResponse for CaptureError {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return response;
         }
-        let (status, kind) = match &self {
-            CaptureError::Invalid(_) => (StatusCode::BAD_REQUEST, "validation_error"),
-            CaptureError::MissingToken | CaptureError::UnknownToken => {
-                (StatusCode::UNAUTHORIZED, "authentication_error")
+        use ErrorType::*;
+        let (status, kind, code) = match &self {
+            CaptureError::Invalid(_) => {
+                (StatusCode::BAD_REQUEST, ValidationError, "invalid_payload")
             }
-            CaptureError::TooLarge { .. }
-            | CaptureError::TooComplex { .. }
-            | CaptureError::TooManyEvents { .. } => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "validation_error")
+            CaptureError::MissingToken => (
+                StatusCode::UNAUTHORIZED,
+                AuthenticationError,
+                "missing_token",
+            ),
+            CaptureError::UnknownToken => (
+                StatusCode::UNAUTHORIZED,
+                AuthenticationError,
+                "invalid_token",
+            ),
+            CaptureError::TooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ValidationError,
+                "payload_too_large",
+            ),
+            CaptureError::TooComplex { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ValidationError,
+                "payload_too_complex",
+            ),
+            CaptureError::TooManyEvents { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ValidationError,
+                "too_many_events",
+            ),
+            CaptureError::BodyTimeout { .. } => {
+                (StatusCode::REQUEST_TIMEOUT, ValidationError, "body_timeout")
             }
-            CaptureError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "timeout_error"),
-            CaptureError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            CaptureError::Overloaded { .. }
-            | CaptureError::TimedOut { .. }
-            | CaptureError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+            CaptureError::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, Throttled, "rate_limited")
+            }
+            CaptureError::Overloaded { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, Unavailable, "overloaded")
+            }
+            CaptureError::TimedOut { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Unavailable,
+                "request_timeout",
+            ),
+            CaptureError::Store(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Unavailable,
+                "storage_unavailable",
+            ),
             CaptureError::Unread(_) => unreachable!("answered by the refusal it holds"),
         };
         let detail = match &self {
@@ -344,12 +392,13 @@ impl IntoResponse for CaptureError {
             }
             other => other.to_string(),
         };
-        let mut response = (status, Json(json!({"type": kind, "detail": detail}))).into_response();
-        if let Some(seconds) = self.retry_after_secs() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
+        let attr = match &self {
+            CaptureError::MissingToken => "api_key",
+            _ => "",
+        };
+        let mut response = ErrorBody::new(kind, code, detail)
+            .attr(attr)
+            .respond(status, self.retry_after_secs());
         if matches!(self, CaptureError::BodyTimeout { .. }) {
             // The rest of the body is still on its way: the connection
             // cannot carry another request.
