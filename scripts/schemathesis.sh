@@ -49,9 +49,10 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 base="http://127.0.0.1:$port"
 
 project=$("$SLUICE_BIN" project create --data-dir "$work/data" --name schemathesis)
-project_id=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["project_id"])' <<<"$project")
-api_key=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["api_key"])' <<<"$project")
-capture_token=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["capture_token"])' <<<"$project")
+json_field() { python3 -c "import json, sys; print(json.load(sys.stdin)['$1'])"; }
+project_id=$(json_field project_id <<<"$project")
+api_key=$(json_field api_key <<<"$project")
+capture_token=$(json_field capture_token <<<"$project")
 
 RUST_LOG=${RUST_LOG:-warn} "$SLUICE_BIN" serve --data-dir "$work/data" --listen "127.0.0.1:$port" \
   >"$work/server.log" 2>&1 &
@@ -66,13 +67,25 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 
-# Path and token parameters name the real project, so requests reach the
-# handlers rather than stopping at 403; everything else is generated.
-cat >"$work/schemathesis.toml" <<'EOF'
+# Path and token parameters name the real project and a real destination
+# (the webhook plugin, built by scripts/test.sh), so requests reach the
+# handlers rather than stopping at 403 or 404; everything else is generated.
+cat >"$work/schemathesis.toml" <<'TOML'
 [parameters]
 "path.project_id" = "${SLUICE_PROJECT_ID}"
 "query.api_key" = "${SLUICE_CAPTURE_TOKEN}"
-EOF
+TOML
+if [ -f target/plugins/webhook.wasm ]; then
+  auth="Authorization: Bearer $api_key"
+  sha=$(curl -fsS -H "$auth" --data-binary @target/plugins/webhook.wasm \
+    "$base/api/projects/$project_id/plugins" | json_field sha256)
+  config_id=$(curl -fsS -H "$auth" -H 'content-type: application/json' \
+    -d "{\"plugin_sha256\": \"$sha\", \"config\": {\"url\": \"https://hooks.example.com/sluice\"}}" \
+    "$base/api/projects/$project_id/plugin-configs" | json_field id)
+  echo "\"path.config_id\" = \"$config_id\"" >>"$work/schemathesis.toml"
+else
+  echo "$0: no target/plugins/webhook.wasm; the routes of one plugin config get only 404s" >&2
+fi
 
 status=0
 SLUICE_PROJECT_ID=$project_id SLUICE_CAPTURE_TOKEN=$capture_token \

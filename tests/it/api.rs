@@ -11,12 +11,13 @@ use crate::common::server::{TestServer, answer, wait_until};
 
 /// Asserts `body` is the one error shape, with this type and code.
 fn assert_error(body: &Value, kind: &str, code: &str) {
-    let fields: Vec<&str> = body
+    let mut fields: Vec<&str> = body
         .as_object()
         .unwrap_or_else(|| panic!("not an object: {body}"))
         .keys()
         .map(String::as_str)
         .collect();
+    fields.sort();
     assert_eq!(fields, ["attr", "code", "detail", "type"], "{body}");
     assert_eq!(
         (body["type"].as_str(), body["code"].as_str()),
