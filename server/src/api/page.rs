@@ -125,14 +125,11 @@ impl<T> Page<T> {
 
     /// The page of a whole list that is short enough to read at once (a
     /// project's plugin configs), sorted by `key`.
-    pub fn from_sorted<K: Ord>(
+    pub fn from_sorted<K: Ord + Serialize>(
         rows: Vec<T>,
         request: &PageRequest<K>,
         key: impl Fn(&T) -> K,
-    ) -> Page<T>
-    where
-        K: Serialize,
-    {
+    ) -> Page<T> {
         let rows: Vec<T> = rows
             .into_iter()
             .filter(|row| request.after.as_ref().is_none_or(|after| key(row) > *after))
