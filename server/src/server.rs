@@ -195,8 +195,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// Every route of the server. An unknown route or method gets the API's
-/// error shape; `tests::every_route_is_documented` holds this table and
+/// Every route of the server. An unknown route gets the API's error shape
+/// here, a method a route does not serve in `api::error::uniform_errors`; `tests::every_route_is_documented` holds this table and
 /// [`openapi`] to the same routes.
 fn routes(config: &ServeConfig) -> Router<AppState> {
     Router::new()
@@ -206,7 +206,6 @@ fn routes(config: &ServeConfig) -> Router<AppState> {
         .merge(capture::router(config))
         .merge(api::router())
         .fallback(api::error::unknown_route)
-        .method_not_allowed_fallback(api::error::method_not_allowed)
 }
 
 /// The routes this module serves itself, for the OpenAPI document.

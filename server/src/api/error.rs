@@ -117,29 +117,17 @@ pub async fn unknown_route(request: Request) -> Response {
     .respond(StatusCode::NOT_FOUND, None)
 }
 
-/// Answers a method the route does not serve.
-pub async fn method_not_allowed(request: Request) -> Response {
-    ErrorBody::new(
-        ErrorType::ValidationError,
-        "method_not_allowed",
-        format!(
-            "{} does not serve {}; the methods of each route are listed at /api/openapi.json",
-            request.uri().path(),
-            request.method()
-        ),
-    )
-    .respond(StatusCode::METHOD_NOT_ALLOWED, None)
-}
-
 /// Largest body of a non-JSON error answer that is rewritten; axum's own
 /// rejections are one line.
 const MAX_REWRITTEN_BODY: usize = 64 << 10;
 
 /// A middleware over the whole app: an error answer that is not JSON
-/// (one of axum's own rejections, such as a body over its limit or a path
-/// parameter that does not parse) is rewritten into [`ErrorBody`], keeping
-/// its status and headers (`Retry-After`, `Connection: close`).
+/// (one of axum's own: a method the route does not serve, a body over its
+/// limit, a path parameter that does not parse) is rewritten into
+/// [`ErrorBody`], keeping its status and headers (`Allow`, `Retry-After`,
+/// `Connection: close`).
 pub async fn uniform_errors(request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
     let response = next.run(request).await;
     let status = response.status();
     let is_json = response
@@ -156,13 +144,17 @@ pub async fn uniform_errors(request: Request, next: Next) -> Response {
         Err(_) => String::new(),
     };
     let (kind, code) = class_of(status);
-    let detail = if text.is_empty() {
-        status
+    let detail = match status {
+        // axum's own answer when a route does not serve the method, which
+        // leaves each route's layers (capture's CORS) in place.
+        StatusCode::METHOD_NOT_ALLOWED => format!(
+            "{path} does not serve {method}; the methods of each route are listed at /api/openapi.json"
+        ),
+        _ if text.is_empty() => status
             .canonical_reason()
             .unwrap_or("the request failed")
-            .to_string()
-    } else {
-        text
+            .to_string(),
+        _ => text,
     };
     let attr = attr_of_serde_error(&detail).unwrap_or_default();
     let body = serde_json::to_vec(&ErrorBody::new(kind, code, detail).attr(attr))
