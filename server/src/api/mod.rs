@@ -357,7 +357,7 @@ where
 /// The filters of the events list; paging is a [`PageQuery`].
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub(crate) struct EventsQuery {
+struct EventsQuery {
     /// Only events of this name.
     event: Option<String>,
     /// Only events of this distinct id.
