@@ -27,7 +27,7 @@ if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   apt_install python3-venv
 fi
 
-venv=target/schemathesis-venv
+venv=$PWD/target/schemathesis-venv
 if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "${SCHEMATHESIS#*==}"; then
   rm -rf "$venv"
   python3 -m venv "$venv"
@@ -88,7 +88,9 @@ else
   echo "$0: no target/plugins/webhook.wasm; the routes of one plugin config get only 404s" >&2
 fi
 
+# Run in the temporary folder, where schemathesis leaves its cache.
 status=0
+cd "$work"
 SLUICE_PROJECT_ID=$project_id SLUICE_CAPTURE_TOKEN=$capture_token \
   "$venv/bin/schemathesis" --config-file "$work/schemathesis.toml" run "$base/api/openapi.json" \
   --header "Authorization: Bearer $api_key" \
