@@ -222,9 +222,14 @@ async fn replay(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let request: Replay = serde_json::from_slice(&body).map_err(|err| {
-        ApiError::Invalid(format!(
-            "the body must be JSON with one of `ids`, `plugin_config_id` or `all`: {err}"
-        ))
+        let err = err.to_string();
+        ApiError::Validation {
+            code: "invalid_body",
+            attr: super::error::attr_of_serde_error(&err),
+            detail: format!(
+                "the body must be JSON with one of `ids`, `plugin_config_id` or `all`: {err}"
+            ),
+        }
     })?;
     let selector = match request {
         Replay {
