@@ -20,7 +20,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -30,9 +29,10 @@ use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use serde_json::json;
+
 use tokio::sync::watch;
 
+use crate::api::error::{ErrorBody, ErrorType};
 use crate::configs::ConfigWatch;
 use crate::listener::{Peer, client_ip};
 use crate::queue::QueueGauge;
@@ -497,6 +497,10 @@ pub struct MetricsState {
 /// `--metrics-allow` only, since it names every project's ids and
 /// counts. Behind a trusted proxy the forwarded client is judged, so a
 /// proxy on the same machine does not open it to the world.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Every metric, in Prometheus' text format (see docs/operators.md).", body = String, content_type = "text/plain"),
+        (status = 403, description = "The client is not in `--metrics-allow`.", body = ErrorBody)))]
 pub async fn scrape(
     State(state): State<MetricsState>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
@@ -507,16 +511,14 @@ pub async fn scrape(
         .parse::<IpAddr>()
         .is_ok_and(|ip| state.allow.iter().any(|net| net.contains(&ip)));
     if !allowed {
-        return (
-            StatusCode::FORBIDDEN,
-            Json(json!({
-                "type": "forbidden",
-                "detail": format!(
-                    "/metrics answers only the networks in --metrics-allow (SLUICE_METRICS_ALLOW, or `metrics_allow` in the config file), and {client} is in none of them; add it, as an address or a network such as 10.0.0.0/8, to scrape from there"
-                ),
-            })),
+        return ErrorBody::new(
+            ErrorType::PermissionDenied,
+            "metrics_not_allowed",
+            format!(
+                "/metrics answers only the networks in --metrics-allow (SLUICE_METRICS_ALLOW, or `metrics_allow` in the config file), and {client} is in none of them; add it, as an address or a network such as 10.0.0.0/8, to scrape from there"
+            ),
         )
-            .into_response();
+        .respond(StatusCode::FORBIDDEN, None);
     }
     let text = state.metrics.render(&state.queue);
     let mut response = text.into_response();

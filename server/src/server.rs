@@ -19,6 +19,7 @@ use axum::routing::get;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
+use utoipa::OpenApi;
 
 use crate::api::ApiState;
 use crate::capture::CaptureState;
@@ -70,12 +71,12 @@ pub async fn serve(
     // Served from the start, so `/_ready` says why the server is not ready
     // while migrations run, rather than leaving requests unanswered; the
     // routes come once everything they need is open.
-    let routes = Arc::new(OnceLock::new());
+    let served_routes = Arc::new(OnceLock::new());
     tracing::info!(addr = %listener.local_addr()?, "sluice is serving");
     let listener = Limited::new(listener, config.max_connections);
     let server = axum::serve(
         listener,
-        front(routes.clone()).into_make_service_with_connect_info::<Peer>(),
+        front(served_routes.clone()).into_make_service_with_connect_info::<Peer>(),
     )
     .with_graceful_shutdown(shutdown)
     .into_future();
@@ -226,14 +227,10 @@ pub async fn serve(
             trusted_proxies: config.trusted_proxies.clone().into(),
         },
     };
-    let app = Router::new()
-        .route("/_health", get(|| async { "ok" }))
-        .route("/_ready", get(ready))
-        .route("/metrics", get(metrics::scrape))
-        .merge(capture::router(&config, metrics.clone()))
-        .merge(api::router())
+    let app = routes(&config, metrics.clone())
+        .layer(axum::middleware::from_fn(api::error::uniform_errors))
         .with_state(state);
-    let _ = routes.set(app);
+    let _ = served_routes.set(app);
     let served = loop {
         tokio::select! {
             served = &mut server.0 => break served,
@@ -305,9 +302,77 @@ async fn load_secret_key(store: &Store, source: &KeySource) -> anyhow::Result<()
     Ok(())
 }
 
+/// Every route of the server. An unknown route gets the API's error shape
+/// here, a method a route does not serve in `api::error::uniform_errors`; `tests::every_route_is_documented` holds this table and
+/// [`openapi`] to the same routes.
+fn routes(config: &ServeConfig, metrics: Arc<Metrics>) -> Router<AppState> {
+    Router::new()
+        .route("/_health", get(health))
+        .route("/_ready", get(ready))
+        .route("/metrics", get(metrics::scrape))
+        .route("/api/openapi.json", get(openapi_json))
+        .merge(capture::router(config, metrics))
+        .merge(api::router())
+        .fallback(api::error::unknown_route)
+}
+
+/// The routes this module serves itself, for the OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(paths(health, ready, openapi_json, metrics::scrape))]
+struct Operations;
+
+/// The OpenAPI document of every route: capture, `/api`, and these.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = api::openapi::document();
+    doc.merge(capture::document());
+    doc.merge(Operations::openapi());
+    doc
+}
+
+/// `GET /api/openapi.json`: needs no key, so clients and tools can read it
+/// before they have one. Built once: it depends on the code alone.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "operations",
+    responses((status = 200, description = "This OpenAPI 3 document.", body = Object)))]
+async fn openapi_json() -> Response {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DOCUMENT.get_or_init(|| {
+        serde_json::to_string(&openapi()).expect("the OpenAPI document serialises")
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        text.as_str(),
+    )
+        .into_response()
+}
+
+/// `GET /_health`: the process is up.
+#[utoipa::path(get, path = "/_health", tag = "operations",
+    responses((status = 200, description = "`ok`", body = String, content_type = "text/plain")))]
+async fn health() -> &'static str {
+    "ok"
+}
+
+/// What `/_ready` answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+struct ReadyStatus {
+    /// `ready` or `not ready`.
+    status: String,
+    /// `ok`, or why the database did not answer (when not ready).
+    database: Option<String>,
+    /// The background tasks that are not working, and why, by name (when
+    /// not ready).
+    #[schema(value_type = Option<Object>)]
+    tasks: Option<serde_json::Value>,
+}
+
 /// `GET /_ready`: 200 once the database answers and every background task
 /// works; otherwise 503 naming what does not, and 503 from the moment the
 /// server is told to stop.
+#[utoipa::path(get, path = "/_ready", tag = "operations",
+    responses(
+        (status = 200, description = "Ready to serve.", body = ReadyStatus),
+        (status = 503, description = "Not ready: starting, shutting down, or the database or a background task is not working.", body = ReadyStatus)))]
 async fn ready(State(state): State<AppState>) -> Response {
     if state.readiness.is_stopping() {
         return (
@@ -341,7 +406,71 @@ async fn ready(State(state): State<AppState>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
     use super::*;
+    use tower::ServiceExt;
+
+    /// The paths and methods the router serves, read from its `Debug`
+    /// text: axum has no other way to list them. The shape read is
+    /// axum 0.8's (`RouteId(n): MethodRouter { get: .., post: .. }` and
+    /// `RouteId(n): "/path"`); if it changes, this finds no route and fails.
+    fn served(router: &Router<AppState>) -> BTreeMap<String, BTreeSet<String>> {
+        let text = format!("{router:?}");
+        let text = text
+            .split_once("fallback_router:")
+            .map_or(text.as_str(), |(routes, _)| routes);
+        let endpoint = regex::Regex::new(
+            r"RouteId\((\d+)\): MethodRouter\(MethodRouter \{ get: (\w+).*?, delete: (\w+).*?, patch: (\w+).*?, post: (\w+).*?, put: (\w+)",
+        )
+        .unwrap();
+        let path = regex::Regex::new(r#"RouteId\((\d+)\): "([^"]*)""#).unwrap();
+        let mut methods: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for found in endpoint.captures_iter(text) {
+            let served = ["get", "delete", "patch", "post", "put"]
+                .iter()
+                .zip(2..)
+                .filter(|(_, group)| &found[*group] != "None")
+                .map(|(name, _)| name.to_string())
+                .collect();
+            methods.insert(found[1].to_string(), served);
+        }
+        path.captures_iter(text)
+            .map(|found| {
+                let methods = methods.get(&found[1]).cloned().unwrap_or_default();
+                (found[2].to_string(), methods)
+            })
+            .collect()
+    }
+
+    /// A route added to the router and not to the document (or the other
+    /// way round) fails here.
+    #[test]
+    fn every_route_is_documented() {
+        let router = routes(
+            &ServeConfig::with_data_dir("unused".into()),
+            Arc::new(Metrics::new()),
+        );
+        let served = served(&router);
+        assert!(
+            served.len() > 20 && served["/_health"].contains("get"),
+            "the router's routes were not read: {served:?}"
+        );
+        let documented = api::openapi::methods_by_path(&openapi());
+        for (path, methods) in &served {
+            assert_eq!(
+                documented.get(path),
+                Some(methods),
+                "{path} serves {methods:?}; add its #[utoipa::path] to the document"
+            );
+        }
+        for path in documented.keys() {
+            assert!(
+                served.contains_key(path),
+                "{path} is documented, not served"
+            );
+        }
+    }
 
     async fn fetch(front: &Router, path: &str) -> (StatusCode, String) {
         let request = axum::http::Request::get(path)

@@ -143,7 +143,8 @@ async fn a_token_over_its_request_rate_gets_429_naming_the_quota_while_another_p
         .parse()
         .unwrap();
     assert!(retry_after >= 1, "Retry-After: {retry_after}");
-    assert_eq!(body["type"], "rate_limited");
+    assert_eq!(body["type"], "throttled");
+    assert_eq!(body["code"], "rate_limited");
     let detail = body["detail"].as_str().unwrap();
     assert!(
         detail.contains("quota `capture_requests_per_second` (1)"),
@@ -323,7 +324,8 @@ async fn a_body_sent_a_byte_at_a_time_is_cut_off_with_a_json_408() {
     let (head, body) = answered.expect("the slow body was never cut off");
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     let body: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(body["type"], "timeout_error");
+    assert_eq!(body["type"], "validation_error");
+    assert_eq!(body["code"], "body_timeout");
     assert!(
         body["detail"]
             .as_str()

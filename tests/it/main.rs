@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod api;
 mod architecture;
 mod bigquery;
 mod cli;

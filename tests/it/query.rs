@@ -1172,7 +1172,8 @@ async fn queries_over_their_budget_get_a_clear_422() {
             .query_as(&server.project, &server.project.api_key, &query)
             .await;
         assert_eq!(status, 422, "{backend:?}: {body}");
-        assert_eq!(body["type"], "query_too_large");
+        assert_eq!(body["type"], "validation_error");
+        assert_eq!(body["code"], "query_too_large");
         assert!(
             body["detail"]
                 .as_str()
@@ -1189,7 +1190,8 @@ async fn queries_over_their_budget_get_a_clear_422() {
             .query_as(&server.project, &server.project.api_key, &query)
             .await;
         assert_eq!(status, 422, "{backend:?}: {body}");
-        assert_eq!(body["type"], "query_timeout");
+        assert_eq!(body["type"], "validation_error");
+        assert_eq!(body["code"], "query_timeout");
     }
 }
 

@@ -10,10 +10,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::ApiState;
+use super::openapi::{ConfigPath, DestinationDetail, DestinationView, Errors, ProjectPath};
+use super::page::{Page, PageQuery};
 use super::plugins::public_view;
 use super::{ApiError, ApiPath, ApiQuery, Authorised, Read, Write};
 use crate::model::quotas::Hit;
-use crate::store::{PluginConfig, ReplaySelector};
+use crate::store::{PluginConfig, ReplaySelector, Replayed, StoredDeadLetter};
 
 pub(super) fn router<S>() -> Router<S>
 where
@@ -61,22 +63,43 @@ async fn summary(state: &ApiState, config: &PluginConfig) -> Result<Value, ApiEr
 }
 
 /// `GET /api/projects/{id}/destinations`: every destination install with
-/// its counts.
+/// its counts, in chain order (by position, then id).
+#[utoipa::path(get, path = "/api/projects/{project_id}/destinations", tag = "destinations",
+    params(ProjectPath, PageQuery),
+    responses((status = 200, description = "A page of destinations.", body = Page<DestinationView>), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn list(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Read>,
-) -> Result<Json<Value>, ApiError> {
-    let mut results = Vec::new();
-    for config in state.store.plugin_configs(&project_id).await? {
-        if config.is_destination() {
-            results.push(summary(&state, &config).await?);
-        }
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<Value>>, ApiError> {
+    let request = page.request::<(i64, String)>(100)?;
+    let destinations: Vec<PluginConfig> = state
+        .store
+        .plugin_configs(&project_id)
+        .await?
+        .into_iter()
+        .filter(PluginConfig::is_destination)
+        .collect();
+    let page = Page::from_sorted(destinations, &request, |config| {
+        (config.position, config.id.clone())
+    });
+    let mut results = Vec::with_capacity(page.results.len());
+    for config in &page.results {
+        results.push(summary(&state, config).await?);
     }
-    Ok(Json(json!({"results": results})))
+    Ok(Json(Page {
+        results,
+        next: page.next,
+    }))
 }
 
 /// `GET /api/projects/{id}/destinations/{config_id}`: counts, the last
 /// error, recent attempts with status code and latency, and the log.
+#[utoipa::path(get, path = "/api/projects/{project_id}/destinations/{config_id}", tag = "destinations",
+    params(ConfigPath),
+    responses((status = 200, description = "The destination.", body = DestinationDetail), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn show(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Read>,
@@ -89,6 +112,12 @@ async fn show(
     Ok(Json(view))
 }
 
+/// `POST .../pause`: deliveries stop until resumed; events keep queueing
+/// in the destination's outbox.
+#[utoipa::path(post, path = "/api/projects/{project_id}/destinations/{config_id}/pause", tag = "destinations",
+    params(ConfigPath),
+    responses((status = 200, description = "The paused destination.", body = DestinationView), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("write"))))]
 async fn pause(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Write>,
@@ -97,6 +126,10 @@ async fn pause(
     set_paused(state, project_id, config_id, true).await
 }
 
+#[utoipa::path(post, path = "/api/projects/{project_id}/destinations/{config_id}/resume", tag = "destinations",
+    params(ConfigPath),
+    responses((status = 200, description = "The resumed destination.", body = DestinationView), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("write"))))]
 async fn resume(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Write>,
@@ -126,36 +159,47 @@ async fn set_paused(
     Ok(Json(summary(&state, &config).await?))
 }
 
-#[derive(Debug, Deserialize)]
+/// The filter of the dead-letters list; paging is a [`PageQuery`].
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DeadLetterQuery {
+    /// Only the letters of this plugin config.
     plugin_config_id: Option<String>,
-    limit: Option<u32>,
 }
 
-/// `GET /api/projects/{id}/dead-letters`, newest first.
+/// `GET /api/projects/{id}/dead-letters`, newest first (by id).
+#[utoipa::path(get, path = "/api/projects/{project_id}/dead-letters", tag = "destinations",
+    params(ProjectPath, DeadLetterQuery, PageQuery),
+    responses((status = 200, description = "A page of dead letters.", body = Page<StoredDeadLetter>), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn dead_letters(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Read>,
     ApiQuery(query): ApiQuery<DeadLetterQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::Invalid(
-            "`limit` must be between 1 and 1000".into(),
-        ));
-    }
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<StoredDeadLetter>>, ApiError> {
+    let request = page.request::<i64>(100)?;
     let letters = state
         .store
-        .dead_letters(&project_id, query.plugin_config_id.as_deref(), limit)
+        .dead_letters_before(
+            &project_id,
+            query.plugin_config_id.as_deref(),
+            request.after,
+            request.fetch(),
+        )
         .await?;
-    Ok(Json(json!({"results": letters})))
+    Ok(Json(Page::new(letters, &request, |letter| letter.id)))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Which dead letters to replay: exactly one of the fields.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Replay {
+    /// These letters, by id (at most 10000).
     ids: Option<Vec<i64>>,
+    /// Every letter of this plugin config.
     plugin_config_id: Option<String>,
+    /// Every letter of the project: `true`.
     all: Option<bool>,
 }
 
@@ -168,15 +212,24 @@ struct Replay {
 /// the project's share or the server's bound, it replays nothing and
 /// answers 503: replayed events would only wait behind the backlog, or
 /// push capture into refusing the project's new events.
+#[utoipa::path(post, path = "/api/projects/{project_id}/dead-letters/replay", tag = "destinations",
+    params(ProjectPath), request_body = Replay,
+    responses((status = 200, description = "How many were replayed, and how many remain.", body = Replayed), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("write"))))]
 async fn replay(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Write>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let request: Replay = serde_json::from_slice(&body).map_err(|err| {
-        ApiError::Invalid(format!(
-            "the body must be JSON with one of `ids`, `plugin_config_id` or `all`: {err}"
-        ))
+        let err = err.to_string();
+        ApiError::Validation {
+            code: "invalid_body",
+            attr: super::error::attr_of_serde_error(&err),
+            detail: format!(
+                "the body must be JSON with one of `ids`, `plugin_config_id` or `all`: {err}"
+            ),
+        }
     })?;
     let selector = match request {
         Replay {
@@ -185,8 +238,9 @@ async fn replay(
             all: None,
         } => {
             if ids.len() > 10_000 {
-                return Err(ApiError::Invalid(
-                    "`ids` may name at most 10000 dead letters; replay by `plugin_config_id` or `all` for more".into(),
+                return Err(ApiError::field(
+                    "ids",
+                    "`ids` may name at most 10000 dead letters; replay by `plugin_config_id` or `all` for more",
                 ));
             }
             ReplaySelector::Ids(ids)
@@ -242,3 +296,8 @@ async fn replay_room(state: &ApiState, project_id: &str) -> Result<u64, ApiError
     let room = (share - queued).min(state.max_queue_depth - depth);
     Ok(u64::from(quotas.replay_batch).min(room as u64))
 }
+
+/// The routes of this module, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, show, pause, resume, dead_letters, replay))]
+pub(super) struct Doc;

@@ -3,6 +3,9 @@
 
 mod audit;
 mod destinations;
+pub mod error;
+pub mod openapi;
+pub mod page;
 mod plugins;
 mod query;
 mod tenancy;
@@ -23,14 +26,17 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::capture::RequestRates;
+use self::error::{ErrorBody, ErrorType};
+use self::openapi::{Errors, PersonList, ProjectPath, QuotasView};
+use self::page::{Page, PageQuery};
 use crate::configs::ConfigWatch;
 use crate::model::format_timestamp;
 use crate::query::{QueryLimits, QuerySlots};
 use crate::queue::{QueueGauge, Wakeups};
 use crate::quotas::QuotaBook;
+use crate::rates::RequestRates;
 use crate::runtime::Runtime;
-use crate::store::{ApiKey, EventFilter, Scope, Store, now_rfc3339};
+use crate::store::{ApiKey, Cursor, EventFilter, Scope, Store, StoredEvent, now_rfc3339};
 
 /// What the API needs: the store, the runtime to check plugins with, the
 /// query budget and slots, the capture queue's gauge (replay adds to the
@@ -52,7 +58,7 @@ pub struct ApiState {
     pub checks: InstallChecks,
     pub keys: KeyUse,
     /// Capture's memory of tokens, told when a rotation retires one.
-    pub tokens: crate::capture::TokenCache,
+    pub tokens: crate::tokens::TokenCache,
 }
 
 /// Projects with a plugin config being checked right now (see
@@ -131,6 +137,14 @@ pub enum ApiError {
     Throttled(String, std::time::Duration),
     #[error("{0}")]
     Invalid(String),
+    /// A request the client must fix: `code` says how (see docs/api.md),
+    /// `attr` names the field or parameter at fault.
+    #[error("{detail}")]
+    Validation {
+        code: &'static str,
+        attr: Option<String>,
+        detail: String,
+    },
     #[error("{0} not found")]
     NotFound(String),
     /// A quota that caps how much the project may have: asking again will
@@ -152,47 +166,127 @@ pub enum ApiError {
     Store(#[from] crate::store::Error),
 }
 
+impl ApiError {
+    /// A bad value of one field or parameter, named in `attr`.
+    pub(crate) fn field(attr: &str, detail: impl Into<String>) -> ApiError {
+        ApiError::Validation {
+            code: "invalid_input",
+            attr: Some(attr.to_string()),
+            detail: detail.into(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match &self {
-            ApiError::MissingKey | ApiError::UnknownKey | ApiError::RevokedKey(_) => {
-                StatusCode::UNAUTHORIZED
+        let detail = self.to_string();
+        let mut throttled_for = None;
+        let (status, kind, code, attr) = match self {
+            ApiError::MissingKey => (
+                StatusCode::UNAUTHORIZED,
+                ErrorType::AuthenticationError,
+                "missing_api_key",
+                None,
+            ),
+            ApiError::UnknownKey => (
+                StatusCode::UNAUTHORIZED,
+                ErrorType::AuthenticationError,
+                "invalid_api_key",
+                None,
+            ),
+            ApiError::RevokedKey(_) => (
+                StatusCode::UNAUTHORIZED,
+                ErrorType::AuthenticationError,
+                "revoked_api_key",
+                None,
+            ),
+            ApiError::Forbidden(_) | ApiError::ForbiddenOrganisation(_) => (
+                StatusCode::FORBIDDEN,
+                ErrorType::PermissionDenied,
+                "not_this_keys_resource",
+                None,
+            ),
+            ApiError::Scope { .. } => (
+                StatusCode::FORBIDDEN,
+                ErrorType::PermissionDenied,
+                "scope_too_low",
+                None,
+            ),
+            ApiError::Throttled(_, wait) => {
+                throttled_for = Some(wait);
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorType::Throttled,
+                    "rate_limited",
+                    None,
+                )
             }
-            ApiError::Forbidden(_)
-            | ApiError::ForbiddenOrganisation(_)
-            | ApiError::Scope { .. } => StatusCode::FORBIDDEN,
-            ApiError::Throttled(..) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::OverQuota(_) => StatusCode::FORBIDDEN,
-            ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Invalid(_) => (
+                StatusCode::BAD_REQUEST,
+                ErrorType::ValidationError,
+                "invalid_input",
+                None,
+            ),
+            ApiError::Validation { code, attr, .. } => (
+                StatusCode::BAD_REQUEST,
+                ErrorType::ValidationError,
+                code,
+                attr,
+            ),
+            ApiError::NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                ErrorType::NotFound,
+                "not_found",
+                None,
+            ),
+            ApiError::OverQuota(_) => (
+                StatusCode::FORBIDDEN,
+                ErrorType::PermissionDenied,
+                "quota_exceeded",
+                None,
+            ),
+            ApiError::Busy(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorType::Throttled,
+                "busy",
+                None,
+            ),
+            ApiError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorType::Unavailable,
+                "unavailable",
+                None,
+            ),
             ApiError::Store(err) => {
                 tracing::error!("API request failed: {err}");
                 if err.is_transient() {
-                    StatusCode::SERVICE_UNAVAILABLE
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorType::Unavailable,
+                        "database_unavailable",
+                        None,
+                    )
                 } else {
-                    StatusCode::INTERNAL_SERVER_ERROR
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        ErrorType::ServerError,
+                        "server_error",
+                        None,
+                    )
                 }
             }
         };
-        let retry_after = match &self {
-            ApiError::Throttled(_, wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
-            _ if status == StatusCode::SERVICE_UNAVAILABLE
-                || status == StatusCode::TOO_MANY_REQUESTS =>
-            {
-                Some(5)
-            }
-            _ => None,
+        let retry_after = match throttled_for {
+            Some(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            None => matches!(
+                status,
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+            )
+            .then_some(5),
         };
-        let mut response = (status, Json(json!({"detail": self.to_string()}))).into_response();
-        if let Some(seconds) = retry_after {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                header::HeaderValue::from_str(&seconds.to_string()).expect("digits"),
-            );
-        }
-        response
+        let mut body = ErrorBody::new(kind, code, detail);
+        body.attr = attr;
+        body.respond(status, retry_after)
     }
 }
 
@@ -211,10 +305,19 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(ApiError::Invalid(format!(
-                "the request body must be a JSON object as documented in docs/operators.md: {}",
-                rejection.body_text()
-            ))),
+            Err(rejection) => {
+                let text = rejection.body_text();
+                Err(ApiError::Validation {
+                    code: match rejection {
+                        JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
+                        _ => "invalid_body",
+                    },
+                    attr: error::attr_of_serde_error(&text),
+                    detail: format!(
+                        "the request body must be a JSON object as documented in docs/api.md: {text}"
+                    ),
+                })
+            }
         }
     }
 }
@@ -438,7 +541,14 @@ where
         Path::<T>::from_request_parts(parts, state)
             .await
             .map(|Path(value)| ApiPath(value))
-            .map_err(|rejection| ApiError::Invalid(rejection.body_text()))
+            .map_err(|rejection| {
+                let text = rejection.body_text();
+                ApiError::Validation {
+                    code: "invalid_path",
+                    attr: error::attr_of_serde_error(&text),
+                    detail: text,
+                }
+            })
     }
 }
 
@@ -456,21 +566,30 @@ where
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(value)| ApiQuery(value))
-            .map_err(|rejection| ApiError::Invalid(rejection.body_text()))
+            .map_err(|rejection| {
+                let text = rejection.body_text();
+                ApiError::Validation {
+                    code: "invalid_parameter",
+                    attr: error::attr_of_serde_error(&text),
+                    detail: text,
+                }
+            })
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The filters of the events list; paging is a [`PageQuery`].
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// Only events of this name.
     event: Option<String>,
+    /// Only events of this distinct id.
     distinct_id: Option<String>,
+    /// Only events with a later timestamp (RFC 3339).
     after: Option<String>,
+    /// Only events with an earlier timestamp (RFC 3339).
     before: Option<String>,
-    limit: Option<String>,
 }
-
-/// Most events one page may hold.
-const MAX_LIMIT: u32 = 1000;
 
 fn time_filter(name: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
     value
@@ -478,46 +597,58 @@ fn time_filter(name: &str, value: Option<String>) -> Result<Option<String>, ApiE
             chrono::DateTime::parse_from_rfc3339(&text)
                 .map(|t| format_timestamp(t.to_utc()))
                 .map_err(|_| {
-                    ApiError::Invalid(format!("`{name}` must be an RFC 3339 time, got {text}"))
+                    ApiError::field(
+                        name,
+                        format!("`{name}` must be an RFC 3339 time, got {text}"),
+                    )
                 })
         })
         .transpose()
 }
 
+/// `GET /api/projects/{id}/events`: newest first (by timestamp, then
+/// uuid).
+#[utoipa::path(get, path = "/api/projects/{project_id}/events", tag = "events",
+    params(ProjectPath, EventsQuery, PageQuery),
+    responses((status = 200, description = "A page of events.", body = Page<StoredEvent>), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn list_events(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Read>,
     ApiQuery(query): ApiQuery<EventsQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = match query.limit {
-        Some(text) => text
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::Invalid(format!(
-                    "`limit` must be a number from 1 to {MAX_LIMIT}, got {text}"
-                ))
-            })?,
-        None => 100,
-    };
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<StoredEvent>>, ApiError> {
+    let request = page.request::<(String, String)>(100)?;
     let filter = EventFilter {
         event: query.event,
         distinct_id: query.distinct_id,
         after: time_filter("after", query.after)?,
         before: time_filter("before", query.before)?,
-        limit,
+        cursor: request
+            .after
+            .clone()
+            .map(|(timestamp, uuid)| Cursor { timestamp, uuid }),
+        limit: request.fetch(),
     };
-    let results = state.store.list_events(&project_id, &filter).await?;
-    Ok(Json(json!({"results": results})))
+    let rows = state.store.list_events(&project_id, &filter).await?;
+    Ok(Json(Page::new(rows, &request, |event| {
+        (event.timestamp.clone(), event.uuid.clone())
+    })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PersonQuery {
+    /// The distinct id to look up.
+    #[param(required = true, min_length = 1)]
     distinct_id: Option<String>,
 }
 
 /// `GET /api/projects/{id}/persons?distinct_id=X`: the person X belongs to.
+#[utoipa::path(get, path = "/api/projects/{project_id}/persons", tag = "events",
+    params(ProjectPath, PersonQuery),
+    responses((status = 200, description = "The person, or none.", body = PersonList), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn find_person(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Read>,
@@ -526,15 +657,15 @@ async fn find_person(
     let distinct_id = query
         .distinct_id
         .filter(|d| !d.is_empty())
-        .ok_or_else(|| ApiError::Invalid("`distinct_id` is required".into()))?;
+        .ok_or_else(|| ApiError::field("distinct_id", "`distinct_id` is required"))?;
     Ok(
         match state
             .store
             .person_by_distinct_id(&project_id, &distinct_id)
             .await?
         {
-            Some(person) => Json(json!({"results": [person]})).into_response(),
-            None => Json(json!({"results": []})).into_response(),
+            Some(person) => Json(json!({"results": [person], "next": null})).into_response(),
+            None => Json(json!({"results": [], "next": null})).into_response(),
         },
     )
 }
@@ -542,6 +673,10 @@ async fn find_person(
 /// `GET /api/projects/{id}/quotas`: the project's quotas, and which of
 /// them the operator set for it. Only the operator changes them (`sluice
 /// project quotas`): a project's own key must not raise its share.
+#[utoipa::path(get, path = "/api/projects/{project_id}/quotas", tag = "query",
+    params(ProjectPath),
+    responses((status = 200, description = "The project's quotas.", body = QuotasView), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn project_quotas(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Read>,
@@ -559,3 +694,8 @@ async fn project_quotas(
         "overrides": overrides,
     })))
 }
+
+/// The routes of this module, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list_events, find_person, project_quotas))]
+struct Doc;

@@ -12,13 +12,15 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::ApiState;
-use super::{ApiError, ApiPath, Authorised, JsonBody, Read, Write};
+use super::openapi::{ConfigPath, Errors, PluginConfigView, ProjectPath, UploadedPlugin, WasmFile};
+use super::page::{Page, PageQuery};
+use super::{ApiError, ApiPath, ApiQuery, Authorised, JsonBody, Read, Write};
 use crate::model::FailurePolicy;
 use crate::model::Scrubber;
 use crate::model::manifest::{FieldType, Manifest};
 use crate::model::quotas::Hit;
 use crate::runtime::{Install, PluginError};
-use crate::store::{self, DeliverySettings, PluginConfig, PluginConfigPatch, Upload};
+use crate::store::{self, DeliverySettings, PluginConfig, PluginConfigPatch, PluginLog, Upload};
 
 pub(super) fn router<S>() -> Router<S>
 where
@@ -46,6 +48,11 @@ pub const MAX_PLUGIN_BYTES: usize = 50 << 20;
 
 /// `POST /api/projects/{id}/plugins` with the `.wasm` as the body: checks
 /// the embedded manifest, compiles it, and stores it under its sha256.
+#[utoipa::path(post, path = "/api/projects/{project_id}/plugins", tag = "plugins",
+    params(ProjectPath),
+    request_body(content = WasmFile, description = "The plugin's `.wasm`.", content_type = "application/octet-stream"),
+    responses((status = 201, description = "The plugin was stored.", body = UploadedPlugin), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("write"))))]
 async fn upload_plugin(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Write>,
@@ -120,18 +127,24 @@ async fn upload_plugin(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+/// A plugin config to attach.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewPluginConfig {
+    /// The uploaded plugin's sha256.
     plugin_sha256: String,
+    /// The config's values, as the plugin's manifest describes them.
     #[serde(default)]
+    #[schema(value_type = Object)]
     config: Value,
     #[serde(default = "enabled_by_default")]
     enabled: bool,
     position: Option<i64>,
+    /// `open` (the default) or `closed`.
     #[serde(default = "fail_open")]
     failure_policy: String,
     /// Destination settings; see `DeliverySettings`.
+    #[schema(value_type = Option<DeliverySettings>)]
     delivery: Option<Value>,
 }
 
@@ -144,7 +157,9 @@ fn fail_open() -> String {
 }
 
 fn check_policy(policy: &str) -> Result<FailurePolicy, ApiError> {
-    policy.parse().map_err(ApiError::Invalid)
+    policy
+        .parse()
+        .map_err(|err| ApiError::field("failure_policy", err))
 }
 
 /// Starts the plugin with `config` (running its setup), so a config the
@@ -164,9 +179,10 @@ async fn try_install(
         )
     })?;
     let wasm = state.store.plugin_wasm(sha256).await?.ok_or_else(|| {
-        ApiError::Invalid(format!(
-            "no plugin with sha256 {sha256} is installed; upload it first"
-        ))
+        ApiError::field(
+            "plugin_sha256",
+            format!("no plugin with sha256 {sha256} is installed; upload it first"),
+        )
     })?;
     let runtime = state.runtime.clone();
     let config = config.clone();
@@ -176,7 +192,10 @@ async fn try_install(
             .load(&wasm)
             .map_err(|err| ApiError::Invalid(format!("failed to load the plugin: {err}")))?;
         let validated = plugin.manifest().validate_config(&config).map_err(|err| {
-            ApiError::Invalid(format!("{} cannot use this config: {err}", plugin.id()))
+            ApiError::field(
+                "config",
+                format!("{} cannot use this config: {err}", plugin.id()),
+            )
         })?;
         // A namespace of its own for each check, dropped after it: the
         // checks of different projects run the same code with the same
@@ -249,11 +268,14 @@ fn keep_secrets(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        return Err(ApiError::Invalid(format!(
-            "config: {} changes where the plugin sends requests, so its secrets must be given again with it: {} (a stored secret is never sent to a new host)",
-            quoted(moved),
-            quoted(kept.iter().map(|name| name.as_str()).collect())
-        )));
+        return Err(ApiError::field(
+            "config",
+            format!(
+                "config: {} changes where the plugin sends requests, so its secrets must be given again with it: {} (a stored secret is never sent to a new host)",
+                quoted(moved),
+                quoted(kept.iter().map(|name| name.as_str()).collect())
+            ),
+        ));
     }
     for name in kept {
         given.insert(name.clone(), stored[name].clone());
@@ -263,7 +285,7 @@ fn keep_secrets(
 
 fn delivery_settings(value: Option<&Value>) -> Result<Option<DeliverySettings>, ApiError> {
     value
-        .map(|value| DeliverySettings::parse(value).map_err(ApiError::Invalid))
+        .map(|value| DeliverySettings::parse(value).map_err(|err| ApiError::field("delivery", err)))
         .transpose()
 }
 
@@ -314,6 +336,12 @@ pub(super) fn public_view(config: &PluginConfig) -> Value {
     view
 }
 
+/// `POST /api/projects/{id}/plugin-configs`: attaches an uploaded plugin
+/// with a config, checked by running the plugin's setup.
+#[utoipa::path(post, path = "/api/projects/{project_id}/plugin-configs", tag = "plugins",
+    params(ProjectPath), request_body = NewPluginConfig,
+    responses((status = 201, description = "The config was attached.", body = PluginConfigView), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("write"))))]
 async fn create_plugin_config(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Write>,
@@ -358,23 +386,36 @@ async fn create_plugin_config(
     Ok((StatusCode::CREATED, Json(public_view(&created))))
 }
 
+/// `GET /api/projects/{id}/plugin-configs`, in chain order (by position,
+/// then id).
+#[utoipa::path(get, path = "/api/projects/{project_id}/plugin-configs", tag = "plugins",
+    params(ProjectPath, PageQuery),
+    responses((status = 200, description = "A page of plugin configs.", body = Page<PluginConfigView>), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn list_plugin_configs(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Read>,
-) -> Result<Json<Value>, ApiError> {
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<Value>>, ApiError> {
+    let request = page.request::<(i64, String)>(100)?;
     let configs = state.store.plugin_configs(&project_id).await?;
-    Ok(Json(
-        json!({"results": configs.iter().map(public_view).collect::<Vec<_>>()}),
-    ))
+    let page = Page::from_sorted(configs, &request, |config| {
+        (config.position, config.id.clone())
+    });
+    Ok(Json(page.map(|config| public_view(&config))))
 }
 
-#[derive(Debug, Deserialize)]
+/// Changes to a plugin config: the fields given change.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PluginConfigChanges {
+    /// A whole new config; secrets left out keep their stored values.
+    #[schema(value_type = Option<Object>)]
     config: Option<Value>,
     enabled: Option<bool>,
     position: Option<i64>,
     failure_policy: Option<String>,
+    #[schema(value_type = Option<DeliverySettings>)]
     delivery: Option<Value>,
     /// Pause (true) or resume (false) a destination's deliveries.
     paused: Option<bool>,
@@ -382,6 +423,10 @@ struct PluginConfigChanges {
 
 /// `PATCH`: a new config is checked like a new install; secrets left out of
 /// it keep their stored values, since the API never returned them.
+#[utoipa::path(patch, path = "/api/projects/{project_id}/plugin-configs/{config_id}", tag = "plugins",
+    params(ConfigPath), request_body = PluginConfigChanges,
+    responses((status = 200, description = "The changed config.", body = PluginConfigView), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("write"))))]
 async fn update_plugin_config(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Write>,
@@ -431,7 +476,7 @@ async fn update_plugin_config(
                 .await?,
             ))
         }
-        Some(_) => return Err(ApiError::Invalid("`config` must be a JSON object".into())),
+        Some(_) => return Err(ApiError::field("config", "`config` must be a JSON object")),
         None => None,
     };
     let patch = PluginConfigPatch {
@@ -459,11 +504,19 @@ async fn update_plugin_config(
     Ok(Json(public_view(&updated)))
 }
 
+/// `GET /api/projects/{id}/plugin-configs/{config_id}/logs`, newest
+/// first.
+#[utoipa::path(get, path = "/api/projects/{project_id}/plugin-configs/{config_id}/logs", tag = "plugins",
+    params(ConfigPath, PageQuery),
+    responses((status = 200, description = "A page of log lines.", body = Page<PluginLog>), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn plugin_logs(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Read>,
     ApiPath((_, config_id)): ApiPath<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<PluginLog>>, ApiError> {
+    let request = page.request::<i64>(100)?;
     if state
         .store
         .plugin_config(&project_id, &config_id)
@@ -472,6 +525,20 @@ async fn plugin_logs(
     {
         return Err(ApiError::NotFound(format!("plugin config {config_id}")));
     }
-    let logs = state.store.plugin_logs(&config_id, 500).await?;
-    Ok(Json(json!({"results": logs})))
+    let logs = state
+        .store
+        .plugin_logs_before(&config_id, request.after, request.fetch())
+        .await?;
+    Ok(Json(Page::new(logs, &request, |log| log.id)))
 }
+
+/// The routes of this module, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    upload_plugin,
+    create_plugin_config,
+    list_plugin_configs,
+    update_plugin_config,
+    plugin_logs
+))]
+pub(super) struct Doc;

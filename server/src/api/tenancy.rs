@@ -11,14 +11,19 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
+use super::openapi::{Errors, ProjectPath};
+use super::page::{Page, PageQuery, PageRequest};
 use super::{
     Admin, AnyKey, ApiError, ApiPath, ApiQuery, ApiState, Authorised, JsonBody, OrgAuthorised, Read,
 };
 use crate::model::format_timestamp;
-use crate::store::{ApiKey, KeyError, KeySpec, Scope};
+use crate::store::{
+    ApiKey, AuditEntry, CaptureToken, KeyError, KeySpec, NewKey, Organisation, ProjectSummary,
+    Scope,
+};
 
 pub(super) fn router<S>() -> Router<S>
 where
@@ -61,96 +66,137 @@ const MAX_GRACE_SECONDS: u64 = 30 * 24 * 3600;
 /// The grace period when none is given: a day.
 const DEFAULT_GRACE_SECONDS: u64 = 24 * 3600;
 
-/// A page of a list: `?limit=N&cursor=C`, where `C` is the `next` of the
-/// page before.
-#[derive(Debug, Deserialize)]
-struct PageQuery {
-    limit: Option<String>,
-    cursor: Option<String>,
+/// The organisation in the path.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct OrganisationPath {
+    /// The organisation's id.
+    organisation_id: String,
 }
 
-const MAX_PAGE: u32 = 1000;
+/// A key of the organisation in the path.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct KeyPath {
+    /// The organisation's id.
+    organisation_id: String,
+    /// The key's id (not the key itself).
+    key_id: String,
+}
 
-impl PageQuery {
-    fn limit(&self) -> Result<u32, ApiError> {
-        match &self.limit {
-            None => Ok(100),
-            Some(text) => text
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=MAX_PAGE).contains(n))
-                .ok_or_else(|| {
-                    ApiError::Invalid(format!(
-                        "`limit` must be a number from 1 to {MAX_PAGE}, got {text}"
-                    ))
-                }),
+/// Reads a list kept in id order, page by page, keeping the rows `keep`
+/// allows, until the page is full (and one more is known) or the list ends.
+async fn filtered<T, F, Fut>(
+    request: &PageRequest<String>,
+    mut read: F,
+    keep: impl Fn(&T) -> bool,
+    id: impl Fn(&T) -> String,
+) -> Result<Vec<T>, ApiError>
+where
+    F: FnMut(Option<String>, u32) -> Fut,
+    Fut: std::future::Future<Output = crate::store::Result<Vec<T>>>,
+{
+    let mut after = request.after.clone();
+    let mut rows = Vec::new();
+    loop {
+        let batch = read(after.clone(), request.fetch()).await?;
+        let last = batch.len() < request.fetch() as usize;
+        after = batch.last().map(&id);
+        rows.extend(batch.into_iter().filter(|row| keep(row)));
+        if last || rows.len() >= request.fetch() as usize {
+            return Ok(rows);
         }
     }
 }
 
-/// `{"results", "next"}`, `next` being the cursor of the page after, or
-/// null on the last page.
-fn page<T: serde::Serialize>(results: Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) -> Value {
-    let next = (results.len() == limit as usize)
-        .then(|| results.last().map(&cursor))
-        .flatten();
-    json!({"results": results, "next": next})
+/// What `GET /api/me` answers.
+#[derive(Serialize, ToSchema)]
+struct Me {
+    key: ApiKey,
+    organisation: Option<Organisation>,
 }
 
 /// `GET /api/me`: the key the request was made with, and its organisation.
-async fn me(State(state): State<ApiState>, AnyKey(key): AnyKey) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/api/me", tag = "organisations",
+    responses((status = 200, description = "The key (never the key itself) and its organisation.", body = Me), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
+async fn me(State(state): State<ApiState>, AnyKey(key): AnyKey) -> Result<Json<Me>, ApiError> {
     let organisation = state.store.organisation(&key.organisation_id).await?;
-    Ok(Json(json!({"key": key, "organisation": organisation})))
+    Ok(Json(Me { key, organisation }))
 }
 
+#[utoipa::path(get, path = "/api/organisations/{organisation_id}", tag = "organisations",
+    params(OrganisationPath),
+    responses((status = 200, description = "The organisation.", body = Organisation), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn organisation(
     State(state): State<ApiState>,
     OrgAuthorised(key, _): OrgAuthorised<Read>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Organisation>, ApiError> {
     let organisation = state
         .store
         .organisation(&key.organisation_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("organisation {}", key.organisation_id)))?;
-    Ok(Json(
-        serde_json::to_value(organisation).expect("serialises"),
-    ))
+    Ok(Json(organisation))
 }
 
-/// The organisation's projects the key reaches.
+/// The organisation's projects the key reaches, by id.
+#[utoipa::path(get, path = "/api/organisations/{organisation_id}/projects", tag = "organisations",
+    params(OrganisationPath, PageQuery),
+    responses((status = 200, description = "A page of the projects this key reaches.", body = Page<ProjectSummary>), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn list_projects(
     State(state): State<ApiState>,
     OrgAuthorised(key, _): OrgAuthorised<Read>,
-    ApiQuery(query): ApiQuery<PageQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = query.limit()?;
-    let mut after = query.cursor.clone();
-    let mut results = Vec::new();
-    // A key limited to some projects skips the others; read on until the
-    // page is full or the organisation has no more.
-    loop {
-        let rows = state
-            .store
-            .projects_of(&key.organisation_id, after.as_deref(), limit)
-            .await?;
-        let last = rows.len() < limit as usize;
-        after = rows.last().map(|p| p.id.clone());
-        results.extend(rows.into_iter().filter(|p| key.reaches(&p.id)));
-        if last || results.len() >= limit as usize {
-            break;
-        }
-    }
-    results.truncate(limit as usize);
-    Ok(Json(page(results, limit, |p| p.id.clone())))
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<ProjectSummary>>, ApiError> {
+    let request = page.request::<String>(100)?;
+    let rows = filtered(
+        &request,
+        |after, limit| {
+            let (store, organisation) = (state.store.clone(), key.organisation_id.clone());
+            async move {
+                store
+                    .projects_of(&organisation, after.as_deref(), limit)
+                    .await
+            }
+        },
+        |project: &ProjectSummary| key.reaches(&project.id),
+        |project| project.id.clone(),
+    )
+    .await?;
+    Ok(Json(Page::new(rows, &request, |project| {
+        project.id.clone()
+    })))
 }
 
-#[derive(Debug, Deserialize)]
+/// A project to create.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewProject {
     name: String,
+    /// The IANA time zone its queries bucket days in; UTC when left out.
     timezone: Option<String>,
 }
 
+/// A project just created.
+#[derive(Serialize, ToSchema)]
+struct CreatedProjectView {
+    id: String,
+    organisation_id: String,
+    name: String,
+    timezone: String,
+    /// The token apps send events with (also the Segment write key).
+    capture_token: String,
+}
+
+#[utoipa::path(post, path = "/api/organisations/{organisation_id}/projects", tag = "organisations",
+    params(OrganisationPath), request_body = NewProject,
+    responses((status = 201, description = "The project, with its capture token.", body = CreatedProjectView), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("admin"))))]
 async fn create_project(
     State(state): State<ApiState>,
     OrgAuthorised(key, _): OrgAuthorised<Admin>,
@@ -178,55 +224,58 @@ async fn create_project(
         .ok_or_else(|| ApiError::NotFound(format!("organisation {}", key.organisation_id)))?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "id": created.project_id,
-            "organisation_id": created.organisation_id,
-            "name": name,
-            "timezone": tz.name(),
-            "capture_token": created.capture_token,
-        })),
+        Json(CreatedProjectView {
+            id: created.project_id,
+            organisation_id: created.organisation_id,
+            name: name.to_string(),
+            timezone: tz.name().to_string(),
+            capture_token: created.capture_token,
+        }),
     )
         .into_response())
 }
 
-/// The organisation's keys that the caller's key covers.
+/// The organisation's keys that the caller's key covers, by id.
+#[utoipa::path(get, path = "/api/organisations/{organisation_id}/keys", tag = "organisations",
+    params(OrganisationPath, PageQuery),
+    responses((status = 200, description = "A page of keys (never the keys themselves).", body = Page<ApiKey>), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("admin"))))]
 async fn list_keys(
     State(state): State<ApiState>,
     OrgAuthorised(key, _): OrgAuthorised<Admin>,
-    ApiQuery(query): ApiQuery<PageQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = query.limit()?;
-    let mut after = query.cursor.clone();
-    let mut results: Vec<ApiKey> = Vec::new();
-    loop {
-        let rows = state
-            .store
-            .keys(&key.organisation_id, after.as_deref(), limit)
-            .await?;
-        let last = rows.len() < limit as usize;
-        after = rows.last().map(|k| k.id.clone());
-        results.extend(
-            rows.into_iter()
-                .filter(|other| key.covers(other.projects.as_deref())),
-        );
-        if last || results.len() >= limit as usize {
-            break;
-        }
-    }
-    results.truncate(limit as usize);
-    Ok(Json(page(results, limit, |k| k.id.clone())))
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<ApiKey>>, ApiError> {
+    let request = page.request::<String>(100)?;
+    let rows = filtered(
+        &request,
+        |after, limit| {
+            let (store, organisation) = (state.store.clone(), key.organisation_id.clone());
+            async move { store.keys(&organisation, after.as_deref(), limit).await }
+        },
+        |other: &ApiKey| key.covers(other.projects.as_deref()),
+        |other| other.id.clone(),
+    )
+    .await?;
+    Ok(Json(Page::new(rows, &request, |other| other.id.clone())))
 }
 
-#[derive(Debug, Deserialize)]
+/// A key to create.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewKeyBody {
+    /// What the key is for, to tell keys apart in lists.
     name: String,
+    /// `read`, `write` or `admin`.
     scope: String,
     /// The projects the key is limited to; left out for every project of
     /// the organisation.
     projects: Option<Vec<String>>,
 }
 
+#[utoipa::path(post, path = "/api/organisations/{organisation_id}/keys", tag = "organisations",
+    params(OrganisationPath), request_body = NewKeyBody,
+    responses((status = 201, description = "The key, shown this once.", body = NewKey), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("admin"))))]
 async fn create_key(
     State(state): State<ApiState>,
     OrgAuthorised(key, _): OrgAuthorised<Admin>,
@@ -268,11 +317,7 @@ async fn create_key(
         created_by: key.id.clone(),
     };
     match state.store.create_key(&spec).await {
-        Ok(created) => Ok((
-            StatusCode::CREATED,
-            Json(serde_json::to_value(created).expect("serialises")),
-        )
-            .into_response()),
+        Ok(created) => Ok((StatusCode::CREATED, Json(created)).into_response()),
         Err(KeyError::ForeignProject(project, _)) => Err(ApiError::Invalid(format!(
             "`projects`: {project} is not a project of this organisation"
         ))),
@@ -281,11 +326,16 @@ async fn create_key(
     }
 }
 
+/// Revokes a key at once. A key may revoke itself.
+#[utoipa::path(delete, path = "/api/organisations/{organisation_id}/keys/{key_id}", tag = "organisations",
+    params(KeyPath),
+    responses((status = 200, description = "The key as it now is.", body = ApiKey), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("admin"))))]
 async fn revoke_key(
     State(state): State<ApiState>,
     OrgAuthorised(key, _): OrgAuthorised<Admin>,
     ApiPath((_, key_id)): ApiPath<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ApiKey>, ApiError> {
     let target = state
         .store
         .key(&key.organisation_id, &key_id)
@@ -297,75 +347,93 @@ async fn revoke_key(
         .revoke_key(&key.organisation_id, &target.id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("key {key_id}")))?;
-    Ok(Json(serde_json::to_value(revoked).expect("serialises")))
-}
-
-#[derive(Debug, Deserialize)]
-struct AuditQuery {
-    limit: Option<String>,
-    cursor: Option<String>,
+    Ok(Json(revoked))
 }
 
 /// Newest first. A key limited to some projects sees their entries only.
+#[utoipa::path(get, path = "/api/organisations/{organisation_id}/audit-log", tag = "organisations",
+    params(OrganisationPath, PageQuery),
+    responses((status = 200, description = "A page of management writes, newest first.", body = Page<AuditEntry>), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("admin"))))]
 async fn audit_log(
     State(state): State<ApiState>,
     OrgAuthorised(key, _): OrgAuthorised<Admin>,
-    ApiQuery(query): ApiQuery<AuditQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = PageQuery {
-        limit: query.limit,
-        cursor: None,
-    }
-    .limit()?;
-    let before = query
-        .cursor
-        .map(|text| {
-            text.parse::<i64>().map_err(|_| {
-                ApiError::Invalid(format!(
-                    "`cursor` must be the `next` of an earlier page, got {text}"
-                ))
-            })
-        })
-        .transpose()?;
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<AuditEntry>>, ApiError> {
+    let request = page.request::<i64>(100)?;
     let entries = state
         .store
-        .audit_log(&key.organisation_id, key.projects.as_deref(), before, limit)
+        .audit_log(
+            &key.organisation_id,
+            key.projects.as_deref(),
+            request.after,
+            request.fetch(),
+        )
         .await?;
-    Ok(Json(page(entries, limit, |e| e.id.to_string())))
+    Ok(Json(Page::new(entries, &request, |entry| entry.id)))
 }
 
+/// The current token first, then retired ones still accepted.
+#[utoipa::path(get, path = "/api/projects/{project_id}/capture-tokens", tag = "organisations",
+    params(ProjectPath, PageQuery),
+    responses((status = 200, description = "The capture tokens still accepted.", body = Page<CaptureToken>), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("read"))))]
 async fn capture_tokens(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Read>,
-) -> Result<Json<Value>, ApiError> {
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<CaptureToken>>, ApiError> {
+    let request = page.request::<usize>(100)?;
     let tokens = state
         .store
         .capture_tokens(&project_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("project {project_id}")))?;
-    Ok(Json(json!({"results": tokens, "next": null})))
+    // A handful of tokens: paged in memory, by their place in the list.
+    let indexed: Vec<(usize, CaptureToken)> = tokens.into_iter().enumerate().collect();
+    Ok(Json(
+        Page::from_sorted(indexed, &request, |(index, _)| *index).map(|(_, token)| token),
+    ))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// A rotation's grace period.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RotateBody {
     /// How long the old token is still accepted, in seconds.
     grace_seconds: Option<u64>,
 }
 
+/// A new capture token.
+#[derive(Serialize, ToSchema)]
+struct RotatedToken {
+    capture_token: String,
+    /// Until when the token it replaced is still accepted.
+    previous_valid_until: String,
+}
+
+/// Gives the project a new capture token; the old one is accepted for the
+/// grace period (default a day, at most 30 days). The body may be empty.
+#[utoipa::path(post, path = "/api/projects/{project_id}/capture-tokens/rotate", tag = "organisations",
+    params(ProjectPath), request_body(content = Option<RotateBody>),
+    responses((status = 200, description = "The new token.", body = RotatedToken), Errors),
+    security(("api_key" = [])), extensions(("x-sluice-scope" = json!("admin"))))]
 async fn rotate_capture_token(
     State(state): State<ApiState>,
     Authorised(project_id, _): Authorised<Admin>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RotatedToken>, ApiError> {
     // The body is optional: an empty one takes the default grace.
     let body: RotateBody = if body.iter().all(u8::is_ascii_whitespace) {
         RotateBody::default()
     } else {
         serde_json::from_slice(&body).map_err(|err| {
-            ApiError::Invalid(format!(
-                "the request body must be a JSON object such as {{\"grace_seconds\": 3600}}: {err}"
-            ))
+            ApiError::field(
+                "grace_seconds",
+                format!(
+                    "the request body must be a JSON object such as {{\"grace_seconds\": 3600}}, or empty: {err}"
+                ),
+            )
         })?
     };
     let grace = body.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
@@ -382,8 +450,24 @@ async fn rotate_capture_token(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("project {project_id}")))?;
     state.tokens.forget(&old);
-    Ok(Json(json!({
-        "capture_token": token,
-        "previous_valid_until": valid_until,
-    })))
+    Ok(Json(RotatedToken {
+        capture_token: token,
+        previous_valid_until: valid_until,
+    }))
 }
+
+/// The routes of this module, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    me,
+    organisation,
+    list_projects,
+    create_project,
+    list_keys,
+    create_key,
+    revoke_key,
+    audit_log,
+    capture_tokens,
+    rotate_capture_token
+))]
+pub(super) struct Doc;

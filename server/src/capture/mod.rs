@@ -15,9 +15,7 @@ mod bounded;
 mod commit;
 mod normalize;
 mod posthog;
-mod rates;
 mod segment;
-mod tokens;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +25,9 @@ use axum::Router;
 use axum::extract::MatchedPath;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use tokio::sync::Semaphore;
 
+use crate::api::error::{ErrorBody, ErrorType};
 use crate::config::ServeConfig;
 use crate::metrics::Metrics;
 use crate::model::Quotas;
@@ -38,11 +36,11 @@ use crate::queue::{QueueGauge, Wakeups};
 use crate::quotas::QuotaBook;
 use crate::store::{QueueWrite, Store};
 
+pub use crate::rates::RequestRates;
+pub use crate::tokens::TokenCache;
 pub use body::Parsers;
 pub use commit::GroupCommit;
 pub use normalize::{Normalizer, RawBatch};
-pub use rates::RequestRates;
-pub use tokens::TokenCache;
 
 /// What capture needs: where to write, the queue's bounds and gauge, the
 /// projects' quotas, and whom to wake.
@@ -154,6 +152,21 @@ fn endpoint(path: Option<&MatchedPath>) -> &'static str {
         .into_iter()
         .find(|known| *known == path)
         .unwrap_or("other")
+}
+
+/// The OpenAPI description of the capture routes: each PostHog path, and
+/// Segment's, with and without the trailing slash they are routed with.
+pub fn document() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    let mut doc = posthog::Doc::openapi();
+    doc.merge(segment::Doc::openapi());
+    for path in posthog::PATHS {
+        crate::api::openapi::copy_path(&mut doc, posthog::DOCUMENTED_PATH, path);
+        crate::api::openapi::copy_path(&mut doc, posthog::DOCUMENTED_PATH, &format!("{path}/"));
+    }
+    let segment = segment::DOCUMENTED_PATH;
+    crate::api::openapi::copy_path(&mut doc, segment, &format!("{segment}/"));
+    doc
 }
 
 /// Capture requests handled at once. Each holds its body, decoded and
@@ -391,21 +404,55 @@ impl IntoResponse for CaptureError {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return response;
         }
-        let (status, kind) = match &self {
-            CaptureError::Invalid(_) => (StatusCode::BAD_REQUEST, "validation_error"),
-            CaptureError::MissingToken | CaptureError::UnknownToken => {
-                (StatusCode::UNAUTHORIZED, "authentication_error")
+        use ErrorType::*;
+        let (status, kind, code) = match &self {
+            CaptureError::Invalid(_) => {
+                (StatusCode::BAD_REQUEST, ValidationError, "invalid_payload")
             }
-            CaptureError::TooLarge { .. }
-            | CaptureError::TooComplex { .. }
-            | CaptureError::TooManyEvents { .. } => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "validation_error")
+            CaptureError::MissingToken => (
+                StatusCode::UNAUTHORIZED,
+                AuthenticationError,
+                "missing_token",
+            ),
+            CaptureError::UnknownToken => (
+                StatusCode::UNAUTHORIZED,
+                AuthenticationError,
+                "invalid_token",
+            ),
+            CaptureError::TooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ValidationError,
+                "payload_too_large",
+            ),
+            CaptureError::TooComplex { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ValidationError,
+                "payload_too_complex",
+            ),
+            CaptureError::TooManyEvents { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ValidationError,
+                "too_many_events",
+            ),
+            CaptureError::BodyTimeout { .. } => {
+                (StatusCode::REQUEST_TIMEOUT, ValidationError, "body_timeout")
             }
-            CaptureError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "timeout_error"),
-            CaptureError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            CaptureError::Overloaded { .. }
-            | CaptureError::TimedOut { .. }
-            | CaptureError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+            CaptureError::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, Throttled, "rate_limited")
+            }
+            CaptureError::Overloaded { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, Unavailable, "overloaded")
+            }
+            CaptureError::TimedOut { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Unavailable,
+                "request_timeout",
+            ),
+            CaptureError::Store(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Unavailable,
+                "storage_unavailable",
+            ),
             CaptureError::Unread(_) => unreachable!("answered by the refusal it holds"),
         };
         let detail = match &self {
@@ -416,13 +463,14 @@ impl IntoResponse for CaptureError {
             }
             other => other.to_string(),
         };
-        let mut response = (status, Json(json!({"type": kind, "detail": detail}))).into_response();
+        let attr = match &self {
+            CaptureError::MissingToken => "api_key",
+            _ => "",
+        };
+        let mut response = ErrorBody::new(kind, code, detail)
+            .attr(attr)
+            .respond(status, self.retry_after_secs());
         response.extensions_mut().insert(Refused(self.reason()));
-        if let Some(seconds) = self.retry_after_secs() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
         if matches!(self, CaptureError::BodyTimeout { .. }) {
             // The rest of the body is still on its way: the connection
             // cannot carry another request.

@@ -20,6 +20,15 @@ use serde_json::{Map, Value, json};
 
 use super::CaptureState;
 use super::{CaptureError, RawBatch, body};
+use crate::api::openapi::{CaptureBody, CaptureErrors, CaptureOk};
+
+/// Where PostHog's SDKs send events; each is served with a trailing slash
+/// too.
+pub(super) const PATHS: [&str; 4] = ["/capture", "/e", "/batch", "/i/v0/e"];
+
+/// The path the handler's attribute documents; the document copies it to
+/// the others.
+pub(super) const DOCUMENTED_PATH: &str = "/e";
 
 pub fn router<S>() -> Router<S>
 where
@@ -27,7 +36,7 @@ where
     CaptureState: axum::extract::FromRef<S>,
 {
     let mut router = Router::new();
-    for path in ["/capture", "/e", "/batch", "/i/v0/e"] {
+    for path in PATHS {
         router = router
             .route(path, post(capture).get(capture))
             .route(&format!("{path}/"), post(capture).get(capture));
@@ -35,6 +44,30 @@ where
     router
 }
 
+/// Query parameters of PostHog's capture.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct CaptureQuery {
+    /// The project's capture token, checked before the body is read (it
+    /// may instead be in the body as `api_key` or `token`).
+    api_key: Option<String>,
+    /// Same as `api_key`.
+    token: Option<String>,
+    /// `gzip-js` for a gzip body.
+    compression: Option<String>,
+}
+
+/// One event (`{"event", "distinct_id", "properties", ...}`), an array of
+/// events, or `{"batch": [...], "api_key": ...}`, as JSON, gzip JSON, or a
+/// form whose `data` field is base64 JSON. Nothing is stored unless every
+/// event is valid.
+#[utoipa::path(method(get, post), path = "/e", tag = "capture", operation_id = "post_e",
+    params(CaptureQuery),
+    request_body(content = CaptureBody, description = "An event, an array of events, or a batch. \
+        Also accepted: the same gzip-compressed (`Content-Encoding: gzip` or `?compression=gzip-js`), \
+        or a form whose `data` field is base64 JSON."),
+    responses((status = 200, description = "Every event was stored.", body = CaptureOk), CaptureErrors))]
 async fn capture(
     State(state): State<CaptureState>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
@@ -144,3 +177,8 @@ fn raw_batch(value: Value) -> Result<RawBatch, CaptureError> {
         )),
     }
 }
+
+/// The route of this module, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(capture))]
+pub(super) struct Doc;

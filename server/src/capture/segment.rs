@@ -20,6 +20,11 @@ use serde_json::{Map, Value, json};
 
 use super::CaptureState;
 use super::{CaptureError, RawBatch, body};
+use crate::api::openapi::{CaptureErrors, JsonObject, SegmentOk};
+
+/// The path the handler's attribute documents; it is served with a
+/// trailing slash too.
+pub(super) const DOCUMENTED_PATH: &str = "/v1/{kind}";
 
 pub fn router<S>() -> Router<S>
 where
@@ -27,10 +32,27 @@ where
     CaptureState: axum::extract::FromRef<S>,
 {
     Router::new()
-        .route("/v1/{kind}", post(capture))
-        .route("/v1/{kind}/", post(capture))
+        .route(DOCUMENTED_PATH, post(capture))
+        .route(&format!("{DOCUMENTED_PATH}/"), post(capture))
 }
 
+/// The Segment call in the path.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct SegmentPath {
+    /// `track`, `identify`, `page`, `screen`, `group`, `alias` or `batch`.
+    kind: String,
+}
+
+/// A Segment message (or `{"batch": [...]}` for `/v1/batch`), mapped to
+/// PostHog's events. The write key is the capture token, as the Basic-auth
+/// user or as `writeKey` in the body.
+#[utoipa::path(post, path = "/v1/{kind}", tag = "capture", operation_id = "post_v1_kind",
+    params(SegmentPath),
+    request_body(content = JsonObject, description = "A Segment message or batch."),
+    responses((status = 200, description = "Every message was stored.", body = SegmentOk), CaptureErrors),
+    security((), ("write_key" = [])))]
 async fn capture(
     State(state): State<CaptureState>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
@@ -289,6 +311,11 @@ fn map_context(context: &Map<String, Value>, properties: &mut Map<String, Value>
     set("$locale", context.get("locale"));
     set("$timezone", context.get("timezone"));
 }
+
+/// The route of this module, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(capture))]
+pub(super) struct Doc;
 
 #[cfg(test)]
 mod tests {

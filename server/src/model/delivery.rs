@@ -6,7 +6,7 @@ use serde_json::Value;
 /// How one destination install is fed: batch size and linger, retries,
 /// concurrency, rate and which events it gets. Every field has a default,
 /// so `{}` is a valid setting.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeliverySettings {
     /// Most events handed to the plugin in one export call.
@@ -116,7 +116,7 @@ impl DeliverySettings {
 
 /// Where an event was when it went to dead letters, which is where replay
 /// sends it back to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeadLetterStage {
     /// A fail-closed transformation failed on it: replay queues it again.
@@ -127,7 +127,7 @@ pub enum DeadLetterStage {
 }
 
 /// What became of one export call, as the attempts list shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AttemptOutcome {
     Delivered,

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 /// One project's quotas. Every field has a default; an override names only
 /// what it changes.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Quotas {
     /// Plugin configs (enabled or not) in the project.

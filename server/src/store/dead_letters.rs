@@ -29,12 +29,14 @@ pub struct DeadLetter {
 }
 
 /// A stored dead letter, as the API lists it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct StoredDeadLetter {
     pub id: i64,
     pub plugin_config_id: String,
     pub stage: DeadLetterStage,
     pub event_uuid: Option<String>,
+    /// The event as it was when it failed.
+    #[schema(value_type = Object)]
     pub event: Value,
     pub error: String,
     pub created_at: String,
@@ -49,7 +51,7 @@ pub enum ReplaySelector {
 }
 
 /// What one replay did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Replayed {
     pub replayed: u64,
     /// Letters the selector still names that a replay can send back.
@@ -75,13 +77,28 @@ impl Store {
         plugin_config_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<StoredDeadLetter>> {
+        self.dead_letters_before(project_id, plugin_config_id, None, limit)
+            .await
+    }
+
+    /// Dead letters of a project older than the letter `before` (an id),
+    /// newest first: a page of the API's list.
+    pub async fn dead_letters_before(
+        &self,
+        project_id: &str,
+        plugin_config_id: Option<&str>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredDeadLetter>> {
         let rows = sqlx::query(
             "SELECT id, plugin_config_id, stage, event_uuid, event, error, created_at FROM dead_letters
-             WHERE project_id = $1 AND ($2 IS NULL OR plugin_config_id = $3) ORDER BY id DESC LIMIT $4",
+             WHERE project_id = $1 AND ($2 IS NULL OR plugin_config_id = $3) AND id < $4
+             ORDER BY id DESC LIMIT $5",
         )
         .bind(project_id)
         .bind(plugin_config_id)
         .bind(plugin_config_id)
+        .bind(before.unwrap_or(i64::MAX))
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;

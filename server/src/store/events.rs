@@ -28,7 +28,7 @@ use super::{Backend, QueuedEvent, Result, Store};
 const ROWS_PER_STATEMENT: usize = 250;
 
 /// A stored event, as the events API returns it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct StoredEvent {
     pub uuid: String,
     pub event: String,
@@ -45,6 +45,8 @@ pub struct EventFilter {
     pub distinct_id: Option<String>,
     pub after: Option<String>,
     pub before: Option<String>,
+    /// Only events after this position in newest-first order.
+    pub cursor: Option<Cursor>,
     pub limit: u32,
 }
 
@@ -309,7 +311,7 @@ impl Store {
             ..Scan::default()
         };
         let page = Page {
-            cursor: None,
+            cursor: filter.cursor.as_ref(),
             after: filter.after.as_deref(),
             size: filter.limit as usize,
         };

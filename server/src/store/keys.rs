@@ -12,7 +12,7 @@ use super::projects::{hash_key, random_token};
 use super::{Result, Store, now_rfc3339};
 
 /// What a key may do. Each scope includes the ones before it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// Read events, persons, queries, plugin configs, logs and dead letters.
@@ -47,7 +47,7 @@ impl Scope {
 }
 
 /// An organisation: it owns projects and keys.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Organisation {
     pub id: String,
     pub name: String,
@@ -55,7 +55,7 @@ pub struct Organisation {
 }
 
 /// A personal API key as listed: never the key itself.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ApiKey {
     pub id: String,
     pub organisation_id: String,
@@ -92,7 +92,7 @@ impl ApiKey {
 }
 
 /// A key just made: the only time the key itself is shown.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct NewKey {
     #[serde(flatten)]
     pub key: ApiKey,
@@ -124,7 +124,7 @@ pub enum KeyError {
 
 /// A capture token of a project: the current one, or one a rotation
 /// retired that is still accepted until `valid_until`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct CaptureToken {
     pub token: String,
     pub current: bool,
@@ -133,7 +133,7 @@ pub struct CaptureToken {
 }
 
 /// One management write, as recorded.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: i64,
     pub organisation_id: String,

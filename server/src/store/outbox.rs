@@ -48,7 +48,7 @@ pub enum Disposition {
 }
 
 /// One export attempt as the API shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Attempt {
     pub at: String,
     pub events: i64,
@@ -73,7 +73,7 @@ pub struct DeliveryRecord {
 }
 
 /// A destination's numbers for the API.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct DestinationStats {
     /// Events delivered since the install was created.
     pub delivered: i64,

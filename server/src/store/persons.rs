@@ -28,7 +28,7 @@ use super::{Backend, QueuedEvent, Result, Store};
 const ROWS_PER_STATEMENT: usize = 500;
 
 /// A person: the distinct ids that resolve to it and its properties.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Person {
     pub id: String,
     pub distinct_ids: Vec<String>,

@@ -15,8 +15,11 @@ use super::{Backend, Result, Store};
 use crate::model::LogRecord;
 
 /// A line of a plugin config's log, as stored.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct PluginLog {
+    /// Its place in the log, for paging.
+    #[serde(skip)]
+    pub id: i64,
     pub at: String,
     pub level: String,
     pub message: String,
@@ -26,16 +29,30 @@ pub struct PluginLog {
 impl Store {
     /// The newest log lines of a plugin config, newest first.
     pub async fn plugin_logs(&self, plugin_config_id: &str, limit: u32) -> Result<Vec<PluginLog>> {
+        self.plugin_logs_before(plugin_config_id, None, limit).await
+    }
+
+    /// Log lines of a plugin config older than the line `before` (an id),
+    /// newest first: a page of the API's list.
+    pub async fn plugin_logs_before(
+        &self,
+        plugin_config_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<PluginLog>> {
         let rows = sqlx::query(
-            "SELECT at, level, message, event_uuid FROM plugin_logs WHERE plugin_config_id = $1 ORDER BY id DESC LIMIT $2",
+            "SELECT id, at, level, message, event_uuid FROM plugin_logs
+             WHERE plugin_config_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
         )
         .bind(plugin_config_id)
+        .bind(before.unwrap_or(i64::MAX))
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .iter()
             .map(|row| PluginLog {
+                id: row.get("id"),
                 at: row.get("at"),
                 level: row.get("level"),
                 message: row.get("message"),

@@ -22,7 +22,7 @@ pub struct CreatedProject {
 }
 
 /// A project as listed.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ProjectSummary {
     pub id: String,
     pub organisation_id: String,

@@ -1,10 +1,12 @@
-//! Capture requests per second per token, the `capture_requests_per_second`
-//! quota: a token bucket per capture token, refilled at the quota and
-//! holding up to twice as much, so a client that flushes a backlog after
-//! being offline gets through in a burst, and one that sends without pause
-//! gets its share and no more.
+//! Requests per second per caller: capture's per capture token (the
+//! `capture_requests_per_second` quota) and the API's per personal key
+//! (`--api-requests-per-second`). A token bucket per caller, refilled at
+//! the rate and holding up to twice as much, so a client that flushes a
+//! backlog after being offline gets through in a burst, and one that sends
+//! without pause gets its share and no more.
 //!
-//! Only tokens the [`super::TokenCache`] knows get a bucket, and the
+//! Only known callers get a bucket (capture tokens the
+//! [`crate::tokens::TokenCache`] knows, keys the API found), and the
 //! buckets are bounded in number: random tokens never reach here.
 
 use std::collections::HashMap;
