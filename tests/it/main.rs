@@ -17,6 +17,7 @@ mod hubspot;
 mod isolation;
 mod isolation_capture;
 mod isolation_query;
+mod isolation_routes;
 mod isolation_runtime;
 mod metrics;
 mod operations;
