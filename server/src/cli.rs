@@ -794,6 +794,18 @@ async fn project_quotas(
         store
             .set_project_quota_overrides(project_id, text.as_deref())
             .await?;
+        if let Some(organisation) = store.project_organisation(project_id).await? {
+            store
+                .record_audit(&crate::store::NewAuditEntry {
+                    organisation_id: organisation,
+                    project_id: Some(project_id.to_string()),
+                    actor: "cli".into(),
+                    action: "project quotas".into(),
+                    target: Some(project_id.to_string()),
+                    status: 0,
+                })
+                .await?;
+        }
     }
     Ok(serde_json::json!({
         "project_id": project_id,

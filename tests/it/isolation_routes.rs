@@ -134,6 +134,7 @@ async fn every_route_refuses_keys_that_must_not_reach_project_b(backend: Backend
     .await;
     let (revoked, revoked_id) = key(&server, &organisation, Scope::Admin, None).await;
     let (root, _) = key(&server, &organisation, Scope::Admin, None).await;
+    let (writer, _) = key(&server, &organisation, Scope::Write, None).await;
     let store = open_store(&server.store).await.unwrap();
     store.revoke_key_by_id(&revoked_id).await.unwrap();
     store.close().await;
@@ -227,6 +228,33 @@ async fn every_route_refuses_keys_that_must_not_reach_project_b(backend: Backend
             .all(|k| (k["id"] == revoked_id) != k["revoked_at"].is_null()),
         "{keys}"
     );
+
+    // The scope the document gives each route is the one it enforces: a
+    // key of that scope gets past the check (whatever the empty body then
+    // earns it), one a step below does not. Admin routes are not called
+    // with an admin key here: a rotation would change what was checked.
+    for (method, template, scope) in &operations {
+        let path = fill(template, &target);
+        let what = format!("{method} {template} ({scope})");
+        let (holder, below) = match scope.as_str() {
+            "read" => (Some(&reader), None),
+            "write" => (Some(&writer), Some(&reader)),
+            "admin" => (None, Some(&writer)),
+            other => panic!("{what}: unknown scope {other}"),
+        };
+        if let Some(holder) = holder {
+            let (status, body) = call(&server, holder, method, &path).await;
+            assert!(
+                status != 403 && status != 401,
+                "{what} refused a key of its own scope: {status} {body}"
+            );
+        }
+        if let Some(below) = below {
+            let (status, body) = call(&server, below, method, &path).await;
+            assert_eq!(status, 403, "{what} with a key below its scope: {body}");
+            assert_eq!(body["code"], "scope_too_low", "{what}: {body}");
+        }
+    }
 }
 
 on_both_backends!(every_route_refuses_keys_that_must_not_reach_project_b);
