@@ -49,13 +49,24 @@ trap cleanup EXIT
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:$port"
 
-project=$("$SLUICE_BIN" project create --data-dir "$work/data" --name schemathesis)
+# An organisation with its admin key (the one the requests carry), a
+# project in it, and a spare key for the revoke route to aim at.
 json_field() { python3 -c "import json, sys; print(json.load(sys.stdin)['$1'])"; }
+org=$("$SLUICE_BIN" org create --data-dir "$work/data" --name schemathesis)
+organisation_id=$(json_field organisation_id <<<"$org")
+api_key=$(json_field api_key <<<"$org")
+project=$("$SLUICE_BIN" project create --data-dir "$work/data" --name schemathesis \
+  --organisation "$organisation_id")
 project_id=$(json_field project_id <<<"$project")
-api_key=$(json_field api_key <<<"$project")
 capture_token=$(json_field capture_token <<<"$project")
+spare=$("$SLUICE_BIN" key create --data-dir "$work/data" --organisation "$organisation_id" \
+  --name spare --scope read)
+spare_key_id=$(json_field id <<<"$spare")
 
+# The API's rate per key is lifted: the fuzzer sends one key's requests as
+# fast as it can, and 429s would stand between it and the handlers.
 RUST_LOG=${RUST_LOG:-warn} "$SLUICE_BIN" serve --data-dir "$work/data" --listen "127.0.0.1:$port" \
+  --api-requests-per-second 1000000 \
   >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 100); do
@@ -74,6 +85,8 @@ done
 cat >"$work/schemathesis.toml" <<'TOML'
 [parameters]
 "path.project_id" = "${SLUICE_PROJECT_ID}"
+"path.organisation_id" = "${SLUICE_ORGANISATION_ID}"
+"path.key_id" = "${SLUICE_SPARE_KEY_ID}"
 "query.api_key" = "${SLUICE_CAPTURE_TOKEN}"
 TOML
 if [ -f target/plugins/webhook.wasm ]; then
@@ -92,6 +105,7 @@ fi
 status=0
 cd "$work"
 SLUICE_PROJECT_ID=$project_id SLUICE_CAPTURE_TOKEN=$capture_token \
+  SLUICE_ORGANISATION_ID=$organisation_id SLUICE_SPARE_KEY_ID=$spare_key_id \
   "$venv/bin/schemathesis" --config-file "$work/schemathesis.toml" run "$base/api/openapi.json" \
   --header "Authorization: Bearer $api_key" \
   --checks not_a_server_error,response_schema_conformance \

@@ -177,6 +177,7 @@ async fn list_projects(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewProject {
+    #[schema(min_length = 1)]
     name: String,
     /// The IANA time zone its queries bucket days in; UTC when left out.
     timezone: Option<String>,
@@ -264,8 +265,10 @@ async fn list_keys(
 #[serde(deny_unknown_fields)]
 struct NewKeyBody {
     /// What the key is for, to tell keys apart in lists.
+    #[schema(min_length = 1)]
     name: String,
     /// `read`, `write` or `admin`.
+    #[schema(value_type = Scope)]
     scope: String,
     /// The projects the key is limited to; left out for every project of
     /// the organisation.
