@@ -345,6 +345,17 @@ impl NeedsScope for Admin {
     const SCOPE: Scope = Scope::Admin;
 }
 
+/// Refuses a key whose scope is below what the route needs.
+fn needs<N: NeedsScope>(key: &ApiKey) -> Result<(), ApiError> {
+    if key.scope < N::SCOPE {
+        return Err(ApiError::Scope {
+            has: key.scope,
+            needs: N::SCOPE,
+        });
+    }
+    Ok(())
+}
+
 /// The key a request was made with, once checked: known, not revoked,
 /// within its rate.
 async fn caller<S>(parts: &mut Parts, state: &S) -> Result<ApiKey, ApiError>
@@ -407,12 +418,7 @@ where
         if owner.as_deref() != Some(key.organisation_id.as_str()) || !key.reaches(&project_id) {
             return Err(ApiError::Forbidden(project_id));
         }
-        if key.scope < N::SCOPE {
-            return Err(ApiError::Scope {
-                has: key.scope,
-                needs: N::SCOPE,
-            });
-        }
+        needs::<N>(&key)?;
         audit::note(parts, &api.store, &key, Some(&project_id));
         Ok(Authorised(project_id, PhantomData))
     }
@@ -437,12 +443,7 @@ where
         if key.organisation_id != organisation_id {
             return Err(ApiError::ForbiddenOrganisation(organisation_id));
         }
-        if key.scope < N::SCOPE {
-            return Err(ApiError::Scope {
-                has: key.scope,
-                needs: N::SCOPE,
-            });
-        }
+        needs::<N>(&key)?;
         audit::note(parts, &ApiState::from_ref(state).store, &key, None);
         Ok(OrgAuthorised(key, PhantomData))
     }
