@@ -125,6 +125,9 @@ pub async fn create_key(
         Err(KeyError::ForeignProject(project, org)) => anyhow::bail!(
             "--project {project} is not a project of organisation {org}; `sluice project list --organisation {org}` prints them"
         ),
+        Err(err @ KeyError::TooMany(_)) => anyhow::bail!(
+            "{err}: `sluice key list --organisation {organisation}` shows them, `sluice key revoke KEY_ID` revokes one"
+        ),
         Err(KeyError::Store(err)) => return Err(err.into()),
     };
     audit(&store, organisation, None, "key create", &created.key.id).await?;

@@ -623,6 +623,7 @@ on_both_backends!(
     the_audit_log_records_management_writes,
     a_rotated_capture_token_is_kept_for_its_grace,
     each_key_has_its_own_request_rate,
+    rotating_and_making_keys_cannot_grow_the_shared_tables_without_end,
     keys_from_before_organisations_stay_admin_keys_of_their_project,
 );
 
@@ -703,4 +704,56 @@ async fn keys_from_before_organisations_stay_admin_keys_of_their_project(backend
     let owner = store.project_for_token("phc_old").await.unwrap().unwrap();
     assert_eq!(owner.project_id, "p1");
     store.close().await;
+}
+
+/// A project's own admin key may rotate tokens and make keys; doing so in
+/// a loop must not grow the tables every tenant shares without end.
+async fn rotating_and_making_keys_cannot_grow_the_shared_tables_without_end(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let max_retired = sluice::store::MAX_RETIRED_TOKENS as usize;
+    for _ in 0..max_retired + 3 {
+        let (status, body) = server
+            .call_api(
+                Method::POST,
+                "/capture-tokens/rotate",
+                Some(json!({"grace_seconds": 3600})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, tokens) = server.call_api(Method::GET, "/capture-tokens", None).await;
+    assert_eq!(
+        tokens["results"].as_array().unwrap().len(),
+        1 + max_retired,
+        "the current token and the newest retired ones: {tokens}"
+    );
+
+    let (org, root) = organisation(&server).await;
+    let store = open_store(&server.store).await.unwrap();
+    for n in 1..sluice::store::MAX_KEYS {
+        store
+            .create_key(&KeySpec {
+                organisation_id: org.clone(),
+                name: format!("k{n}"),
+                scope: Scope::Read,
+                projects: None,
+                created_by: "cli".into(),
+            })
+            .await
+            .unwrap();
+    }
+    store.close().await;
+    let (status, body) = new_key(
+        &server,
+        &org,
+        &root,
+        json!({"name": "one more", "scope": "read"}),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "quota_exceeded", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("revoke keys"),
+        "{body}"
+    );
 }

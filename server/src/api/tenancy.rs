@@ -325,6 +325,7 @@ async fn create_key(
             "`projects`: {project} is not a project of this organisation"
         ))),
         Err(KeyError::NoOrganisation(id)) => Err(ApiError::NotFound(format!("organisation {id}"))),
+        Err(err @ KeyError::TooMany(_)) => Err(ApiError::OverQuota(err.to_string())),
         Err(KeyError::Store(err)) => Err(err.into()),
     }
 }

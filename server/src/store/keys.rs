@@ -111,6 +111,15 @@ pub struct KeySpec {
     pub created_by: String,
 }
 
+/// Keys not revoked an organisation may hold: any admin key can make
+/// keys, and without a bound one project's key could grow the table
+/// every tenant shares without end.
+pub const MAX_KEYS: i64 = 1000;
+
+/// Retired capture tokens a project keeps, newest first: rotating in a
+/// loop must not grow the table without end either.
+pub const MAX_RETIRED_TOKENS: i64 = 10;
+
 /// Why a key could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -118,6 +127,10 @@ pub enum KeyError {
     NoOrganisation(String),
     #[error("project {0} is not a project of organisation {1}")]
     ForeignProject(String, String),
+    #[error(
+        "organisation {0} already has {MAX_KEYS} keys that are not revoked; revoke keys no longer used before making more"
+    )]
+    TooMany(String),
     #[error(transparent)]
     Store(#[from] super::Error),
 }
@@ -271,6 +284,16 @@ impl Store {
         if exists.is_none() {
             return Err(KeyError::NoOrganisation(key.organisation_id));
         }
+        let held: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_keys WHERE organisation_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(&key.organisation_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(super::Error::from)?;
+        if held >= MAX_KEYS {
+            return Err(KeyError::TooMany(key.organisation_id));
+        }
         for project in key.projects.iter().flatten() {
             let owner: Option<Option<String>> =
                 sqlx::query_scalar("SELECT organisation_id FROM projects WHERE id = $1")
@@ -418,12 +441,14 @@ impl Store {
             .bind(project_id)
             .execute(&mut *tx)
             .await?;
-        // Tokens past their grace are of no use to anyone.
+        // Tokens past their grace are of no use to anyone, and past the
+        // newest few a rotation ends the oldest grace early.
         sqlx::query(
-            "DELETE FROM retired_capture_tokens WHERE project_id = $1 AND valid_until <= $2",
+            "DELETE FROM retired_capture_tokens WHERE project_id = $1 AND (valid_until <= $2 OR token NOT IN (SELECT token FROM retired_capture_tokens WHERE project_id = $1 ORDER BY retired_at DESC, token LIMIT $3))",
         )
         .bind(project_id)
         .bind(now_rfc3339())
+        .bind(MAX_RETIRED_TOKENS)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -36,7 +36,8 @@ pub use db::{Backend, PRUNE_CHUNK, Store, StoreConfig};
 pub use dead_letters::{DeadLetter, ReplaySelector, Replayed, StoredDeadLetter};
 pub use events::{Cursor, EventFilter, Scan, ScanRow, StoredEvent};
 pub use keys::{
-    ApiKey, AuditEntry, CaptureToken, KeyError, KeySpec, NewAuditEntry, NewKey, Organisation, Scope,
+    ApiKey, AuditEntry, CaptureToken, KeyError, KeySpec, MAX_KEYS, MAX_RETIRED_TOKENS,
+    NewAuditEntry, NewKey, Organisation, Scope,
 };
 pub use outbox::{Attempt, DeliveryRecord, DestinationStats, Disposition, OutboxRow};
 pub use persons::Person;
