@@ -182,6 +182,10 @@ pub struct ServeArgs {
     /// limit, at most 10000].
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Seconds a connection may take to send a request's headers, and may
+    /// stay idle between requests, before it is closed [default: 30].
+    #[arg(long, env = "SLUICE_HEADER_TIMEOUT_SECONDS")]
+    pub header_timeout_seconds: Option<u64>,
     /// Addresses or networks of the reverse proxies in front of the server,
     /// comma-separated: only their `X-Forwarded-For` is believed for `$ip`
     /// [default: 127.0.0.0/8,::1].
@@ -227,6 +231,7 @@ pub struct FileConfig {
     pub query_max_rows: Option<u64>,
     pub max_concurrent_queries: Option<u32>,
     pub max_connections: Option<usize>,
+    pub header_timeout_seconds: Option<u64>,
     pub trusted_proxies: Option<Vec<String>>,
     pub api_requests_per_second: Option<u32>,
     pub metrics_allow: Option<Vec<String>>,
@@ -556,6 +561,11 @@ fn serve(args: ServeArgs, format: LogFormat) -> anyhow::Result<ExitCode> {
             Some(0) => anyhow::bail!("--max-connections must be at least 1"),
             Some(n) => n,
             None => defaults.max_connections,
+        },
+        header_timeout: match args.header_timeout_seconds.or(file.header_timeout_seconds) {
+            Some(0) => anyhow::bail!("--header-timeout-seconds must be at least 1"),
+            Some(seconds) => std::time::Duration::from_secs(seconds),
+            None => defaults.header_timeout,
         },
         trusted_proxies: match args.trusted_proxies.or(file.trusted_proxies.clone()) {
             Some(networks) => parse_networks("--trusted-proxies", &networks)?,

@@ -44,6 +44,11 @@ pub struct ServeConfig {
     pub quotas: Quotas,
     /// Connections held open at once; see `listener`.
     pub max_connections: usize,
+    /// How long a connection may take to send a request's headers, and
+    /// may stay idle between requests, before it is closed: a client
+    /// sending its header a byte at a time must not hold a connection slot
+    /// for longer.
+    pub header_timeout: Duration,
     /// Addresses whose `X-Forwarded-For` is believed: the reverse proxies in
     /// front of the server. Anyone else could write any address there.
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -81,6 +86,7 @@ impl ServeConfig {
             max_concurrent_queries: 4,
             quotas: Quotas::default(),
             max_connections: crate::listener::default_max_connections(),
+            header_timeout: Duration::from_secs(30),
             trusted_proxies: default_trusted_proxies(),
             retention_period: Duration::from_secs(300),
             api_requests_per_second: 100,

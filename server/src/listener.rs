@@ -7,6 +7,11 @@
 //! the server stops accepting until a connection closes; new ones wait in
 //! the kernel's backlog meanwhile.
 //!
+//! A connection must also send each request's headers, and may sit idle
+//! between requests, only for so long ([`serve`]): otherwise a client
+//! sending a header a byte a minute holds a slot for ever, and enough of
+//! them take every slot.
+//!
 //! It also says who the client is ([`Peer`], and [`client_ip`] behind
 //! trusted proxies), for capture's `$ip` and for `/metrics`' allow list.
 
@@ -16,12 +21,21 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::connect_info::Connected;
-use axum::http::HeaderMap;
-use axum::serve::{IncomingStream, Listener};
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderMap, Request};
+use axum::serve::Listener;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
 
 /// Descriptors kept back from connections, for the database, the data
 /// files and the plugins' outgoing requests.
@@ -86,6 +100,46 @@ impl Listener for Limited {
     }
 }
 
+/// Serves `app` over HTTP/1.1 on `listener` until `shutdown`, then stops
+/// accepting and waits for the requests in flight. Each request carries
+/// [`ConnectInfo`]`<`[`Peer`]`>`. A connection that takes longer than
+/// `header_timeout` to send a request's headers, or stays idle that long
+/// between requests, is closed.
+pub async fn serve(
+    mut listener: Limited,
+    app: Router,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (connection, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let service = app
+            .clone()
+            .map_request(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(Peer(peer)));
+                request
+            });
+        let served = graceful.watch(
+            http.serve_connection(TokioIo::new(connection), TowerToHyperService::new(service)),
+        );
+        tokio::spawn(async move {
+            if let Err(err) = served.await {
+                tracing::debug!(%peer, "connection closed: {err}");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 /// An accepted connection; its slot is given back when it closes.
 pub struct Connection {
     stream: TcpStream,
@@ -135,12 +189,6 @@ impl AsyncWrite for Connection {
 /// The client's address, which capture records as `$ip`.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, Limited>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, Limited>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
 
 /// The client's address: the peer's, unless the peer is a trusted proxy;
 /// then the nearest `X-Forwarded-For` address that is not one, read from

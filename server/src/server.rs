@@ -26,7 +26,7 @@ use crate::capture::CaptureState;
 pub use crate::config::ServeConfig;
 use crate::configs::ConfigWatch;
 use crate::delivery::Delivery;
-use crate::listener::{Limited, Peer};
+use crate::listener::Limited;
 use crate::metrics::{Metrics, MetricsState};
 use crate::pipeline::Worker;
 use crate::query::{QuerySlots, WAIT_FOR_A_SLOT};
@@ -74,12 +74,12 @@ pub async fn serve(
     let served_routes = Arc::new(OnceLock::new());
     tracing::info!(addr = %listener.local_addr()?, "sluice is serving");
     let listener = Limited::new(listener, config.max_connections);
-    let server = axum::serve(
+    let server = crate::listener::serve(
         listener,
-        front(served_routes.clone()).into_make_service_with_connect_info::<Peer>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .into_future();
+        front(served_routes.clone()),
+        config.header_timeout,
+        shutdown,
+    );
     let mut server = AbortOnDrop(tokio::spawn(server));
 
     // One reader per query slot, and one for the events list.
@@ -243,7 +243,7 @@ pub async fn serve(
     tasks.shutdown().await;
     tracing::info!(queued = gauge.depth(), "sluice stopped");
     store.close().await;
-    served??;
+    served?;
     Ok(())
 }
 

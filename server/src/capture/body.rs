@@ -118,7 +118,7 @@ impl Parsers {
         }
         // A gzip body's decoded size is known only once inflated: it takes
         // what the largest decoded body may.
-        let decoded = if framing.gzip || is_gzip(&bytes) || framing.form {
+        let decoded = if framing.may_expand(&bytes) {
             limit
         } else {
             bytes.len()
@@ -153,9 +153,18 @@ impl Parsers {
     }
 }
 
-/// How the body says it is encoded.
+/// How the request says its body is encoded. PostHog's SDKs put it in
+/// the query (`?compression=gzip-js`, `lz64`), in the form beside `data`
+/// (older posthog-js), or in `Content-Encoding`.
 struct Framing {
-    gzip: bool,
+    /// `Content-Encoding: gzip`: the body must be gzip.
+    gzip_encoded: bool,
+    /// `compression=gzip-js` or `gzip`: a hint only, since posthog-js 1.78
+    /// says it while sending a form of plain base64 JSON, which PostHog
+    /// stores; the bytes decide.
+    gzip_hinted: bool,
+    /// `compression=lz64`: the form's `data` is LZ-string base64.
+    lz64: bool,
     form: bool,
 }
 
@@ -169,10 +178,16 @@ impl Framing {
         };
         let compression = query.get("compression").map(String::as_str).unwrap_or("");
         Framing {
-            gzip: text(header::CONTENT_ENCODING).contains("gzip")
-                || compression.starts_with("gzip"),
+            gzip_encoded: text(header::CONTENT_ENCODING).contains("gzip"),
+            gzip_hinted: compression.starts_with("gzip"),
+            lz64: compression == "lz64",
             form: text(header::CONTENT_TYPE).starts_with("application/x-www-form-urlencoded"),
         }
+    }
+
+    /// Whether the decoded size may be larger than the body's.
+    fn may_expand(&self, bytes: &[u8]) -> bool {
+        self.gzip_encoded || self.gzip_hinted || self.lz64 || self.form || is_gzip(bytes)
     }
 }
 
@@ -205,11 +220,15 @@ fn decode(
     limit: usize,
     budget: usize,
 ) -> Result<Option<Value>, CaptureError> {
-    let mut bytes = if framing.gzip || is_gzip(bytes) {
+    let mut bytes = if is_gzip(bytes) {
         match gunzip(bytes, limit, budget)? {
             Some(inflated) => inflated,
             None => return Ok(None),
         }
+    } else if framing.gzip_encoded {
+        return Err(CaptureError::Invalid(
+            "the request says `Content-Encoding: gzip`, but the body is not gzip (it does not start with the bytes 1f 8b); send it compressed or drop the header".into(),
+        ));
     } else {
         bytes.to_vec()
     };
@@ -223,23 +242,75 @@ fn decode(
         let data = fields.get("data").ok_or_else(|| {
             CaptureError::Invalid("a form body needs a `data` field holding base64 JSON".into())
         })?;
-        let trimmed = data.trim().trim_end_matches('=');
-        bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(trimmed)
-            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed))
-            .map_err(|err| {
-                CaptureError::Invalid(format!("the form field `data` is not base64: {err}"))
-            })?;
-        if is_gzip(&bytes) {
-            bytes = match gunzip(&bytes, limit, budget)? {
-                Some(inflated) => inflated,
-                None => return Ok(None),
-            };
-        }
+        // A `+` the client did not percent-encode reads as a space; a
+        // space is never part of either encoding.
+        let data = data.trim().replace(' ', "+");
+        let lz64 = framing.lz64 || fields.get("compression").is_some_and(|c| c == "lz64");
+        let decoded = if lz64 {
+            lz64_text(&data, limit, budget)?.map(String::into_bytes)
+        } else {
+            base64_gunzip(&data, limit, budget)?
+        };
+        bytes = match decoded {
+            Some(bytes) => bytes,
+            None => return Ok(None),
+        };
+    } else if framing.lz64 && !looks_like_json {
+        let text = std::str::from_utf8(&bytes).map_err(|_| {
+            CaptureError::Invalid("a `compression=lz64` body must be LZ-string base64 text".into())
+        })?;
+        bytes = match lz64_text(text, limit, budget)? {
+            Some(text) => text.into_bytes(),
+            None => return Ok(None),
+        };
     }
+    parse_json(&bytes).map(Some)
+}
+
+/// The form field `data` as base64, inflated if it holds gzip; `None`
+/// once past `budget`.
+fn base64_gunzip(data: &str, limit: usize, budget: usize) -> Result<Option<Vec<u8>>, CaptureError> {
+    let trimmed = data.trim_end_matches('=');
+    let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(trimmed)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed))
+        .map_err(|err| {
+            CaptureError::Invalid(format!("the form field `data` is not base64: {err}"))
+        })?;
+    if is_gzip(&bytes) {
+        gunzip(&bytes, limit, budget)
+    } else {
+        Ok(Some(bytes))
+    }
+}
+
+/// LZ-string base64 text decoded; `None` once past `budget`, refused past
+/// `limit`. The decoder's budget is in two-byte units and covers its
+/// dictionary too, about as large as the text.
+fn lz64_text(data: &str, limit: usize, budget: usize) -> Result<Option<String>, CaptureError> {
+    match super::lz64::decompress(data, budget) {
+        Ok(text) => Ok(Some(text)),
+        Err(super::lz64::Lz64Error::TooLarge) if budget < limit => Ok(None),
+        Err(super::lz64::Lz64Error::TooLarge) => Err(CaptureError::TooLarge { limit }),
+        Err(super::lz64::Lz64Error::Invalid(why)) => Err(CaptureError::Invalid(format!(
+            "the body says `compression=lz64`, but it is not LZ-string base64: {why}"
+        ))),
+    }
+}
+
+/// Deepest nesting of arrays and objects a body may have: serde_json's
+/// own recursion limit, named in the error so a client knows what to fix.
+const MAX_DEPTH: usize = 128;
+
+fn parse_json(bytes: &[u8]) -> Result<Value, CaptureError> {
     let budget = parse_budget(bytes.len());
-    match super::bounded::parse(&bytes, budget) {
-        Ok(value) => Ok(Some(value)),
+    match super::bounded::parse(bytes, budget) {
+        Ok(value) => Ok(value),
+        Err(Some(err)) if err.to_string().starts_with("recursion limit exceeded") => {
+            Err(CaptureError::Invalid(format!(
+                "the body nests arrays and objects deeper than {MAX_DEPTH} levels ({err}); flatten the properties"
+            )))
+        }
         Err(Some(err)) => Err(CaptureError::Invalid(format!(
             "the body is not valid JSON: {err}"
         ))),
@@ -248,7 +319,6 @@ fn decode(
         }),
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,7 +332,9 @@ mod tests {
 
     fn plain() -> Framing {
         Framing {
-            gzip: false,
+            gzip_encoded: false,
+            gzip_hinted: false,
+            lz64: false,
             form: false,
         }
     }

@@ -1,7 +1,8 @@
 //! The capture API: PostHog-compatible endpoints. A request is decoded
-//! (gzip, form `data=`, JSON), every event is normalised, and the whole
-//! request is written to the durable queue in one transaction before the 200;
-//! a request with any bad event stores nothing.
+//! (gzip, form `data=` base64 or LZ-string, JSON), every event is
+//! normalised, and the whole request is written to the durable queue in
+//! one transaction before the 200; a request with any bad event stores
+//! nothing.
 //!
 //! Capture is shared by every project, so what one token sends must not
 //! cost the others: a token is checked (known, within its project's
@@ -13,6 +14,7 @@
 mod body;
 mod bounded;
 mod commit;
+mod lz64;
 mod normalize;
 mod posthog;
 mod segment;
@@ -329,6 +331,10 @@ pub enum CaptureError {
     )]
     TooManyEvents { count: usize, limit: usize },
     #[error(
+        "{which}is larger than the limit of {limit} bytes per event (as JSON); move bulky data out of event properties"
+    )]
+    EventTooLarge { which: String, limit: usize },
+    #[error(
         "the request body did not arrive within {seconds} s; send it again, in smaller requests on a slow link"
     )]
     BodyTimeout { seconds: f64 },
@@ -364,7 +370,8 @@ impl CaptureError {
             CaptureError::UnknownToken => "unknown_token",
             CaptureError::TooLarge { .. }
             | CaptureError::TooComplex { .. }
-            | CaptureError::TooManyEvents { .. } => "too_large",
+            | CaptureError::TooManyEvents { .. }
+            | CaptureError::EventTooLarge { .. } => "too_large",
             CaptureError::BodyTimeout { .. } => "body_timeout",
             CaptureError::RateLimited { .. } => "rate_limited",
             CaptureError::Overloaded { .. } => "overloaded",
@@ -433,6 +440,11 @@ impl IntoResponse for CaptureError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 ValidationError,
                 "too_many_events",
+            ),
+            CaptureError::EventTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ValidationError,
+                "event_too_large",
             ),
             CaptureError::BodyTimeout { .. } => {
                 (StatusCode::REQUEST_TIMEOUT, ValidationError, "body_timeout")

@@ -1,7 +1,7 @@
 //! Turns a client's events into the queue's form: a uuid on every event, a
 //! timestamp corrected for client clock skew, `received_at`, and `$ip`.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde_json::{Map, Value};
 
 use super::CaptureError;
@@ -13,6 +13,11 @@ use crate::store::QueuedEvent;
 /// holds 200,000) would be one transaction on the shared write path, with
 /// every other project's capture waiting behind it.
 pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
+
+/// Largest event, as JSON, that capture takes. Every plugin call, stored
+/// row and query reads an event whole, so one of 20 MiB (or a million tiny
+/// properties) costs every step after capture.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
 
 /// Events as a client sent them, with the batch-level token and `sent_at`.
 #[derive(Debug, Default)]
@@ -88,6 +93,20 @@ impl Normalizer {
             None => None,
         };
         let many = batch.events.len() > 1;
+        if let Some(i) = batch
+            .events
+            .iter()
+            .position(|event| !fits(event, MAX_EVENT_BYTES))
+        {
+            return Err(CaptureError::EventTooLarge {
+                which: if many {
+                    format!("event #{} ", i + 1)
+                } else {
+                    "the event ".into()
+                },
+                limit: MAX_EVENT_BYTES,
+            });
+        }
         batch
             .events
             .into_iter()
@@ -160,27 +179,90 @@ impl Normalizer {
         raw: &Map<String, Value>,
         batch_sent_at: Option<DateTime<Utc>>,
     ) -> Result<DateTime<Utc>, String> {
-        if let Some(offset) = raw.get("offset").and_then(Value::as_i64) {
-            return Ok(self.now - chrono::Duration::milliseconds(offset));
-        }
-        let Some(text) = string_field(raw, "timestamp") else {
+        let time = if let Some(offset) = raw.get("offset").and_then(Value::as_i64) {
+            chrono::TimeDelta::try_milliseconds(offset)
+                .and_then(|offset| self.now.checked_sub_signed(offset))
+                .ok_or_else(|| format!("`offset` {offset} ms is {OUT_OF_RANGE}"))?
+        } else if let Some(text) = string_field(raw, "timestamp") {
+            let timestamp = parse_time(&text)
+                .ok_or_else(|| format!("`timestamp` {text} is not an ISO 8601 time"))?;
+            let sent_at = match string_field(raw, "sent_at") {
+                Some(own) => Some(
+                    parse_time(&own)
+                        .ok_or_else(|| format!("`sent_at` {own} is not an ISO 8601 time"))?,
+                ),
+                None => batch_sent_at,
+            };
+            match sent_at {
+                Some(sent_at) => timestamp
+                    .checked_add_signed(self.now.signed_duration_since(sent_at))
+                    .ok_or_else(|| {
+                        format!("`timestamp` {text} corrected by `sent_at` is {OUT_OF_RANGE}")
+                    })?,
+                None => timestamp,
+            }
+        } else {
             return Ok(self.now);
         };
-        let timestamp = parse_time(&text)
-            .ok_or_else(|| format!("`timestamp` {text} is not an ISO 8601 time"))?;
-        let sent_at = match string_field(raw, "sent_at") {
-            Some(own) => Some(
-                parse_time(&own)
-                    .ok_or_else(|| format!("`sent_at` {own} is not an ISO 8601 time"))?,
-            ),
-            None => batch_sent_at,
-        };
-        Ok(match sent_at {
-            Some(sent_at) => timestamp + (self.now - sent_at),
-            None => timestamp,
-        })
+        if !(1..=9999).contains(&time.year()) {
+            return Err(format!(
+                "the event's time, {time}, is {OUT_OF_RANGE}; check `timestamp`, `sent_at` and `offset`"
+            ));
+        }
+        Ok(time)
     }
 }
+
+/// Whether `event` written as compact JSON takes at most `limit` bytes,
+/// give or take escapes; stops counting once past it.
+fn fits(event: &Map<String, Value>, limit: usize) -> bool {
+    fn size(value: &Value, left: &mut usize) -> bool {
+        let mut take = |n: usize| match left.checked_sub(n) {
+            Some(rest) => {
+                *left = rest;
+                true
+            }
+            None => false,
+        };
+        match value {
+            Value::Null | Value::Bool(_) => take(5),
+            Value::Number(n) => take(match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => digits(u),
+                (None, Some(i)) => digits(i.unsigned_abs()) + 1,
+                // A float prints in at most 24 characters.
+                _ => 24,
+            }),
+            Value::String(text) => take(text.len() + 2),
+            Value::Array(items) => take(items.len() + 2) && items.iter().all(|v| size(v, left)),
+            Value::Object(fields) => {
+                take(2)
+                    && fields
+                        .iter()
+                        .all(|(key, v)| size_key(key, left) && size(v, left))
+            }
+        }
+    }
+    fn digits(n: u64) -> usize {
+        n.checked_ilog10().map_or(1, |log| log as usize + 1)
+    }
+    fn size_key(key: &str, left: &mut usize) -> bool {
+        match left.checked_sub(key.len() + 4) {
+            Some(rest) => {
+                *left = rest;
+                true
+            }
+            None => false,
+        }
+    }
+    let mut left = limit;
+    event
+        .iter()
+        .all(|(key, value)| size_key(key, &mut left) && size(value, &mut left))
+}
+
+/// How an impossible client time is described: years past 9999 cannot be
+/// stored or compared as text, and some clients' clocks are that wrong.
+const OUT_OF_RANGE: &str = "outside the years 1 to 9999 that events may have";
 
 #[cfg(test)]
 mod tests {
@@ -245,6 +327,86 @@ mod tests {
             ))
             .unwrap();
         assert_eq!(out[0].timestamp, "2024-05-01T12:00:07.500Z");
+    }
+
+    #[test]
+    fn an_event_over_the_size_limit_refuses_the_request_and_is_named() {
+        let tiny: Map<String, Value> = (0..100_000).map(|i| (format!("p{i}"), json!(0))).collect();
+        let big = json!({"event": "e", "distinct_id": "d", "properties": tiny});
+        let small = json!({"event": "e", "distinct_id": "d"});
+        let err = normalizer()
+            .normalize(batch(json!([small, big]), None))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("event #2 is larger than the limit of 1048576 bytes per event"),
+            "{err}"
+        );
+        let at_limit = json!({"event": "e", "distinct_id": "d",
+            "properties": {"blob": "x".repeat(MAX_EVENT_BYTES - 100)}});
+        assert!(
+            normalizer()
+                .normalize(batch(json!([at_limit]), None))
+                .is_ok()
+        );
+        // Written out, an event that fits is no larger than the limit.
+        let written = serde_json::to_string(&at_limit).unwrap();
+        assert!(written.len() <= MAX_EVENT_BYTES);
+    }
+
+    #[test]
+    fn times_out_of_range_are_refused_not_a_panic() {
+        let refused = |event: Value, sent_at: Option<&str>| {
+            normalizer()
+                .normalize(batch(Value::Array(vec![event]), sent_at))
+                .unwrap_err()
+                .to_string()
+        };
+        for offset in [
+            i64::MIN,
+            i64::MAX,
+            -300_000_000_000_000,
+            300_000_000_000_000,
+        ] {
+            let err = refused(
+                json!({"event": "e", "distinct_id": "d", "offset": offset}),
+                None,
+            );
+            assert!(
+                err.contains("outside the years 1 to 9999"),
+                "{offset}: {err}"
+            );
+        }
+        let err = refused(
+            json!({"event": "e", "distinct_id": "d", "timestamp": "0000-06-01T00:00:00Z"}),
+            None,
+        );
+        assert!(err.contains("outside the years"), "{err}");
+        // Years of five digits are no ISO 8601 time chrono reads.
+        let err = refused(
+            json!({"event": "e", "distinct_id": "d", "timestamp": "99999-12-31T00:00:00"}),
+            None,
+        );
+        assert!(err.contains("is not an ISO 8601 time"), "{err}");
+        let err = refused(
+            json!({"event": "e", "distinct_id": "d", "timestamp": "9999-12-31T00:00:00Z"}),
+            Some("1000-01-01T00:00:00Z"),
+        );
+        assert!(err.contains("outside the years"), "{err}");
+        let err = refused(
+            json!({"event": "e", "distinct_id": "d", "timestamp": "0001-01-01T00:00:00Z",
+                   "sent_at": "9999-12-31T00:00:00Z"}),
+            None,
+        );
+        assert!(err.contains("outside the years"), "{err}");
+        // At the edge of the range, still stored.
+        let out = normalizer()
+            .normalize(batch(
+                json!([{"event": "e", "distinct_id": "d", "timestamp": "9999-12-31T23:59:59Z"}]),
+                None,
+            ))
+            .unwrap();
+        assert_eq!(out[0].timestamp, "9999-12-31T23:59:59.000Z");
     }
 
     #[test]
