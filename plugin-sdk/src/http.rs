@@ -167,7 +167,8 @@ pub struct Response {
     pub status: u16,
     /// Header names (lowercase) and values.
     pub headers: Vec<(String, String)>,
-    /// The body.
+    /// The body; cut at the host's size limit if it was longer, when the
+    /// header `x-sluice-body-truncated` says so.
     pub body: Vec<u8>,
 }
 
@@ -264,7 +265,9 @@ pub enum HttpError {
     InvalidRequest(String),
     /// No answer in time.
     Timeout,
-    /// The response body is over the host's limit.
+    /// The response body is over the host's limit. Current hosts cut such a
+    /// body instead and mark the [`Response`] with the header
+    /// `x-sluice-body-truncated`.
     TooLarge(String),
     /// Connecting, TLS or reading failed; usually worth retrying.
     Connection(String),

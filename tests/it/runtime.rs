@@ -389,9 +389,24 @@ fn the_cloud_metadata_address_stays_denied_when_loopback_is_allowed() {
 
 #[test]
 fn a_wasi_component_gets_no_files_no_environment_and_its_stdout_in_the_log() {
-    let runtime = runtime(Policy::default());
+    // A deadline far above the call's cost: under a loaded machine the
+    // default 100 ms was once spent before the file read was reached, and
+    // this test is about what the sandbox lets through, not time.
+    let limits = sluice::runtime::Limits {
+        transform_deadline: std::time::Duration::from_secs(10),
+        ..Default::default()
+    };
+    let runtime = runtime(Policy {
+        limits: limits.clone(),
+        ..Policy::default()
+    });
     let plugin = runtime.load(&wasm("wasi-file-read")).unwrap();
-    let mut instance = plugin.install(install("wasi", json!({}))).unwrap();
+    let mut instance = plugin
+        .install(sluice::runtime::Install {
+            limits: Some(limits),
+            ..install("wasi", json!({}))
+        })
+        .unwrap();
     let err = instance.transform(event("e", json!({}))).unwrap_err();
     assert_eq!(
         err,

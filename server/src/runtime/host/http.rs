@@ -40,56 +40,108 @@ impl AddressPolicy {
     }
 
     /// `Err` with the kind of address and the setting that would allow it.
+    /// Every range of IANA's special-purpose registries that is not
+    /// globally reachable is refused, and so is every IPv6 form that
+    /// carries an IPv4 address (compatible, NAT64, 6to4, Teredo): a
+    /// translator on the path would deliver it to that IPv4 address, which
+    /// may be an internal one.
     pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        // `::ffff:a.b.c.d` is the IPv4 address itself on a dual stack.
         let ip = match ip {
-            IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6)),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        let (kind, allowed, setting) = match ip {
-            IpAddr::V4(v4) => {
-                let o = v4.octets();
-                if v4.is_loopback() {
-                    ("loopback", self.allow_loopback, "allow_loopback")
-                } else if v4.is_link_local() {
-                    ("link-local", self.allow_link_local, "allow_link_local")
-                } else if v4.is_private() || (o[0] == 100 && (o[1] & 0xc0) == 64) {
-                    ("private", self.allow_private, "allow_private")
-                } else if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || o[0] == 0
-                {
-                    ("unroutable", false, "")
-                } else {
-                    return Ok(());
-                }
-            }
-            IpAddr::V6(v6) => {
-                let first = v6.segments()[0];
-                if v6.is_loopback() {
-                    ("loopback", self.allow_loopback, "allow_loopback")
-                } else if first & 0xffc0 == 0xfe80 {
-                    ("link-local", self.allow_link_local, "allow_link_local")
-                } else if first & 0xfe00 == 0xfc00 {
-                    ("private", self.allow_private, "allow_private")
-                } else if v6.is_unspecified() || v6.is_multicast() {
-                    ("unroutable", false, "")
-                } else {
-                    return Ok(());
-                }
-            }
+        let Some((net, class)) = SPECIAL_PURPOSE.iter().find(|(net, _)| net.contains(&ip)) else {
+            return Ok(());
         };
+        let (allowed, setting) = match class.kind {
+            Kind::Loopback => (self.allow_loopback, "allow_loopback"),
+            Kind::LinkLocal => (self.allow_link_local, "allow_link_local"),
+            Kind::Private | Kind::Embedded => (self.allow_private, "allow_private"),
+            Kind::Reserved => (false, ""),
+        };
+        let what = class.what;
         if allowed {
             Ok(())
         } else if setting.is_empty() {
-            Err(format!("{ip} is an unroutable address"))
+            Err(format!(
+                "{ip} is a {what} address ({net}), special-purpose and not globally reachable, which no setting allows"
+            ))
         } else {
             Err(format!(
-                "{ip} is a {kind} address, which the operator does not allow (policy setting {setting})"
+                "{ip} is a {what} address, which the operator does not allow (policy setting {setting})"
             ))
         }
     }
 }
+
+/// Which setting opens a special-purpose range, if any.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Loopback,
+    LinkLocal,
+    Private,
+    /// An IPv6 prefix that carries an IPv4 address to a translator.
+    Embedded,
+    /// Not globally reachable, and no plugin has business there.
+    Reserved,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Class {
+    kind: Kind,
+    what: &'static str,
+}
+
+/// IANA's IPv4 and IPv6 special-purpose address registries, less the
+/// entries marked globally reachable, and the rest of IPv6 outside global
+/// unicast (2000::/3). Checked in order.
+static SPECIAL_PURPOSE: std::sync::LazyLock<Vec<(ipnet::IpNet, Class)>> =
+    std::sync::LazyLock::new(|| {
+        use Kind::*;
+        [
+            ("127.0.0.0/8", Loopback, "loopback"),
+            ("::1/128", Loopback, "loopback"),
+            ("169.254.0.0/16", LinkLocal, "link-local"),
+            ("fe80::/10", LinkLocal, "link-local"),
+            ("10.0.0.0/8", Private, "private"),
+            ("172.16.0.0/12", Private, "private"),
+            ("192.168.0.0/16", Private, "private"),
+            ("100.64.0.0/10", Private, "private"),
+            ("fc00::/7", Private, "private"),
+            ("fec0::/10", Private, "private"),
+            ("::/128", Reserved, "unspecified"),
+            ("::/96", Embedded, "IPv4-compatible IPv6"),
+            ("64:ff9b::/96", Embedded, "NAT64"),
+            ("64:ff9b:1::/48", Embedded, "local-use NAT64"),
+            ("2002::/16", Embedded, "6to4"),
+            ("2001::/32", Embedded, "Teredo"),
+            ("0.0.0.0/8", Reserved, "this network"),
+            ("192.0.0.0/24", Reserved, "IETF protocol assignments"),
+            ("192.0.2.0/24", Reserved, "documentation"),
+            ("192.88.99.0/24", Reserved, "6to4 relay anycast"),
+            ("198.18.0.0/15", Reserved, "benchmarking"),
+            ("198.51.100.0/24", Reserved, "documentation"),
+            ("203.0.113.0/24", Reserved, "documentation"),
+            ("224.0.0.0/4", Reserved, "multicast"),
+            ("240.0.0.0/4", Reserved, "reserved"),
+            ("100::/64", Reserved, "discard-only"),
+            ("2001::/23", Reserved, "IETF protocol assignments"),
+            ("2001:db8::/32", Reserved, "documentation"),
+            ("3fff::/20", Reserved, "documentation"),
+            ("5f00::/16", Reserved, "segment routing"),
+            ("ff00::/8", Reserved, "multicast"),
+            ("::/3", Reserved, "non-global-unicast"),
+            ("4000::/2", Reserved, "non-global-unicast"),
+            ("8000::/1", Reserved, "non-global-unicast"),
+        ]
+        .into_iter()
+        .map(|(net, kind, what)| {
+            let net = net.parse().expect("the table's networks parse");
+            (net, Class { kind, what })
+        })
+        .collect()
+    });
 
 /// The error a resolver returns when every address of a host is refused,
 /// found again in reqwest's error chain to answer `denied`, not
@@ -109,29 +161,43 @@ impl Resolve for PolicyResolver {
             let host = name.as_str().to_string();
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut refusals = Vec::new();
-            let allowed: Vec<SocketAddr> = addrs
-                .into_iter()
-                .filter(|addr| match policy.check(addr.ip()) {
-                    Ok(()) => true,
-                    Err(why) => {
-                        refusals.push(why);
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                let why = refusals
-                    .pop()
-                    .unwrap_or_else(|| "it has no addresses".into());
-                let err: Box<dyn std::error::Error + Send + Sync> = Box::new(AddressDenied(
-                    format!("host {host} resolves only to refused addresses: {why}"),
-                ));
-                return Err(err);
-            }
+            let allowed = allowed_addresses(&policy, &host, addrs).map_err(
+                |denied| -> Box<dyn std::error::Error + Send + Sync> { Box::new(denied) },
+            )?;
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })
     }
+}
+
+/// The addresses of `host` the policy allows, which are the only ones the
+/// client then connects to: the address checked is the address used, so a
+/// name that resolves differently a moment later (DNS rebinding) gains
+/// nothing.
+fn allowed_addresses(
+    policy: &AddressPolicy,
+    host: &str,
+    addrs: Vec<SocketAddr>,
+) -> Result<Vec<SocketAddr>, AddressDenied> {
+    let mut refusals = Vec::new();
+    let allowed: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|addr| match policy.check(addr.ip()) {
+            Ok(()) => true,
+            Err(why) => {
+                refusals.push(why);
+                false
+            }
+        })
+        .collect();
+    if allowed.is_empty() {
+        let why = refusals
+            .pop()
+            .unwrap_or_else(|| "it has no addresses".into());
+        return Err(AddressDenied(format!(
+            "host {host} resolves only to refused addresses: {why}"
+        )));
+    }
+    Ok(allowed)
 }
 
 /// The HTTP client of a runtime. Requests run on its own small I/O runtime,
@@ -231,7 +297,7 @@ impl HttpClient {
             let exchange = async {
                 let mut response = client.execute(request).await.map_err(classify)?;
                 let status = response.status().as_u16();
-                let headers = response
+                let headers: Vec<(String, String)> = response
                     .headers()
                     .iter()
                     .map(|(k, v)| {
@@ -241,12 +307,19 @@ impl HttpClient {
                         )
                     })
                     .collect();
+                let mut headers: Vec<(String, String)> = headers;
                 let mut body = Vec::new();
                 while let Some(chunk) = response.chunk().await.map_err(classify)? {
-                    if (body.len() + chunk.len()) as u64 > max_body {
-                        return Err(HttpError::TooLarge(format!(
-                            "responses are limited to {max_body} bytes"
-                        )));
+                    let room = (max_body as usize).saturating_sub(body.len());
+                    if chunk.len() > room {
+                        // The status is what a destination judges an answer
+                        // by: a vendor that accepted a batch and answered
+                        // with a huge page still accepted it, and a huge
+                        // 500 is still worth retrying. The rest is dropped
+                        // unread, and the cut is marked.
+                        body.extend_from_slice(&chunk[..room]);
+                        headers.push((TRUNCATED_HEADER.into(), max_body.to_string()));
+                        break;
                     }
                     body.extend_from_slice(&chunk);
                 }
@@ -300,6 +373,10 @@ fn classify(err: reqwest::Error) -> HttpError {
     }
     HttpError::Connection(message)
 }
+
+/// Added to a response whose body was cut at the size limit; its value is
+/// the limit in bytes.
+pub const TRUNCATED_HEADER: &str = "x-sluice-body-truncated";
 
 /// Header names whose values are credentials, hidden in recorded calls.
 const SENSITIVE_HEADERS: &[&str] = &[
@@ -522,21 +599,111 @@ mod tests {
             "::1",
             "fe80::1",
             "fd00::1",
+            "fec0::1",
             "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
             "100.64.0.1",
             "0.0.0.0",
+            "::",
         ] {
             assert!(
                 strict().check(ip.parse().unwrap()).is_err(),
                 "{ip} should be refused"
             );
         }
-        for ip in ["93.184.216.34", "2606:4700::1111"] {
+        for ip in ["93.184.216.34", "2606:4700::1111", "::ffff:93.184.216.34"] {
             assert!(
                 strict().check(ip.parse().unwrap()).is_ok(),
                 "{ip} should be allowed"
             );
         }
+    }
+
+    #[test]
+    fn special_purpose_ranges_are_refused_even_with_every_setting_on() {
+        let open = AddressPolicy {
+            allow_loopback: true,
+            allow_private: true,
+            allow_link_local: true,
+        };
+        for ip in [
+            "192.0.0.8",
+            "192.0.2.1",
+            "192.88.99.1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.7",
+            "203.0.113.9",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "0.1.2.3",
+            "ff02::1",
+            "100::1",
+            "2001:db8::1",
+            "2001:2::1",
+            "3fff::1",
+            "5f00::1",
+            "4000::1",
+        ] {
+            let err = open.check(ip.parse().unwrap()).unwrap_err();
+            assert!(err.contains("no setting allows"), "{ip}: {err}");
+        }
+        // Neighbours of those ranges are ordinary addresses.
+        for ip in [
+            "192.0.1.1",
+            "198.17.0.1",
+            "198.20.0.1",
+            "203.0.114.1",
+            "2001:4860::1",
+        ] {
+            assert!(strict().check(ip.parse().unwrap()).is_ok(), "{ip}");
+        }
+    }
+
+    #[test]
+    fn ipv6_forms_that_carry_an_ipv4_address_are_refused() {
+        for ip in [
+            "64:ff9b::7f00:1",    // NAT64 of 127.0.0.1
+            "64:ff9b::a9fe:a9fe", // NAT64 of 169.254.169.254
+            "64:ff9b::808:808",   // NAT64 of a public address, still refused
+            "64:ff9b:1::a00:1",   // local-use NAT64
+            "::7f00:1",           // IPv4-compatible
+            "::a9fe:a9fe",
+            "::808:808",
+            "2002:7f00:1::1",      // 6to4 of 127.0.0.1
+            "2001:0:4136:e378::1", // Teredo
+        ] {
+            let err = strict().check(ip.parse().unwrap()).unwrap_err();
+            assert!(err.contains("allow_private"), "{ip}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_name_resolving_to_refused_and_allowed_addresses_is_connected_only_to_the_allowed() {
+        let addrs = |list: &[&str]| -> Vec<SocketAddr> {
+            list.iter()
+                .map(|a| format!("{a}:443").parse().unwrap())
+                .collect()
+        };
+        let mixed = addrs(&[
+            "127.0.0.1",
+            "93.184.216.34",
+            "[fd00::1]",
+            "[2606:4700::1111]",
+        ]);
+        assert_eq!(
+            allowed_addresses(&strict(), "rebind.example", mixed).unwrap(),
+            addrs(&["93.184.216.34", "[2606:4700::1111]"])
+        );
+        let private = addrs(&["10.0.0.1", "[::ffff:169.254.169.254]"]);
+        let err = allowed_addresses(&strict(), "rebind.example", private).unwrap_err();
+        assert!(
+            err.0
+                .starts_with("host rebind.example resolves only to refused addresses"),
+            "{}",
+            err.0
+        );
     }
 
     #[test]
