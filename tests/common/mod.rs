@@ -5,6 +5,7 @@
 
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 pub mod python;
 pub mod server;
 
