@@ -36,7 +36,10 @@ use crate::metrics::{DestinationMetrics, FailureKind, Hook, Metrics, PluginMetri
 use crate::model::{AttemptOutcome, format_timestamp};
 use crate::queue::Wakeups;
 use crate::quotas::QuotaBook;
-use crate::runtime::{ExportFailure, ExportedEvent, LogLevel, LogRecord, PluginInstance, Runtime};
+use crate::runtime::{
+    ExportFailure, ExportedEvent, LogLevel, LogRecord, PluginError, PluginInstance, Runtime,
+    TrapReason,
+};
 use crate::store::{
     Attempt, DeliveryRecord, DeliverySettings, Disposition, OutboxRow, PluginConfig, Store,
     now_rfc3339,
@@ -460,6 +463,9 @@ enum Outcome {
         retry_after: Option<Duration>,
     },
     Permanent(String),
+    /// The plugin computed past its compute limit: its own fault, which
+    /// the next batch would most likely repeat at a core-second a time.
+    Runaway(String),
 }
 
 /// The plugin had no room to run (see `PluginError::Exhausted`): why.
@@ -528,6 +534,16 @@ async fn deliver(
                         Err(ExportFailure::Plugin(err)) if err.is_exhausted() => {
                             return Err(NoRoom(err.to_string()));
                         }
+                        // Computing past the compute limit is the plugin's
+                        // own doing, and the same batch (or the next) would
+                        // do it again: retrying would spend a core for the
+                        // limit at every attempt.
+                        Err(ExportFailure::Plugin(
+                            err @ PluginError::Trapped {
+                                reason: TrapReason::Compute(_),
+                                ..
+                            },
+                        )) => Outcome::Runaway(err.to_string()),
                         // A trap (a deadline, memory) may pass; retries end
                         // in dead letters if it does not.
                         Err(ExportFailure::Plugin(err)) => Outcome::Retryable {
@@ -574,6 +590,12 @@ async fn deliver(
             }
         }
         Outcome::Permanent(message) => (Disposition::DeadLetter, Some(message), None),
+        Outcome::Runaway(message) => {
+            let pause = format!(
+                "paused because the plugin ran past its compute limit; every attempt would hold a core that long. Fix or replace the plugin, then resume and replay the dead letters. The error: {message}"
+            );
+            (Disposition::DeadLetter, Some(message), Some(pause))
+        }
     };
     if matches!(disposition, Disposition::DeadLetter) && pause.is_none() {
         let in_row = delivery

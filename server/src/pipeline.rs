@@ -46,6 +46,10 @@ const REWIND_EVERY: Duration = Duration::from_secs(1);
 /// the worker, while several projects have; see [`Chains::credit`].
 const QUANTUM: Duration = Duration::from_millis(50);
 
+/// The least chain time a project earns per round (see
+/// [`Chains::allowance`]).
+const MIN_QUANTUM: Duration = Duration::from_millis(1);
+
 /// How often a project held back (see [`Chains::held`]) is tried again.
 const HOLD_RETRY: Duration = Duration::from_secs(1);
 
@@ -80,12 +84,14 @@ struct Chains {
     cost: HashMap<String, Duration>,
     /// Each project's chain time in hand, in microseconds, while several
     /// projects have events in a batch (deficit round robin): every round
-    /// adds [`QUANTUM`] up to one quantum, and every event run takes what
-    /// it took. A project at or below zero waits for later rounds. A
-    /// project whose events take 180 ms each thereby runs one every four
-    /// rounds or so, and the others get their rounds' worth, instead of
-    /// each round waiting on it.
+    /// adds the project's allowance (see [`Chains::allowance`]) up to one
+    /// allowance, and every event run takes what it took. A project at or
+    /// below zero waits for later rounds. A project whose events take
+    /// 180 ms each thereby runs one every few rounds, and the others get
+    /// their rounds' worth, instead of each round waiting on it.
     credit: HashMap<String, i64>,
+    /// Chain time each project spent in the last round that ran any.
+    last_round: HashMap<String, Duration>,
 }
 
 impl Chains {
@@ -192,13 +198,37 @@ impl Chains {
         slices
     }
 
-    /// Adds a round's [`QUANTUM`] to every project's credit; a project
-    /// back to a full quantum needs no entry.
+    /// The chain time `project` earns per round, in microseconds: what the
+    /// busiest other project spent in the last round, from
+    /// [`MIN_QUANTUM`] to [`QUANTUM`], or a whole quantum when no other
+    /// project ran. The others are held to the rows a claim brings them,
+    /// often a few milliseconds' worth each; a fixed quantum let one
+    /// project of costly events take half the worker beside nine cheap
+    /// ones, where this holds it to about what each of them gets.
+    fn allowance(&self, project: &str) -> i64 {
+        let busiest_other = self
+            .last_round
+            .iter()
+            .filter(|(other, _)| other.as_str() != project)
+            .map(|(_, spent)| *spent)
+            .max();
+        busiest_other
+            .map_or(QUANTUM, |spent| spent.clamp(MIN_QUANTUM, QUANTUM))
+            .as_micros() as i64
+    }
+
+    /// Adds a round's allowance to every project's credit; a project back
+    /// to a full allowance needs no entry.
     fn refill(&mut self) {
-        let quantum = QUANTUM.as_micros() as i64;
-        self.credit.retain(|_, credit| {
-            *credit = (*credit + quantum).min(quantum);
-            *credit < quantum
+        let allowances: HashMap<String, i64> = self
+            .credit
+            .keys()
+            .map(|project| (project.clone(), self.allowance(project)))
+            .collect();
+        self.credit.retain(|project, credit| {
+            let allowance = allowances[project];
+            *credit = (*credit + allowance).min(allowance);
+            *credit < allowance
         });
     }
 
@@ -247,7 +277,7 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
     let mut outcome = Outcome::default();
     let mut spent: HashMap<String, (u32, Duration)> = HashMap::new();
     chains.refill();
-    let quantum = QUANTUM.as_micros() as i64;
+    let mut allowances: HashMap<String, i64> = HashMap::new();
     let mut waited_for_credit = false;
     for row in claimed {
         // A held project's rows, and the rows of a project out of credit,
@@ -255,7 +285,7 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
         // not known yet) must not hold the batch, and every other
         // project's events in it.
         let credit = chains.credit.get(&row.project_id).copied();
-        let out_of_credit = credit.unwrap_or(quantum) <= 0;
+        let out_of_credit = credit.is_some_and(|credit| credit <= 0);
         if chains.held.contains_key(&row.project_id) || out_of_credit {
             waited_for_credit |= out_of_credit;
             outcome.deferred.push(row);
@@ -282,7 +312,10 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
             .or_insert((0u32, Duration::ZERO));
         spent.0 += 1;
         spent.1 += took;
-        *chains.credit.entry(project_id.clone()).or_insert(quantum) -= took.as_micros() as i64;
+        let allowance = *allowances
+            .entry(project_id.clone())
+            .or_insert_with(|| chains.allowance(&project_id));
+        *chains.credit.entry(project_id.clone()).or_insert(allowance) -= took.as_micros() as i64;
         match end {
             ChainEnd::Done => {}
             ChainEnd::Wait(reason) => {
@@ -301,6 +334,12 @@ fn process(chains: &mut Chains, claimed: Vec<Claimed>, quotas: &QuotaBook) -> Ou
         // Nothing ran: no other project wanted the worker, so those out
         // of credit may have it, from the next round on.
         chains.credit.clear();
+    }
+    if !spent.is_empty() {
+        chains.last_round = spent
+            .iter()
+            .map(|(p, (_, time))| (p.clone(), *time))
+            .collect();
     }
     for (project_id, (events, time)) in spent {
         let per_event = time / events;
@@ -917,6 +956,36 @@ mod tests {
             None,
             "a fast chain takes its full share"
         );
+    }
+
+    #[test]
+    fn a_costly_project_earns_about_what_the_busiest_other_spent() {
+        let mut chains = Chains::default();
+        assert_eq!(chains.allowance("alone"), 50_000, "no one else: a quantum");
+        chains.last_round = [
+            ("cheap-a", Duration::from_millis(6)),
+            ("cheap-b", Duration::from_millis(5)),
+            ("costly", Duration::from_millis(50)),
+        ]
+        .into_iter()
+        .map(|(p, t)| (p.to_string(), t))
+        .collect();
+        assert_eq!(chains.allowance("costly"), 6_000);
+        assert_eq!(chains.allowance("cheap-a"), 50_000);
+        chains.last_round = [("cheap", Duration::from_micros(10))]
+            .into_iter()
+            .map(|(p, t)| (p.to_string(), t))
+            .collect();
+        assert_eq!(chains.allowance("costly"), 1_000, "at least MIN_QUANTUM");
+        // A costly event overdraws its credit by far; the rounds refill it
+        // by the allowance, so it waits in proportion.
+        chains.credit.insert("costly".into(), 1_000 - 20_000);
+        for _ in 0..19 {
+            chains.refill();
+            assert_eq!(chains.slices(&HashSet::new()).get("costly"), Some(&0));
+        }
+        chains.refill();
+        assert_eq!(chains.slices(&HashSet::new()).get("costly"), None);
     }
 
     #[test]

@@ -193,6 +193,58 @@ fn an_export_that_never_returns_is_stopped_at_the_export_deadline() {
 }
 
 #[test]
+fn a_plugin_is_stopped_at_its_compute_limit_while_waiting_for_http_is_not_counted() {
+    // A long deadline and a short compute limit, as exports have them.
+    let limits = Limits {
+        transform_deadline: Duration::from_secs(5),
+        compute: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let runtime = runtime(Policy {
+        allow_loopback: true,
+        limits: limits.clone(),
+        ..Policy::default()
+    });
+    let install = |id: &str, config: Value| Install {
+        install_id: id.into(),
+        project_id: common::PROJECT.into(),
+        config,
+        limits: Some(limits.clone()),
+    };
+
+    // Computing: stopped at the compute limit, long before the deadline.
+    let spinner = runtime.load(&wasm("spin-forever")).unwrap();
+    let mut spinning = spinner.install(install("spin", json!({}))).unwrap();
+    match spinning.transform(event("e", json!({}))) {
+        Err(PluginError::Trapped { reason, .. }) => {
+            assert_eq!(reason, TrapReason::Compute(Duration::from_millis(300)));
+            assert!(
+                reason.to_string().contains("compute limit of 300 ms"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a compute trap, got {other:?}"),
+    }
+
+    // Waiting on a slow answer for longer than the compute limit: fine.
+    let slow = common::serve(axum::Router::new().route(
+        "/slow",
+        axum::routing::get(|| async {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            "late but here"
+        }),
+    ));
+    let url = format!("http://127.0.0.1:{}/slow", slow.port());
+    let prober = runtime.load(&wasm("http-probe")).unwrap();
+    let mut probing = prober.install(install("probe", json!({}))).unwrap();
+    let out = probing
+        .transform(event("probe", json!({"url": url})))
+        .expect("waiting is not computing");
+    assert_eq!(out[0].properties["body"], json!("late but here"));
+    assert_healthy_neighbour(&runtime);
+}
+
+#[test]
 fn an_install_cannot_raise_its_limits_above_the_operators_caps() {
     let runtime = runtime(Policy::default());
     let plugin = runtime.load(&wasm("spin-forever")).unwrap();

@@ -12,6 +12,11 @@ use super::manifest::Invalid;
 pub enum TrapReason {
     #[error("it ran past its deadline of {} ms", .0.as_millis())]
     Deadline(Duration),
+    #[error(
+        "it ran its own code for more than its compute limit of {} ms in one call (time waiting for HTTP responses does not count)",
+        .0.as_millis()
+    )]
+    Compute(Duration),
     #[error("it tried to use more than its memory limit of {} MiB", .0 >> 20)]
     Memory(u64),
     #[error("it overflowed its stack (unbounded recursion?)")]

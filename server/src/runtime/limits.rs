@@ -25,6 +25,12 @@ pub struct Limits {
     /// Deadline for `setup` and for one scheduled task.
     #[serde(with = "millis", rename = "setup_deadline_ms")]
     pub setup_deadline: Duration,
+    /// Time one call may spend running the plugin's own code, as opposed
+    /// to waiting for its HTTP requests: an export may wait 30 s on a slow
+    /// vendor, but a plugin that computes for 30 s would hold a core all
+    /// that time, and its retries again.
+    #[serde(with = "millis", rename = "compute_ms")]
+    pub compute: Duration,
     /// Bytes a `transform` call may write into events (set-* calls and new
     /// events).
     pub max_output_bytes: u64,
@@ -53,6 +59,7 @@ impl Default for Limits {
             transform_deadline: Duration::from_millis(100),
             export_deadline: Duration::from_secs(30),
             setup_deadline: Duration::from_secs(5),
+            compute: Duration::from_secs(1),
             max_output_bytes: 1 << 20,
             max_output_events: 100,
             log_lines_per_minute: 600,
@@ -73,6 +80,7 @@ impl Limits {
             transform_deadline: self.transform_deadline.min(caps.transform_deadline),
             export_deadline: self.export_deadline.min(caps.export_deadline),
             setup_deadline: self.setup_deadline.min(caps.setup_deadline),
+            compute: self.compute.min(caps.compute),
             max_output_bytes: self.max_output_bytes.min(caps.max_output_bytes),
             max_output_events: self.max_output_events.min(caps.max_output_events),
             log_lines_per_minute: self.log_lines_per_minute.min(caps.log_lines_per_minute),

@@ -509,7 +509,7 @@ pub struct TransformFailure {
     pub input: PluginEvent,
 }
 
-fn epoch_ticks(deadline: Duration) -> u64 {
+pub(crate) fn epoch_ticks(deadline: Duration) -> u64 {
     // One extra tick: the current one may be about to end.
     (deadline.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1
 }
@@ -561,7 +561,7 @@ impl PluginInstance {
         let state = HostState::new(self.context.clone(), runtime.services.clone());
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|state| state);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(|store| store.data().on_deadline());
         let setup_deadline = self.context.limits.setup_deadline;
         store.set_epoch_deadline(epoch_ticks(setup_deadline));
         let hooks = self.plugin.pre.instantiate(&mut store).map_err(|err| {
@@ -644,7 +644,9 @@ impl PluginInstance {
     ) -> Result<R, PluginError> {
         let live = self.live.as_mut().expect("run needs a live instance");
         live.store.data_mut().begin_call(deadline, input);
-        live.store.set_epoch_deadline(epoch_ticks(deadline));
+        let compute = live.store.data().call.compute;
+        live.store
+            .set_epoch_deadline(epoch_ticks(deadline.min(compute)));
         let result = hook(live);
         live.store.data_mut().end_call();
         match result {

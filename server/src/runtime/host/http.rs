@@ -571,6 +571,8 @@ impl Host for HostState {
                 .http
                 .send(built, timeout, max_body, project_id, quota)
         });
+        // Waiting on the network is not the plugin's compute.
+        self.call.waited += started.elapsed();
         self.record(&request, started, &result);
         Ok(result)
     }

@@ -95,23 +95,11 @@ impl HostState {
     /// new minute starts, the count of lines dropped in the last one is
     /// logged first, so operators see that the log has gaps.
     pub fn log(&mut self, level: LogLevel, message: String, fields: Vec<(String, String)>) {
-        // Plugin logs are shown to anyone with the project's API key, so a
-        // secret (or a URL's token) a plugin prints by mistake is blanked
-        // out here.
-        let secrets = &self.install.secrets;
-        let message = secrets.scrub(&message).into_owned();
-        let fields: Vec<(String, String)> = fields
-            .into_iter()
-            .map(|(k, v)| (k, secrets.scrub(&v).into_owned()))
-            .collect();
         let limits = &self.install.limits;
         let max_line = limits.max_log_line_bytes as usize;
         let per_minute = limits.log_lines_per_minute;
-        let event_uuid = (!self.call.input_uuid.is_empty()).then(|| self.call.input_uuid.clone());
+        let is_panic = fields.iter().any(|(k, _)| k == PANIC_FIELD);
         let mut activity = self.install.activity.lock().expect("activity lock");
-        if fields.iter().any(|(k, _)| k == PANIC_FIELD) {
-            activity.panic = Some(message.clone());
-        }
         let now = Instant::now();
         let window_over = activity
             .window_start
@@ -122,18 +110,42 @@ impl HostState {
             activity.lines_in_window = 0;
             activity.dropped_in_window = 0;
         }
-        if activity.lines_in_window >= per_minute {
+        // Counted before anything else is done with the line: a plugin
+        // that logs thousands of lines per event costs the host a counter
+        // for each one past the cap, not a scrub.
+        let kept = activity.lines_in_window < per_minute;
+        if kept {
+            activity.lines_in_window += 1;
+        } else {
             activity.dropped_in_window += 1;
+        }
+        if !kept && !is_panic {
             return;
         }
-        activity.lines_in_window += 1;
+        // Plugin logs are shown to anyone with the project's API key, so a
+        // secret (or a URL's token) a plugin prints by mistake is blanked
+        // out here.
+        let secrets = &self.install.secrets;
+        let message = secrets.scrub(&message).into_owned();
+        if is_panic {
+            activity.panic = Some(message.clone());
+        }
+        if !kept {
+            return;
+        }
+        let event_uuid = (!self.call.input_uuid.is_empty()).then(|| self.call.input_uuid.clone());
         activity.push(LogRecord {
             at: now_rfc3339(),
             level,
             message: truncate(message, max_line),
             fields: fields
                 .into_iter()
-                .map(|(k, v)| (truncate(k, 256), truncate(v, max_line)))
+                .map(|(k, v)| {
+                    (
+                        truncate(k, 256),
+                        truncate(secrets.scrub(&v).into_owned(), max_line),
+                    )
+                })
                 .collect(),
             event_uuid,
         });

@@ -59,6 +59,12 @@ pub struct InstallContext {
 #[derive(Default)]
 pub struct CallState {
     pub deadline: Option<Instant>,
+    /// When the call began, and how long it has waited on the host's HTTP
+    /// requests since: the rest is time the plugin ran its own code.
+    pub started: Option<Instant>,
+    pub waited: Duration,
+    /// How long it may run its own code (see `Limits::compute`).
+    pub compute: Duration,
     pub output_bytes: u64,
     pub output_events: u32,
     pub created_events: u32,
@@ -101,8 +107,11 @@ impl HostState {
     /// Starts a call: resets the per-call budgets.
     pub fn begin_call(&mut self, deadline: Duration, input: Option<(&str, &str)>) {
         let (uuid, timestamp) = input.unwrap_or_default();
+        let now = Instant::now();
         self.call = CallState {
-            deadline: Some(Instant::now() + deadline),
+            deadline: Some(now + deadline),
+            started: Some(now),
+            compute: self.install.limits.compute.min(deadline),
             input_uuid: uuid.to_string(),
             input_timestamp: timestamp.to_string(),
             ..CallState::default()
@@ -126,6 +135,30 @@ impl HostState {
     }
 
     /// Time left before the current call's deadline.
+    /// Called when the epoch deadline set for the call passes: traps once
+    /// the call is past its deadline or has run its own code for longer
+    /// than its compute limit, and otherwise sets the next check at the
+    /// nearer of the two. Before any call (instantiation) the deadline set
+    /// for it simply traps.
+    pub fn on_deadline(&self) -> wasmtime::Result<wasmtime::UpdateDeadline> {
+        let call = &self.call;
+        let (Some(deadline), Some(started)) = (call.deadline, call.started) else {
+            return Err(wasmtime::Trap::Interrupt.into());
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(wasmtime::Trap::Interrupt.into());
+        }
+        let computed = now.duration_since(started).saturating_sub(call.waited);
+        if computed >= call.compute {
+            return Err(wasmtime::Error::new(LimitExceeded(TrapReason::Compute(
+                call.compute,
+            ))));
+        }
+        let next = (deadline - now).min(call.compute - computed);
+        Ok(wasmtime::UpdateDeadline::Continue(super::epoch_ticks(next)))
+    }
+
     pub fn remaining(&self) -> Duration {
         self.call
             .deadline
