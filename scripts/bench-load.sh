@@ -9,6 +9,7 @@
 #   scripts/bench-load.sh sqlite       # only SQLite; or: postgres
 #   scripts/bench-load.sh attack       # a project beside an attacker, both backends
 #   scripts/bench-load.sh attack-sqlite   # or attack-postgres
+#   scripts/bench-load.sh hostile      # 9 projects beside 14 hostile plugin configs, both backends
 #
 # SLUICE_LOAD_POSTGRES names the PostgreSQL server (default: the local one);
 # each run creates a database of its own there and drops it afterwards.
@@ -24,7 +25,9 @@ unset SLUICE_LOAD_POSTGRES
 # Building the bench builds the `sluice` binary it starts, with the same
 # features; building the binary on its own would compile much of it twice.
 cargo bench -p sluice --bench load --no-run
-./target/release/sluice plugin build plugins/*/ tests/plugins/slow-link/ tests/plugins/splitter/ --out-dir target/plugins
+hostile=(memory-bomb spin-forever deep-recursion huge-output log-flood wasi-file-read http-probe)
+./target/release/sluice plugin build plugins/*/ tests/plugins/slow-link/ tests/plugins/splitter/ \
+  "${hostile[@]/#/tests/plugins/}" --out-dir target/plugins
 
 load() { cargo bench -q -p sluice --bench load 2>/dev/null; }
 
@@ -69,12 +72,26 @@ run_attacks() {
   unset SLUICE_LOAD_POSTGRES
 }
 
+# Nine projects of four configs each, flat out, alone and then beside a
+# project running 14 hostile plugins on 200 events/s: 50 configs. Only the
+# nine's events count.
+run_hostile() {
+  local backend=$1
+  if [ "$backend" = postgres ]; then export SLUICE_LOAD_POSTGRES=$SLUICE_LOAD_POSTGRES_URL; fi
+  echo "== $backend: 9 projects x 4 configs, flat out, alone"
+  SLUICE_LOAD_PROJECTS=9 SLUICE_LOAD_CHAIN=4 SLUICE_LOAD_EVENTS=90000 load
+  echo "== $backend: the same, beside 14 hostile plugin configs"
+  SLUICE_LOAD_PROJECTS=9 SLUICE_LOAD_CHAIN=4 SLUICE_LOAD_EVENTS=90000 SLUICE_LOAD_ATTACK=hostile load
+  unset SLUICE_LOAD_POSTGRES
+}
+
 case "${1:-all}" in
   attack) run_attacks sqlite; run_attacks postgres ;;
   attack-sqlite) run_attacks sqlite ;;
   attack-postgres) run_attacks postgres ;;
+  hostile) run_hostile sqlite; run_hostile postgres ;;
   sqlite) run_backend sqlite ;;
   postgres) run_backend postgres ;;
   all) run_backend sqlite; run_backend postgres ;;
-  *) echo "usage: scripts/bench-load.sh [sqlite|postgres|all|attack|attack-sqlite|attack-postgres]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench-load.sh [sqlite|postgres|all|attack|attack-sqlite|attack-postgres|hostile]" >&2; exit 2 ;;
 esac

@@ -9,6 +9,7 @@
 //! SLUICE_LOAD_RATE=10000 cargo bench -p sluice --bench load   # a fixed offered rate
 //! SLUICE_LOAD_PROJECTS=5 SLUICE_LOAD_CHAIN=4 cargo bench -p sluice --bench load  # 20 configs
 //! SLUICE_LOAD_RATE=3000 SLUICE_LOAD_ATTACK=flood cargo bench -p sluice --bench load  # beside an attacker
+//! SLUICE_LOAD_PROJECTS=9 SLUICE_LOAD_CHAIN=4 SLUICE_LOAD_ATTACK=hostile cargo bench -p sluice --bench load
 //! ```
 //!
 //! With `SLUICE_LOAD_ATTACK`, one more project attacks while the others
@@ -17,8 +18,14 @@
 //! again), through a chain chosen by the mode: `flood` (the same three
 //! plugins), `slow` (four `slow-link` test plugins of 35 ms each: 140 ms an
 //! event, within every quota) or `multiply` (three `splitter` test plugins
-//! making 100 events of each, over `events_per_input`). Only the measured
-//! projects' events count: the drain ends when none of theirs is queued.
+//! making 100 events of each, over `events_per_input`), or `hostile`: a
+//! fleet of 14 hostile test plugins (memory-bomb, spin-forever,
+//! deep-recursion, huge-output, log-flood, wasi-file-read and http-probe,
+//! two of each) fed 200 events/s in batches of 20, not flat out, since it
+//! measures what hostile plugins cost others, not a flood (with
+//! `SLUICE_LOAD_PROJECTS=9 SLUICE_LOAD_CHAIN=4`, 50 configs, 14 of them
+//! hostile). Only the measured projects' events count: the drain ends when
+//! none of theirs is queued.
 //!
 //! `sluice serve` runs as its own process (the release binary cargo built
 //! for this bench) on a fresh SQLite data dir, or on a fresh PostgreSQL
@@ -140,6 +147,14 @@ impl Drop for Server {
     }
 }
 
+/// The server binary: this build's, unless `SLUICE_LOAD_SERVER` names
+/// another (an older build, for a same-hour comparison driven by one load
+/// tool).
+fn sluice_binary() -> std::path::PathBuf {
+    std::env::var_os("SLUICE_LOAD_SERVER")
+        .map_or_else(|| env!("CARGO_BIN_EXE_sluice").into(), Into::into)
+}
+
 impl Server {
     async fn start(backend: &Backend) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -147,7 +162,7 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        let child = Command::new(sluice_binary())
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(backend.args())
             .env(
@@ -215,7 +230,7 @@ impl Server {
 }
 
 fn create_project(backend: &Backend, name: &str) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let out = Command::new(sluice_binary())
         .args(["project", "create", "--name", name])
         .args(backend.args())
         .output()
@@ -274,7 +289,26 @@ async fn install_attack(
             let links = vec![("splitter", json!({"copies": 99})); 3];
             install(client, base, project, root, &links).await;
         }
-        other => panic!("SLUICE_LOAD_ATTACK must be flood, slow or multiply, got {other}"),
+        "hostile" => {
+            // `SLUICE_LOAD_HOSTILE` names another fleet, comma-separated,
+            // to find which plugin costs what.
+            let fleet: Vec<String> = std::env::var("SLUICE_LOAD_HOSTILE")
+                .unwrap_or_else(|_| {
+                    "memory-bomb,spin-forever,deep-recursion,huge-output,log-flood,wasi-file-read,http-probe".into()
+                })
+                .split(',')
+                .map(str::to_string)
+                .collect();
+            let links: Vec<(&str, Value)> = fleet
+                .iter()
+                .chain(fleet.iter())
+                .map(|plugin| (plugin.as_str(), json!({})))
+                .collect();
+            install(client, base, project, root, &links).await;
+        }
+        other => {
+            panic!("SLUICE_LOAD_ATTACK must be flood, slow, multiply or hostile, got {other}")
+        }
     }
 }
 
@@ -466,10 +500,23 @@ async fn send(client: &reqwest::Client, url: &str, body: String) -> u64 {
     }
 }
 
-/// The attacker: `clients` tasks sending flat out until `stop`; what
-/// capture answered, by status.
-fn attack(
+/// How the attacker sends: `clients` tasks each sending batches of `size`,
+/// flat out or one every `pace`.
+#[derive(Clone, Copy)]
+struct Pacing {
     clients: usize,
+    size: usize,
+    pace: Option<Duration>,
+}
+
+/// The attacker: tasks sending as `pacing` says until `stop`; what capture
+/// answered, by status.
+fn attack(
+    Pacing {
+        clients,
+        size,
+        pace,
+    }: Pacing,
     client: &reqwest::Client,
     url: &str,
     token: &str,
@@ -490,7 +537,10 @@ fn attack(
                 let mut seq = (c as u64) << 32;
                 while stop.load(Ordering::Relaxed) == 0 {
                     seq += 1;
-                    let (body, _) = template.batch(&token, 50, seq);
+                    let (body, _) = template.batch(&token, size, seq);
+                    if let Some(pace) = pace {
+                        tokio::time::sleep(pace).await;
+                    }
                     let Ok(response) = client.post(&url).body(body).send().await else {
                         *answers.entry(0).or_default() += 1;
                         continue;
@@ -613,7 +663,19 @@ async fn main() {
     let attack_stop = Arc::new(AtomicU64::new(0));
     let attackers = match &attacker {
         Some(project) => attack(
-            8,
+            if attack_mode.as_deref() == Some("hostile") {
+                Pacing {
+                    clients: 1,
+                    size: 20,
+                    pace: Some(Duration::from_millis(100)),
+                }
+            } else {
+                Pacing {
+                    clients: 8,
+                    size: 50,
+                    pace: None,
+                }
+            },
             &client,
             &url,
             project["capture_token"].as_str().unwrap(),
@@ -807,7 +869,8 @@ async fn main() {
             .map(|(status, n)| format!("{n} x {status}"))
             .collect();
         println!(
-            "attacker ({mode}):        batches of 50 answered {}",
+            "attacker ({mode}):        batches of {} answered {}",
+            if mode == "hostile" { 20 } else { 50 },
             answers.join(", ")
         );
     }
