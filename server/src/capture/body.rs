@@ -376,4 +376,64 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
     }
+
+    fn framing(gzip_encoded: bool, gzip_hinted: bool, lz64: bool, form: bool) -> Framing {
+        Framing {
+            gzip_encoded,
+            gzip_hinted,
+            lz64,
+            form,
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes and however they are labelled, decoding
+        /// answers (a value, or an error) and never panics, and it never
+        /// returns more than the limit allowed.
+        #[test]
+        fn any_body_is_decoded_or_refused(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2_000),
+            labels in (proptest::bool::ANY, proptest::bool::ANY, proptest::bool::ANY, proptest::bool::ANY),
+        ) {
+            let framing = framing(labels.0, labels.1, labels.2, labels.3);
+            let _ = decode(&framing, &bytes, 4_096, 4_096);
+            let mut form = b"data=".to_vec();
+            form.extend_from_slice(&bytes);
+            let _ = decode(&framing, &form, 4_096, 4_096);
+        }
+
+        /// A JSON body reads the same plain, gzipped, as a base64 form, as
+        /// a base64 form of gzip, and as an LZ-string form.
+        #[test]
+        fn every_encoding_of_a_body_reads_the_same(
+            events in proptest::collection::vec(("[a-z$]{1,12}", "\\PC{0,20}", proptest::num::i64::ANY), 1..20),
+        ) {
+            let value = serde_json::Value::Array(
+                events
+                    .iter()
+                    .map(|(name, id, n)| serde_json::json!({"event": name, "distinct_id": id, "properties": {"n": n}}))
+                    .collect(),
+            );
+            let text = value.to_string();
+            let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+            let as_form = |data: &str| {
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("data", data)
+                    .finish()
+                    .into_bytes()
+            };
+            let limit = 1 << 20;
+            let plain = decode(&framing(false, false, false, false), text.as_bytes(), limit, limit);
+            proptest::prop_assert_eq!(plain.unwrap().unwrap(), value.clone());
+            for (framing, body) in [
+                (framing(true, false, false, false), gzip(text.as_bytes())),
+                (framing(false, true, false, true), as_form(&b64(text.as_bytes()))),
+                (framing(false, true, false, true), as_form(&b64(&gzip(text.as_bytes())))),
+                (framing(false, false, true, true), as_form(&lz_str::compress_to_base64(&text))),
+            ] {
+                let decoded = decode(&framing, &body, limit, limit).unwrap().unwrap();
+                proptest::prop_assert_eq!(&decoded, &value);
+            }
+        }
+    }
 }

@@ -193,4 +193,20 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_comes_back_as_it_went_in(text in "\\PC{0,400}") {
+            let compressed = lz_str::compress_to_base64(&text);
+            proptest::prop_assert_eq!(decompress(&compressed, 1 << 20).unwrap(), text);
+        }
+
+        #[test]
+        fn any_input_is_decoded_or_refused_within_the_budget(input in "[A-Za-z0-9+/=]{0,200}") {
+            match decompress(&input, 10_000) {
+                Ok(text) => proptest::prop_assert!(text.encode_utf16().count() <= 10_000),
+                Err(Lz64Error::Invalid(_) | Lz64Error::TooLarge) => {}
+            }
+        }
+    }
 }

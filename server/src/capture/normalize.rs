@@ -448,4 +448,64 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.to_string(), "`uuid` nope is not a UUID");
     }
+
+    /// A JSON value of any shape, a few levels deep.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "\\PC{0,30}".prop_map(Value::from),
+            // Times, near and far, in the forms clients send.
+            prop_oneof![
+                Just("9999-12-31T23:59:59Z".to_string()),
+                Just("0000-01-01T00:00:00Z".to_string()),
+                Just("2024-05-01T12:00:00.123Z".to_string()),
+                Just("2024-05-01T12:00:00".to_string()),
+                Just("-0001-01-01T00:00:00Z".to_string()),
+            ]
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z_$]{1,10}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever a client puts in an event's fields, normalising gives
+        /// an event or a clear refusal, never a panic, and a stored time
+        /// is always within the years events may have.
+        #[test]
+        fn any_event_is_normalised_or_refused(
+            fields in proptest::collection::btree_map(
+                proptest::sample::select(vec!["event", "distinct_id", "uuid", "timestamp", "sent_at", "offset", "properties", "$set"]),
+                any_json(),
+                0..8,
+            ),
+            offset in proptest::option::of(proptest::num::i64::ANY),
+            sent_at in proptest::option::of(proptest::sample::select(vec!["9999-12-31T00:00:00Z", "0001-01-01T00:00:00Z", "2024-05-01T12:00:00Z", "not a time"])),
+        ) {
+            let mut event: Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            if let Some(offset) = offset {
+                event.insert("offset".into(), Value::from(offset));
+            }
+            let raw = RawBatch {
+                token: None,
+                sent_at: sent_at.map(str::to_string),
+                events: vec![event],
+            };
+            if let Ok(events) = normalizer().normalize(raw) {
+                let year: i32 = events[0].timestamp[..4].parse().unwrap();
+                proptest::prop_assert!((1..=9999).contains(&year), "{}", events[0].timestamp);
+            }
+        }
+    }
 }
