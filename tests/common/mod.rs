@@ -192,3 +192,57 @@ pub fn retryable(
         other => panic!("expected a retryable failure, got {other:?}"),
     }
 }
+
+/// What a webhook receiver was sent: every event's uuid, with how often
+/// (the webhook destination posts a JSON array of records with `uuid`).
+#[derive(Clone, Default)]
+pub struct Received(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+impl Received {
+    /// Counts the records of one webhook request body.
+    pub fn record(&self, body: &[u8]) {
+        let records: Vec<Value> = serde_json::from_slice(body).expect("a JSON array of records");
+        let mut seen = self.0.lock().unwrap();
+        for record in records {
+            let uuid = record["uuid"].as_str().expect("a record has a uuid");
+            *seen.entry(uuid.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Every uuid received at least once.
+    pub fn uuids(&self) -> std::collections::HashSet<String> {
+        self.0.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// Deliveries beyond the first of each uuid.
+    pub fn duplicates(&self) -> usize {
+        self.0.lock().unwrap().values().map(|n| n - 1).sum()
+    }
+
+    /// Whether every uuid was received exactly once.
+    pub fn each_once(&self) -> bool {
+        self.0.lock().unwrap().values().all(|n| *n == 1)
+    }
+
+    pub fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+}
+
+/// A webhook receiver on loopback that answers 200 to every batch at
+/// `/hook`; its URL and what it received.
+pub fn webhook_receiver() -> (String, Received) {
+    let received = Received::default();
+    let counted = received.clone();
+    let router = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let counted = counted.clone();
+            async move {
+                counted.record(&body);
+                "ok"
+            }
+        }),
+    );
+    (format!("http://{}/hook", serve(router)), received)
+}

@@ -56,11 +56,11 @@ fn setting(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The webhook receiver: counts every uuid it is sent, and how many
-/// requests are being answered right now.
+/// The webhook receiver: what it was sent, and how many requests are being
+/// answered right now.
 #[derive(Clone, Default)]
 struct Receiver {
-    seen: Arc<Mutex<HashMap<String, usize>>>,
+    received: common::Received,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -75,24 +75,13 @@ impl Receiver {
                     me.in_flight.fetch_add(1, Ordering::SeqCst);
                     // Long enough that deliveries are in flight at kills.
                     tokio::time::sleep(Duration::from_millis(5)).await;
-                    let records: Vec<Value> = serde_json::from_slice(&body).expect("a JSON array");
-                    let mut seen = me.seen.lock().unwrap();
-                    for record in records {
-                        *seen
-                            .entry(record["uuid"].as_str().unwrap().to_string())
-                            .or_default() += 1;
-                    }
-                    drop(seen);
+                    me.received.record(&body);
                     me.in_flight.fetch_sub(1, Ordering::SeqCst);
                     "ok"
                 }
             }),
         );
         format!("http://{}/hook", common::serve(router))
-    }
-
-    fn uuids(&self) -> HashSet<String> {
-        self.seen.lock().unwrap().keys().cloned().collect()
     }
 }
 
@@ -395,7 +384,7 @@ async fn crash_harness(backend: &str) {
     );
     // Every stored event delivered at least once, or dead-lettered; never
     // both.
-    let delivered = receiver.uuids();
+    let delivered = receiver.received.uuids();
     let missing: Vec<&String> = unique
         .iter()
         .filter(|u| !delivered.contains(*u) && !dead.contains(*u))
@@ -416,7 +405,7 @@ async fn crash_harness(backend: &str) {
         "the receiver never fails, yet {} dead letters",
         dead.len()
     );
-    let duplicates: usize = receiver.seen.lock().unwrap().values().map(|n| n - 1).sum();
+    let duplicates = receiver.received.duplicates();
 
     // Persons: every distinct id on one person that exists; every identify
     // on one person.

@@ -8,7 +8,6 @@
 //! reported (measured in release builds by `scripts/bench-load.sh`; here
 //! they are printed, not asserted, since a test checks behaviour).
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -214,25 +213,7 @@ async fn a_fleet_of_hostile_plugins_is_disabled_and_the_healthy_projects_keep_go
     store.close().await;
 
     // The healthy chain: three transformations and, for most, a webhook.
-    let delivered = Arc::new(Mutex::new(HashSet::<String>::new()));
-    let hook = {
-        let delivered = delivered.clone();
-        axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |body: axum::body::Bytes| {
-                let delivered = delivered.clone();
-                async move {
-                    let records: Vec<Value> = serde_json::from_slice(&body).unwrap();
-                    let mut delivered = delivered.lock().unwrap();
-                    for record in records {
-                        delivered.insert(record["uuid"].as_str().unwrap().to_string());
-                    }
-                    "ok"
-                }
-            }),
-        )
-    };
-    let hook = format!("http://{}/hook", crate::common::serve(hook));
+    let (hook, delivered) = crate::common::webhook_receiver();
     let mut configs_made = 0;
     for (i, project) in healthy.iter().enumerate() {
         let mut chain = vec![
@@ -322,8 +303,7 @@ async fn a_fleet_of_hostile_plugins_is_disabled_and_the_healthy_projects_keep_go
         }
     }
     wait_until("the healthy projects' events delivered", || async {
-        let count = delivered.lock().unwrap().len();
-        (count >= 8 * 2 * 10 * 50).then_some(())
+        (delivered.uuids().len() >= 8 * 2 * 10 * 50).then_some(())
     })
     .await;
     println!(

@@ -204,7 +204,7 @@ enum Vendor {
 struct FakeVendor {
     mode: Arc<Mutex<Vendor>>,
     /// Every uuid of a request answered 2xx, with how often.
-    delivered: Arc<Mutex<BTreeMap<String, usize>>>,
+    delivered: crate::common::Received,
     requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -214,7 +214,7 @@ impl FakeVendor {
     fn start(mode: Vendor) -> (FakeVendor, String) {
         let vendor = FakeVendor {
             mode: Arc::new(Mutex::new(mode)),
-            delivered: Arc::default(),
+            delivered: Default::default(),
             requests: Arc::default(),
         };
         let me = vendor.clone();
@@ -234,13 +234,7 @@ impl FakeVendor {
     }
 
     fn record(&self, body: &[u8]) {
-        let records: Vec<Value> = serde_json::from_slice(body).expect("a JSON array");
-        let mut delivered = self.delivered.lock().unwrap();
-        for record in records {
-            *delivered
-                .entry(record["uuid"].as_str().unwrap().to_string())
-                .or_default() += 1;
-        }
+        self.delivered.record(body);
     }
 
     async fn answer(&self, body: axum::body::Bytes) -> axum::response::Response {
@@ -295,7 +289,7 @@ impl FakeVendor {
     }
 
     fn uuids(&self) -> HashSet<String> {
-        self.delivered.lock().unwrap().keys().cloned().collect()
+        self.delivered.uuids()
     }
 }
 
@@ -476,13 +470,10 @@ async fn a_vendor_answering_huge_bodies_is_judged_by_its_status(backend: Backend
     .await;
     assert_eq!(view["stats"]["dead_lettered"], 0, "{view}");
     assert_eq!(vendor.uuids(), sent);
-    assert!(
-        vendor.delivered.lock().unwrap().values().all(|n| *n == 1),
-        "a huge 2xx is not retried"
-    );
+    assert!(vendor.delivered.each_once(), "a huge 2xx is not retried");
     // A 5xx with a huge body: retried as a 5xx, delivered once it recovers.
     vendor.set(Vendor::HugeError);
-    vendor.delivered.lock().unwrap().clear();
+    vendor.delivered.clear();
     let sent = capture(&server, 50).await;
     wait_until("retries of the huge 500s", || async {
         let view = destination(&server, &id).await;
