@@ -156,6 +156,10 @@ pub struct ServeArgs {
     /// request gets 408 [default: 30].
     #[arg(long, env = "SLUICE_CAPTURE_BODY_TIMEOUT_SECONDS")]
     pub capture_body_timeout_seconds: Option<u64>,
+    /// Seconds an API request's body may take to arrive before the
+    /// request gets 408 [default: 30].
+    #[arg(long, env = "SLUICE_API_BODY_TIMEOUT_SECONDS")]
+    pub api_body_timeout_seconds: Option<u64>,
     /// Seconds a capture request may take in all before it gets 503
     /// [default: 60].
     #[arg(long, env = "SLUICE_CAPTURE_REQUEST_TIMEOUT_SECONDS")]
@@ -224,6 +228,7 @@ pub struct FileConfig {
     pub max_queue_depth: Option<i64>,
     pub max_queue_age_seconds: Option<u64>,
     pub capture_body_timeout_seconds: Option<u64>,
+    pub api_body_timeout_seconds: Option<u64>,
     pub capture_request_timeout_seconds: Option<u64>,
     pub record_ip: Option<bool>,
     pub lease_seconds: Option<u64>,
@@ -521,6 +526,14 @@ fn serve(args: ServeArgs, format: LogFormat) -> anyhow::Result<ExitCode> {
             Some(0) => anyhow::bail!("--capture-body-timeout-seconds must be at least 1"),
             Some(seconds) => std::time::Duration::from_secs(seconds),
             None => defaults.capture_body_timeout,
+        },
+        api_body_timeout: match args
+            .api_body_timeout_seconds
+            .or(file.api_body_timeout_seconds)
+        {
+            Some(0) => anyhow::bail!("--api-body-timeout-seconds must be at least 1"),
+            Some(seconds) => std::time::Duration::from_secs(seconds),
+            None => defaults.api_body_timeout,
         },
         capture_request_timeout: match args
             .capture_request_timeout_seconds

@@ -26,6 +26,9 @@ pub struct ServeConfig {
     /// How long a capture request's body may take to arrive; a slower one
     /// (a slowloris client holding a request slot) gets 408.
     pub capture_body_timeout: Duration,
+    /// How long an API request's body may take to arrive; a slower one gets
+    /// 408 (see `api::slow`).
+    pub api_body_timeout: Duration,
     /// How long a capture request may take in all, body, parsing and
     /// commit; a slower one gets 503 with `Retry-After`.
     pub capture_request_timeout: Duration,
@@ -78,6 +81,7 @@ impl ServeConfig {
             max_queue_depth: 1_000_000,
             max_queue_age: Duration::from_secs(30),
             capture_body_timeout: Duration::from_secs(30),
+            api_body_timeout: Duration::from_secs(30),
             capture_request_timeout: Duration::from_secs(60),
             record_ip: true,
             policy: Policy::default(),

@@ -312,7 +312,12 @@ fn routes(config: &ServeConfig, metrics: Arc<Metrics>) -> Router<AppState> {
         .route("/metrics", get(metrics::scrape))
         .route("/api/openapi.json", get(openapi_json))
         .merge(capture::router(config, metrics))
-        .merge(api::router())
+        .merge({
+            let timeout = config.api_body_timeout;
+            api::router().layer(axum::middleware::from_fn(move |request, next| {
+                api::slow::bound_body(timeout, request, next)
+            }))
+        })
         .fallback(api::error::unknown_route)
 }
 

@@ -481,10 +481,55 @@ async fn slowloris_until_closed(base: String) -> bool {
         .unwrap_or(false)
 }
 
+async fn a_slow_api_body_gets_408_while_the_api_answers_others(backend: Backend) {
+    let server = TestServer::start_with(backend, |mut config| {
+        config.api_body_timeout = Duration::from_secs(1);
+        config
+    })
+    .await;
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/projects/{}/plugin-configs HTTP/1.1\r\nHost: sluice\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
+        server.project.project_id, server.project.api_key
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // A byte every 100 ms, far slower than the body needs, until the
+    // server answers.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if stream.write_all(b" ").await.is_err() {
+                break;
+            }
+            if let Ok(read) =
+                tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await
+            {
+                match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                }
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "the slow body was never cut off");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"body_timeout\""), "{text}");
+    // Meanwhile, and after, the API answers others.
+    let (status, body) = server
+        .call_api(reqwest::Method::GET, "/plugin-configs", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 on_both_backends!(
     posthog_js_compression_quirks_are_stored,
     bodies_past_the_limits_get_clear_errors_and_store_nothing,
     an_event_of_a_million_properties_is_refused_whole,
     impossible_client_times_get_a_400_and_the_server_stays_up,
     slow_clients_are_cut_off_and_do_not_stop_others,
+    a_slow_api_body_gets_408_while_the_api_answers_others,
 );

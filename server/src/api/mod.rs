@@ -8,6 +8,7 @@ pub mod openapi;
 pub mod page;
 mod plugins;
 mod query;
+pub mod slow;
 mod tenancy;
 
 use std::marker::PhantomData;
